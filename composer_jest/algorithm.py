@@ -1,0 +1,356 @@
+"""JEST as a Composer Algorithm: select a sub-batch of every super-batch before training on it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from composer.core import Algorithm, Event, State, get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist
+
+from composer_jest.losses import LOSSES, SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
+from composer_jest.reference import ReferenceSpec, load_reference, validate_reference
+from composer_jest.selection import (
+    SCORE_METHODS,
+    SELECTION_METHODS,
+    PairScorer,
+    independent_sample,
+    joint_sample,
+    score_matrix,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ['JEST', 'jest_select', 'subset_batch', 'SCOPES']
+
+SCOPES = ('local', 'global')
+Features = dict  # {'image_features', 'text_features', 'logit_scale', 'logit_bias'}
+
+
+def jest_select(
+    learner: Optional[Features],
+    reference: Optional[Features],
+    n_select: int,
+    *,
+    score: str = 'learnability',
+    selection: str = 'joint',
+    loss: str = 'sigmoid',
+    n_chunks: int = 16,
+    generator: Optional[torch.Generator] = None,
+    n_groups: int = 1,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Score a super-batch from learner and reference features and draw ``n_select`` indices.
+
+    Pure function (no Composer state): features in, indices and statistics out.
+
+    Args:
+        learner, reference: dicts with normalised ``image_features``/``text_features`` ``[N, d]``,
+            ``logit_scale`` and ``logit_bias``; either may be ``None`` if ``score`` does not use it.
+        n_select: sub-batch size.
+        score, selection, loss, n_chunks, temperature: see :class:`JEST`.
+        generator: seeded source of randomness.
+        n_groups: per-group quotas (global selection across ranks), see :func:`joint_sample`.
+
+    Returns:
+        ``(indices, stats)``; ``stats`` holds the per-example learnability of the selected batch and
+        of a uniformly drawn batch of the same size (when both models are given).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> f = lambda: {'image_features': F.normalize(torch.randn(16, 8), dim=-1),
+        ...              'text_features': F.normalize(torch.randn(16, 8), dim=-1),
+        ...              'logit_scale': torch.tensor(10.), 'logit_bias': torch.tensor(-10.)}
+        >>> idx, stats = jest_select(f(), f(), 4, n_chunks=2, generator=torch.Generator().manual_seed(0))
+        >>> idx.shape
+        torch.Size([4])
+    """
+    for name, value, allowed in (('score', score, SCORE_METHODS), ('selection', selection, SELECTION_METHODS),
+                                 ('loss', loss, LOSSES)):
+        if value not in allowed:
+            raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+    if loss == 'sigmoid':
+        learner_loss = sigmoid_pair_loss(**learner) if learner is not None else None
+        reference_loss = sigmoid_pair_loss(**reference) if reference is not None else None
+        scores = score_matrix(score, learner_loss, reference_loss)
+    else:
+        scores = _softmax_scorer(learner, reference, score)
+
+    if selection == 'joint':
+        idx = joint_sample(scores, n_select, n_chunks, generator, n_groups=n_groups, temperature=temperature)
+    else:
+        if isinstance(scores, SoftmaxScorer):  # per-example: each example's loss gain within the super-batch
+            scores = torch.diag(_softmax_per_example(learner, reference, score))
+        idx = independent_sample(scores, n_select, generator, n_groups=n_groups, temperature=temperature)
+
+    stats = {}
+    if learner is not None and reference is not None:
+        stats = _learnability_stats(learner, reference, idx, loss)
+    return idx, stats
+
+
+def _softmax_terms(learner, reference, score) -> list[tuple[torch.Tensor, float]]:
+    terms = []
+    if score in ('learnability', 'hard_learner'):
+        terms.append((pair_logits(learner['image_features'], learner['text_features'], learner['logit_scale']), 1.0))
+    if score in ('learnability', 'easy_reference'):
+        terms.append((pair_logits(reference['image_features'], reference['text_features'],
+                                  reference['logit_scale']), -1.0))
+    return terms
+
+
+def _softmax_scorer(learner, reference, score):
+    if score == 'uniform':
+        n = (learner or reference)['image_features'].shape[0]
+        return PairScorer(torch.zeros(n, n, device=(learner or reference)['image_features'].device))
+    return SoftmaxScorer(_softmax_terms(learner, reference, score))
+
+
+def _softmax_per_example(learner, reference, score) -> torch.Tensor:
+    total = 0
+    for logits, w in _softmax_terms(learner, reference, score):
+        diag = torch.diagonal(logits)
+        total = total + w * 0.5 * (logits.logsumexp(1) + logits.logsumexp(0) - 2 * diag)
+    return total
+
+
+def _learnability_stats(learner: Features, reference: Features, idx: torch.Tensor, loss: str) -> dict[str, float]:
+    """Per-example learnability ``s(B) / b`` of the selected batch vs a uniform draw of the same size."""
+    b = idx.numel()
+    if loss == 'sigmoid':
+        s = sigmoid_pair_loss(**learner) - sigmoid_pair_loss(**reference)
+        n = s.shape[0]
+        diag = torch.diagonal(s)
+        # E[s(B)] / b for a uniform b-subset: mean diagonal + (b - 1) * mean off-diagonal entry.
+        off_mean = (s.sum() - diag.sum()) / max(n * (n - 1), 1)
+        uniform = diag.mean() + (b - 1) * off_mean
+        selected = s[idx][:, idx].sum() / b
+    else:
+        ll = pair_logits(learner['image_features'], learner['text_features'], learner['logit_scale'])
+        lr = pair_logits(reference['image_features'], reference['text_features'], reference['logit_scale'])
+        first = torch.arange(b, device=ll.device)  # the loader shuffles: the first b are a uniform draw
+        uniform = (softmax_set_loss(ll, first) - softmax_set_loss(lr, first)) / b
+        selected = (softmax_set_loss(ll, idx) - softmax_set_loss(lr, idx)) / b
+    return {'learnability_superbatch': float(uniform), 'learnability_selected': float(selected)}
+
+
+def subset_batch(batch: Any, indices: torch.Tensor, num_samples: int) -> Any:
+    """Index every per-sample entry (dim 0 of size ``num_samples``) of a dict/list/tuple batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[indices.to(batch.device)] if batch.shape[:1] == (num_samples,) else batch
+    if isinstance(batch, dict):
+        return {k: subset_batch(v, indices, num_samples) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == num_samples and not any(isinstance(v, torch.Tensor) for v in batch):
+            return type(batch)(batch[i] for i in indices.tolist())  # per-sample python values
+        return type(batch)(subset_batch(v, indices, num_samples) for v in batch)
+    return batch
+
+
+class JEST(Algorithm):
+    """Joint Example Selection (Evans et al. 2024) for contrastive image–text training.
+
+    At ``AFTER_DATALOADER`` (once per super-batch, before microbatching) the super-batch of size
+    ``N`` is scored by the learner (no grad, optionally at a coarser patch size) and by a frozen
+    reference, and the sub-batch of size ``b = round(N * (1 - filter_ratio))`` is drawn with the joint
+    sampler; ``state.batch`` becomes that sub-batch. Size the dataloader's batch as ``b / (1 - f)``.
+
+    Args:
+        reference: the frozen reference: an open_clip model / :class:`~composer_jest.model.CLIPModel`,
+            a checkpoint path (architecture defaults to the learner's), or
+            ``{'model': name-or-config, 'checkpoint': path}``. Not needed for ``hard_learner``/``uniform``.
+        filter_ratio: fraction ``f`` of the super-batch discarded, in ``[0, 1)``.
+        n_chunks: chunks of the joint sampler (paper: 16).
+        score: ``learnability`` | ``easy_reference`` | ``hard_learner`` | ``uniform``.
+        selection: ``joint`` | ``independent`` (per-example prioritisation baseline).
+        loss: ``sigmoid`` | ``softmax`` scoring loss; ``None`` follows the model's ``loss_name``.
+        learner_patch_size: score the learner at this patch size (FlexiViT); ``None`` = native.
+        scope: ``local`` (each rank selects from its own super-batch) or ``global`` (all ranks gather
+            embeddings, draw the same global selection, and each keeps its quota of its own examples).
+        temperature: sample sub-batches ``∝ exp(s(B) / temperature)``.
+        image_key, text_key: batch keys.
+        track_keys: numeric batch keys whose mean over the super-batch and the selection is logged
+            (e.g. a ``clean`` flag of synthetic data).
+        seed: seed of the sampler's generator (offset per rank in ``local`` scope).
+
+    Example:
+        >>> from composer_jest import JEST, CLIPModel
+        >>> reference = CLIPModel('jest-tiny')
+        >>> jest = JEST(reference=reference, filter_ratio=0.5, n_chunks=4, seed=0)
+        >>> # Trainer(model=CLIPModel('jest-tiny'), algorithms=[jest], ...)
+    """
+
+    def __init__(
+        self,
+        reference: Optional[ReferenceSpec] = None,
+        filter_ratio: float = 0.8,
+        n_chunks: int = 16,
+        score: str = 'learnability',
+        selection: str = 'joint',
+        loss: Optional[str] = None,
+        learner_patch_size: Optional[int] = None,
+        scope: str = 'local',
+        temperature: float = 1.0,
+        image_key: str = 'image',
+        text_key: str = 'text',
+        track_keys: Sequence[str] = (),
+        seed: int = 0,
+    ):
+        if not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
+            raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
+        if not isinstance(n_chunks, int) or n_chunks < 1:
+            raise ValueError(f'n_chunks must be an int >= 1, got {n_chunks!r}')
+        for name, value, allowed in (('score', score, SCORE_METHODS), ('selection', selection, SELECTION_METHODS),
+                                     ('scope', scope, SCOPES)):
+            if value not in allowed:
+                raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+        if loss is not None and loss not in LOSSES:
+            raise ValueError(f'loss must be one of {LOSSES} or None (follow the model), got {loss!r}')
+        if learner_patch_size is not None and (not isinstance(learner_patch_size, int) or learner_patch_size < 1):
+            raise ValueError(f'learner_patch_size must be a positive int or None, got {learner_patch_size!r}')
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')
+        if score in ('learnability', 'easy_reference') and reference is None:
+            raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
+        validate_reference(reference)
+        self.reference_spec = reference
+        self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
+        self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
+        self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
+        self.reference = None
+        self.generator: Optional[torch.Generator] = None
+        self._pending_rng: Optional[torch.Tensor] = None
+        self.examples_seen = 0
+        self.examples_trained = 0
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.score in ('learnability', 'easy_reference')
+
+    @property
+    def uses_learner(self) -> bool:
+        return self.score in ('learnability', 'hard_learner')
+
+    def subbatch_size(self, superbatch_size: int) -> int:
+        """``b = round(N (1 - f))``, at least 1."""
+        return max(1, int(round(superbatch_size * (1.0 - self.filter_ratio))))
+
+    # -- Composer hooks -----------------------------------------------------------------------------
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.FIT_START, Event.AFTER_DATALOADER)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:
+            self._fit_start(state)
+        else:
+            self._select(state, logger)
+
+    def _fit_start(self, state: State) -> None:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self._rank_seed())
+            if self._pending_rng is not None:
+                self.generator.set_state(self._pending_rng)
+                self._pending_rng = None
+        if self.reference is None and self.uses_reference:
+            spec = getattr(_unwrap(state.model), 'model_spec', None)
+            self.reference = load_reference(self.reference_spec, default_model=spec)
+        if self.reference is not None:
+            self.reference.to(state.device._device)
+        if self.loss is None:
+            self.loss = getattr(_unwrap(state.model), 'loss_name', 'sigmoid')
+        # The trained batch is the sub-batch: never split it further unless asked to.
+        batch_size = getattr(state.dataloader, 'batch_size', None)
+        mb = state.device_train_microbatch_size
+        if batch_size is not None and isinstance(mb, int) and mb > self.subbatch_size(batch_size):
+            state.device_train_microbatch_size = self.subbatch_size(batch_size)
+
+    def _rank_seed(self) -> int:
+        if self.scope == 'global':
+            return self.seed  # every rank must draw the same global selection
+        return int(np.random.SeedSequence([self.seed, dist.get_global_rank()]).generate_state(1)[0])
+
+    def _features(self, state: State, batch: dict) -> tuple[Optional[Features], Optional[Features]]:
+        image, text = batch[self.image_key], batch[self.text_key]
+        learner = reference = None
+        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
+            if self.uses_learner:
+                learner = dict(state.model(batch, patch_size=self.learner_patch_size))
+            if self.uses_reference:
+                reference = dict(self.reference(image, text))
+            if learner is None and reference is None:  # uniform: nothing to score
+                learner = dict(image_features=torch.zeros(image.shape[0], 1, device=image.device),
+                               text_features=torch.zeros(image.shape[0], 1, device=image.device),
+                               logit_scale=torch.ones(()), logit_bias=torch.zeros(()))
+        return learner, reference
+
+    def _select(self, state: State, logger: Logger) -> None:
+        state.batch = state.device.batch_to_device(state.batch)
+        batch = state.batch
+        n = batch[self.image_key].shape[0]
+        b = self.subbatch_size(n)
+        start = time.perf_counter()
+        learner, reference = self._features(state, batch)
+        n_groups, offset = 1, 0
+        if self.scope == 'global' and dist.get_world_size() > 1:
+            learner, reference = _gather(learner), _gather(reference)
+            n_groups, offset = dist.get_world_size(), dist.get_global_rank() * n
+        idx, stats = jest_select(
+            learner, reference, b * n_groups, score=self.score, selection=self.selection,
+            loss=self.loss, n_chunks=self.n_chunks, generator=self.generator, n_groups=n_groups,
+            temperature=self.temperature,
+        )
+        self.last_global_indices = idx
+        local = idx[(idx >= offset) & (idx < offset + n)] - offset
+        if local.device.type == 'cuda':
+            torch.cuda.synchronize()
+        scoring_time = time.perf_counter() - start
+        metrics = {f'jest/{k}': v for k, v in stats.items()}
+        for key in self.track_keys:
+            values = torch.as_tensor(batch[key]).float()
+            metrics[f'jest/superbatch/{key}'] = float(values.mean())
+            metrics[f'jest/selected/{key}'] = float(values[local.to(values.device)].mean())
+        state.batch = subset_batch(batch, local, n)
+        self.last_indices = local
+        self.examples_seen += n
+        self.examples_trained += local.numel()
+        metrics.update({
+            'jest/examples_seen': self.examples_seen,
+            'jest/examples_trained': self.examples_trained,
+            'jest/scoring_time': scoring_time,
+        })
+        logger.log_metrics(metrics)
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd.update(examples_seen=self.examples_seen, examples_trained=self.examples_trained)
+        if self.generator is not None:
+            sd['rng'] = self.generator.get_state()
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.examples_seen = state.get('examples_seen', 0)
+        self.examples_trained = state.get('examples_trained', 0)
+        if 'rng' in state:
+            if self.generator is not None:
+                self.generator.set_state(state['rng'])
+            else:
+                self._pending_rng = state['rng']
+
+
+def _unwrap(model):
+    return getattr(model, 'module', model)
+
+
+def _gather(features: Optional[Features]) -> Optional[Features]:
+    if features is None:
+        return None
+    out = dict(features)
+    for key in ('image_features', 'text_features'):
+        out[key] = torch.cat(dist.all_gather(features[key].contiguous()))
+    return out

@@ -1,0 +1,300 @@
+"""ComposerModel around any open_clip CLIP, with zero-shot and retrieval metrics.
+
+Every call into the network (training, reduced-resolution scoring, class-prompt embeddings) goes
+through ``CLIPTowers.forward``: Composer's FSDP wraps each direct child of the ComposerModel, and a
+call that bypassed the wrapped child's forward would see sharded parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from composer.utils import dist
+from torch import nn
+from torchmetrics import Metric
+
+from composer_jest.losses import LOSSES
+
+__all__ = ['CLIPTowers', 'CLIPModel', 'ZeroShotAccuracy', 'RetrievalRecall', 'build_clip', 'model_config_dir']
+
+ModelSpec = Union[str, dict, nn.Module]
+
+
+def model_config_dir() -> Path:
+    """Folder of the tiny open_clip configs shipped with the package (registered on import)."""
+    return Path(__file__).parent / 'model_configs'
+
+
+open_clip.add_model_config(model_config_dir())
+
+
+def build_clip(spec: ModelSpec) -> nn.Module:
+    """An open_clip CLIP from a registered model name, a config dict, or an existing module.
+
+    Models are created with ``nonscalar_logit_scale=True`` (FSDP2 rejects scalar parameters).
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        if spec not in open_clip.list_models():
+            raise ValueError(
+                f'model {spec!r} is not an open_clip model name; shipped tiny configs: '
+                f'{sorted(p.stem for p in model_config_dir().glob("*.json"))}; or pass a config dict',
+            )
+        return open_clip.create_model(spec, nonscalar_logit_scale=True, pretrained=None)
+    if isinstance(spec, dict):
+        cfg = dict(spec)
+        cfg.setdefault('nonscalar_logit_scale', True)
+        return open_clip.CLIP(**cfg)
+    raise TypeError(f'model must be an open_clip model name, a config dict or an nn.Module, got {type(spec)}')
+
+
+def tokenizer_for(spec: ModelSpec, clip: nn.Module):
+    """open_clip's tokenizer for a model name; a bundled-vocab SimpleTokenizer otherwise."""
+    context_length = getattr(clip, 'context_length', 77)
+    if isinstance(spec, str):
+        return open_clip.get_tokenizer(spec, context_length=context_length)
+    return open_clip.SimpleTokenizer(context_length=context_length)
+
+
+class CLIPTowers(nn.Module):
+    """The trained network: both towers plus logit scale/bias, behind one ``forward``.
+
+    ``forward(image, text, patch_size=None)`` returns L2-normalised features (``None`` for a missing
+    input), ``logit_scale`` (the scale itself, ``exp`` of the parameter) and ``logit_bias``.
+    ``patch_size`` encodes the image at another patch size (FlexiViT) for cheap scoring; the first
+    ``low_res`` images of the batch can be encoded at ``low_res_patch_size`` (multi-resolution).
+    """
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def encode_image(self, image: torch.Tensor, patch_size: Optional[int] = None) -> torch.Tensor:
+        if patch_size is None:
+            features = self.clip.encode_image(image)
+        else:
+            from composer_jest.flexi import encode_image_at
+
+            features = encode_image_at(self.clip.visual, image, patch_size)
+        return F.normalize(features, dim=-1)
+
+    def forward(
+        self,
+        image: Optional[torch.Tensor] = None,
+        text: Optional[torch.Tensor] = None,
+        patch_size: Optional[int] = None,
+        low_res: int = 0,
+        low_res_patch_size: Optional[int] = None,
+    ) -> dict[str, Any]:
+        image_features = text_features = None
+        if image is not None:
+            if low_res > 0:
+                image_features = torch.cat([
+                    self.encode_image(image[:low_res], low_res_patch_size),
+                    self.encode_image(image[low_res:], patch_size),
+                ])
+            else:
+                image_features = self.encode_image(image, patch_size)
+        if text is not None:
+            text_features = F.normalize(self.clip.encode_text(text), dim=-1)
+        bias = getattr(self.clip, 'logit_bias', None)
+        return {
+            'image_features': image_features,
+            'text_features': text_features,
+            'logit_scale': self.clip.logit_scale.exp(),
+            'logit_bias': bias,
+        }
+
+
+class CLIPModel(ComposerModel):
+    """Composer wrapper of an open_clip CLIP for contrastive training on dict batches ``{image, text}``.
+
+    Args:
+        model: open_clip model name (e.g. ``'jest-tiny'``, shipped), config dict, or module.
+        loss: ``'sigmoid'`` (SigLIP; needs a model with ``init_logit_bias``) or ``'softmax'`` (CLIP).
+        classnames: zero-shot class names; enables the ``ZeroShotAccuracy`` eval metric (batches then
+            need a ``label`` key).
+        class_templates: prompt templates with ``{name}``; embeddings averaged over templates.
+        image_key, text_key: batch keys.
+
+    Example:
+        >>> import torch
+        >>> model = CLIPModel('jest-tiny')
+        >>> batch = {'image': torch.randn(4, 3, 32, 32), 'text': model.tokenizer(['a red circle'] * 4)}
+        >>> out = model(batch)
+        >>> out['image_features'].shape
+        torch.Size([4, 64])
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = 'jest-tiny',
+        loss: str = 'sigmoid',
+        classnames: Optional[Sequence[str]] = None,
+        class_templates: Sequence[str] = ('a {name}',),
+        image_key: str = 'image',
+        text_key: str = 'text',
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+        clip = build_clip(model)
+        if loss == 'sigmoid' and getattr(clip, 'logit_bias', None) is None:
+            raise ValueError("loss='sigmoid' needs a model with a logit bias (open_clip init_logit_bias)")
+        self.model_spec = model if not isinstance(model, nn.Module) else None
+        self.towers = CLIPTowers(clip)
+        self.loss_name = loss
+        self.image_key, self.text_key = image_key, text_key
+        self.tokenizer = tokenizer_for(model, clip)
+        self.classnames = list(classnames) if classnames else None
+        self.class_templates = list(class_templates)
+        self._class_features: Optional[torch.Tensor] = None
+        self._loss_fn: Optional[nn.Module] = None
+        self.low_res_fraction = 0.0
+        self.low_res_patch_size: Optional[int] = None
+
+    # -- training -------------------------------------------------------------------------------------
+    def forward(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
+        image, text = batch[self.image_key], batch[self.text_key]
+        low_res = 0
+        if self.training and patch_size is None and self.low_res_fraction > 0:
+            low_res = int(round(self.low_res_fraction * image.shape[0]))
+        if self.training:
+            self._class_features = None  # weights change: class embeddings go stale
+        return self.towers(image, text, patch_size=patch_size, low_res=low_res,
+                           low_res_patch_size=self.low_res_patch_size)
+
+    def _build_loss(self) -> nn.Module:
+        rank, world = dist.get_global_rank(), dist.get_world_size()
+        if self.loss_name == 'sigmoid':
+            return open_clip.loss.SigLipLoss(rank=rank, world_size=world)
+        return open_clip.loss.ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
+
+    def loss(self, outputs: dict[str, Any], batch: Any, *args, **kwargs) -> torch.Tensor:
+        if self._loss_fn is None:  # built lazily: rank/world size are known only once dist is up
+            self._loss_fn = self._build_loss()
+        o = outputs
+        if self.loss_name == 'sigmoid':
+            return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'], o['logit_bias'])
+        return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'])
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def class_features(self, device: torch.device) -> torch.Tensor:
+        """``[num_classes, dim]`` normalised class-prompt embeddings (template-averaged), cached per eval."""
+        if self._class_features is None:
+            prompts = [t.format(name=n) for n in self.classnames for t in self.class_templates]
+            tokens = self.tokenizer(prompts).to(device)
+            with torch.no_grad():
+                feats = self.towers(text=tokens)['text_features']
+            feats = feats.view(len(self.classnames), len(self.class_templates), -1).mean(1)
+            self._class_features = F.normalize(feats, dim=-1)
+        return self._class_features
+
+    def eval_forward(self, batch: dict, outputs: Optional[Any] = None) -> dict[str, Any]:
+        if outputs is not None:
+            return outputs
+        out = dict(self.towers(batch[self.image_key], batch[self.text_key]))
+        if self.classnames is not None:
+            out['class_logits'] = out['image_features'] @ self.class_features(out['image_features'].device).T
+        return out
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        if is_train:
+            return {}
+        metrics: dict[str, Metric] = {
+            f'{name}@{k}': RetrievalRecall(direction, k)
+            for name, direction in (('ImageToTextRecall', 'image_to_text'), ('TextToImageRecall', 'text_to_image'))
+            for k in (1, 5)
+        }
+        if self.classnames is not None:
+            metrics['ZeroShotAccuracy'] = ZeroShotAccuracy()
+        return metrics
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        if isinstance(metric, ZeroShotAccuracy):
+            metric.update(outputs['class_logits'], batch['label'])
+        elif isinstance(metric, RetrievalRecall):
+            metric.update(outputs['image_features'], outputs['text_features'])
+        else:
+            raise TypeError(f'unexpected metric {type(metric).__name__}')
+
+    # -- reference use ----------------------------------------------------------------------------------
+    def frozen_copy(self) -> CLIPTowers:
+        """A detached, eval-mode copy of the towers (e.g. to use this model as a JEST reference)."""
+        return copy.deepcopy(self.towers).eval().requires_grad_(False)
+
+
+class ZeroShotAccuracy(Metric):
+    """Top-1 accuracy of ``argmax`` over class-prompt logits."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state('correct', default=torch.tensor(0.0), dist_reduce_fx='sum')
+        self.add_state('total', default=torch.tensor(0.0), dist_reduce_fx='sum')
+
+    def update(self, class_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct += (class_logits.argmax(-1) == labels.to(class_logits.device)).sum().float()
+        self.total += labels.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+class RetrievalRecall(Metric):
+    """Recall@k of image→text or text→image retrieval over the whole eval set.
+
+    A query's rank is the number of candidates scoring *strictly* higher than its own pair, so exact
+    duplicates of the positive (identical captions) tie with it instead of pushing it down.
+    """
+
+    full_state_update = False
+
+    def __init__(self, direction: str, k: int):
+        super().__init__()
+        if direction not in ('image_to_text', 'text_to_image'):
+            raise ValueError(f"direction must be 'image_to_text' or 'text_to_image', got {direction!r}")
+        self.direction, self.k = direction, k
+        self.add_state('image_features', default=[], dist_reduce_fx='cat')
+        self.add_state('text_features', default=[], dist_reduce_fx='cat')
+
+    def update(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+        self.image_features.append(image_features.float())
+        self.text_features.append(text_features.float())
+
+    def compute(self) -> torch.Tensor:
+        img, txt = _cat(self.image_features), _cat(self.text_features)
+        sim = img @ txt.T if self.direction == 'image_to_text' else txt @ img.T
+        rank = (sim > torch.diagonal(sim)[:, None]).sum(1)
+        return (rank < self.k).float().mean()
+
+
+def _cat(x: Union[torch.Tensor, list]) -> torch.Tensor:
+    return torch.cat(x) if isinstance(x, list) else x
+
+
+def checkpoint_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """open_clip-style weights (``visual.*``, ``transformer.*``…) from a Composer checkpoint of
+    :class:`CLIPModel` (``state.model``) or a plain open_clip ``state_dict``."""
+    obj = torch.load(path, map_location='cpu', weights_only=False)
+    if isinstance(obj, dict) and 'state' in obj and 'model' in obj['state']:
+        sd = obj['state']['model']
+    elif isinstance(obj, dict) and 'state_dict' in obj:
+        sd = obj['state_dict']
+    elif isinstance(obj, dict):
+        sd = obj
+    else:
+        raise ValueError(f'{path}: not a Composer checkpoint or a state_dict (got {type(obj).__name__})')
+    for prefix in ('module.', 'towers.clip.'):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
