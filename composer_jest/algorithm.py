@@ -26,9 +26,11 @@ from composer_jest.selection import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['JEST', 'jest_select', 'subset_batch', 'SCOPES']
+__all__ = ['JEST', 'jest_select', 'subset_batch', 'SCOPES', 'CACHED_REFERENCE_KEYS']
 
 SCOPES = ('local', 'global')
+# Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
+CACHED_REFERENCE_KEYS = ('ref_image_features', 'ref_text_features', 'ref_logit_scale', 'ref_logit_bias')
 Features = dict  # {'image_features', 'text_features', 'logit_scale', 'logit_bias'}
 
 
@@ -163,7 +165,10 @@ class JEST(Algorithm):
     Args:
         reference: the frozen reference: an open_clip model / :class:`~composer_jest.model.CLIPModel`,
             a checkpoint path (architecture defaults to the learner's), or
-            ``{'model': name-or-config, 'checkpoint': path}``. Not needed for ``hard_learner``/``uniform``.
+            ``{'model': name-or-config, 'checkpoint': path}``, or ``'cached'``: reference features are
+            read from batch columns (``CACHED_REFERENCE_KEYS``) written by ``composer-jest embed-reference``;
+            a batch that carries them never runs the reference either way. Not needed for
+            ``hard_learner``/``uniform``.
         filter_ratio: fraction ``f`` of the super-batch discarded, in ``[0, 1)``.
         n_chunks: chunks of the joint sampler (paper: 16).
         score: ``learnability`` | ``easy_reference`` | ``hard_learner`` | ``uniform``.
@@ -217,7 +222,8 @@ class JEST(Algorithm):
             raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')
         if score in ('learnability', 'easy_reference') and reference is None:
             raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
-        validate_reference(reference)
+        if reference != 'cached':
+            validate_reference(reference)
         self.reference_spec = reference
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
@@ -256,7 +262,7 @@ class JEST(Algorithm):
             if self._pending_rng is not None:
                 self.generator.set_state(self._pending_rng)
                 self._pending_rng = None
-        if self.reference is None and self.uses_reference:
+        if self.reference is None and self.uses_reference and self.reference_spec != 'cached':
             spec = getattr(_unwrap(state.model), 'model_spec', None)
             self.reference = load_reference(self.reference_spec, default_model=spec)
         if self.reference is not None:
@@ -281,12 +287,29 @@ class JEST(Algorithm):
             if self.uses_learner:
                 learner = dict(state.model(batch, patch_size=self.learner_patch_size))
             if self.uses_reference:
-                reference = dict(self.reference(image, text))
+                reference = self._cached_reference(batch)
+                if reference is None:
+                    if self.reference is None:
+                        raise RuntimeError(
+                            f"reference='cached' but the batch lacks {CACHED_REFERENCE_KEYS}; write them with "
+                            '`composer-jest embed-reference`',
+                        )
+                    reference = dict(self.reference(image, text))
             if learner is None and reference is None:  # uniform: nothing to score
                 learner = dict(image_features=torch.zeros(image.shape[0], 1, device=image.device),
                                text_features=torch.zeros(image.shape[0], 1, device=image.device),
                                logit_scale=torch.ones(()), logit_bias=torch.zeros(()))
         return learner, reference
+
+    def _cached_reference(self, batch: dict) -> Optional[Features]:
+        """Reference features precomputed into the shards (``composer-jest embed-reference``), if present."""
+        if not all(k in batch for k in CACHED_REFERENCE_KEYS):
+            return None
+        image, text, scale, bias = (batch[k] for k in CACHED_REFERENCE_KEYS)
+        return {
+            'image_features': image.float(), 'text_features': text.float(),
+            'logit_scale': scale.float().reshape(-1)[0], 'logit_bias': bias.float().reshape(-1)[0],
+        }
 
     def _select(self, state: State, logger: Logger) -> None:
         state.batch = state.device.batch_to_device(state.batch)

@@ -124,6 +124,9 @@ class CLIPModel(ComposerModel):
             need a ``label`` key).
         class_templates: prompt templates with ``{name}``; embeddings averaged over templates.
         image_key, text_key: batch keys.
+        low_res_fraction: multi-resolution training: this fraction of every training batch is encoded
+            at ``low_res_patch_size`` (FlexiViT), the rest at the native patch size; the loss covers all.
+        low_res_patch_size: patch size of the low-resolution part.
 
     Example:
         >>> import torch
@@ -142,10 +145,16 @@ class CLIPModel(ComposerModel):
         class_templates: Sequence[str] = ('a {name}',),
         image_key: str = 'image',
         text_key: str = 'text',
+        low_res_fraction: float = 0.0,
+        low_res_patch_size: Optional[int] = None,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+        if not 0.0 <= low_res_fraction < 1.0:
+            raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
+        if low_res_fraction > 0 and low_res_patch_size is None:
+            raise ValueError('low_res_fraction > 0 needs low_res_patch_size (e.g. twice the native patch size)')
         clip = build_clip(model)
         if loss == 'sigmoid' and getattr(clip, 'logit_bias', None) is None:
             raise ValueError("loss='sigmoid' needs a model with a logit bias (open_clip init_logit_bias)")
@@ -158,8 +167,8 @@ class CLIPModel(ComposerModel):
         self.class_templates = list(class_templates)
         self._class_features: Optional[torch.Tensor] = None
         self._loss_fn: Optional[nn.Module] = None
-        self.low_res_fraction = 0.0
-        self.low_res_patch_size: Optional[int] = None
+        self.low_res_fraction = float(low_res_fraction)
+        self.low_res_patch_size = low_res_patch_size
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
