@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['SHAPES', 'COLORS', 'POSITIONS', 'ShapesDataset', 'render_shape', 'shape_classnames']
+__all__ = ['SHAPES', 'COLORS', 'POSITIONS', 'ShapesDataset', 'render_shape', 'shape_classnames', 'shapes_dataloader']
 
 SHAPES = ('circle', 'square', 'triangle', 'cross', 'diamond', 'ring')
 COLORS = {
@@ -147,4 +147,31 @@ def _attributes(rng: np.random.Generator) -> tuple[str, str, str]:
         SHAPES[rng.integers(len(SHAPES))],
         list(COLORS)[rng.integers(len(COLORS))],
         list(POSITIONS)[rng.integers(len(POSITIONS))],
+    )
+
+
+def shapes_dataloader(
+    tokenizer: Callable,
+    num_samples: int,
+    batch_size: int,
+    noise: float = 0.0,
+    seed: int = 0,
+    image_size: int = 32,
+    shuffle: bool = True,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`ShapesDataset` with open_clip's eval preprocessing.
+
+    Shuffling draws from a generator seeded with ``seed``; training loaders drop the last partial batch.
+    """
+    import open_clip
+
+    dataset = ShapesDataset(
+        num_samples, noise=noise, seed=seed, image_size=image_size,
+        transform=open_clip.image_transform(image_size, is_train=False), tokenizer=tokenizer,
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        persistent_workers=num_workers > 0,
     )
