@@ -135,8 +135,9 @@ def _learnability_stats(learner: Features, reference: Features, idx: torch.Tenso
     else:
         ll = pair_logits(learner['image_features'], learner['text_features'], learner['logit_scale'])
         lr = pair_logits(reference['image_features'], reference['text_features'], reference['logit_scale'])
-        first = torch.arange(b, device=ll.device)  # the loader shuffles: the first b are a uniform draw
-        uniform = (softmax_set_loss(ll, first) - softmax_set_loss(lr, first)) / b
+        # The loader shuffles, so consecutive b-blocks of the super-batch are uniform draws: average them.
+        blocks = torch.arange(ll.shape[0] // b * b, device=ll.device).view(-1, b)
+        uniform = sum(softmax_set_loss(ll, blk) - softmax_set_loss(lr, blk) for blk in blocks) / (len(blocks) * b)
         selected = (softmax_set_loss(ll, idx) - softmax_set_loss(lr, idx)) / b
     return {'learnability_superbatch': float(uniform), 'learnability_selected': float(selected)}
 
