@@ -1,6 +1,6 @@
 """composer_jest: JEST (multimodal contrastive learning with joint example selection) for Composer."""
 
-from composer_jest.algorithm import JEST, jest_select
+from composer_jest.algorithm import JEST, jest_first, jest_select
 from composer_jest.losses import SoftmaxScorer, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.model import CLIPModel, CLIPTowers, build_clip
 from composer_jest.reference import load_reference
@@ -15,6 +15,7 @@ __all__ = [
     'SoftmaxScorer',
     'build_clip',
     'independent_sample',
+    'jest_first',
     'jest_select',
     'joint_sample',
     'load_reference',

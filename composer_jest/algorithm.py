@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from composer.core import Algorithm, Event, State, get_precision_context
+from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
@@ -26,7 +27,7 @@ from composer_jest.selection import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['JEST', 'jest_select', 'subset_batch', 'SCOPES', 'CACHED_REFERENCE_KEYS']
+__all__ = ['JEST', 'jest_first', 'jest_select', 'subset_batch', 'SCOPES', 'CACHED_REFERENCE_KEYS']
 
 SCOPES = ('local', 'global')
 # Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
@@ -365,6 +366,16 @@ class JEST(Algorithm):
                 self.generator.set_state(state['rng'])
             else:
                 self._pending_rng = state['rng']
+
+
+def jest_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algorithm]:
+    """Algorithm pass: JEST runs before every other algorithm, on every event.
+
+    Composer's default ``set_filo_order`` pass reverses the order on ``AFTER_*`` events, which would run
+    other ``AFTER_DATALOADER`` algorithms on the whole super-batch before selection. Pass it as
+    ``Trainer(algorithm_passes=[jest_first])``.
+    """
+    return sort_to_front(algorithms, JEST)
 
 
 def _unwrap(model):

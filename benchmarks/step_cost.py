@@ -1,0 +1,417 @@
+"""Step cost of JEST vs uniform training, side by side in one process, with analytic FLOP ratios beside.
+
+Every configuration runs real Composer training steps (``Trainer.fit``) on pre-made in-memory batches, so the
+measured step includes JEST's ``AFTER_DATALOADER`` work (learner/reference scoring, the joint sampler, the
+sub-batch gather) as well as forward, backward and the optimizer step. A callback times each step from
+``BEFORE_DATALOADER`` to ``BATCH_END`` (the "dataloader" is a list holding one ready batch, so fetching costs
+nothing) and splits it into selection (``BEFORE_DATALOADER`` → ``AFTER_DATALOADER``, callbacks run after
+algorithms), forward + loss, backward, and the rest (optimizer step, Composer bookkeeping).
+
+Configurations (``b`` = trained batch size, ``N = b / (1 - f)`` = super-batch):
+
+* ``uniform``: no selection, batch ``b``; ``uniform+multires``: the same with half the batch at 2x patch.
+* ``jest``: learnability scores, learner scored at full resolution, live reference forward.
+* ``+flexi``: the learner scores the super-batch at twice the native patch size (FlexiViT).
+* ``+cached``: reference features precomputed once and carried in the batch (``CACHED_REFERENCE_KEYS``).
+* ``+multires``: half of every trained batch encoded at twice the native patch size.
+
+Then the joint sampler alone (``joint_sample`` on a random ``N x N`` matrix, ``n_select = 0.2 N``, 16 chunks)
+and ``jest_select`` (pair losses of both models + sampler + statistics) for several ``N``.
+
+Examples::
+
+    python benchmarks/step_cost.py --device cpu --model jest-tiny --batch-size 64
+    python benchmarks/step_cost.py --device cuda --model jest-vit-b-16 --precision amp_bf16 --batch-size 256
+    python benchmarks/step_cost.py --quick --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import logging
+import pstats
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from composer import Trainer
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+from torch.utils.data import DataLoader
+
+from composer_jest.algorithm import CACHED_REFERENCE_KEYS, JEST, jest_select
+from composer_jest.flops import step_flops
+from composer_jest.model import CLIPModel
+from composer_jest.selection import joint_sample
+
+
+@dataclass
+class Config:
+    """One benchmarked training setup."""
+
+    name: str
+    filter_ratio: Optional[float]  # None: uniform (no JEST)
+    flexi: bool = False
+    cached: bool = False
+    multires: bool = False
+
+
+@dataclass
+class Result:
+    """Per-step timings (milliseconds) of one configuration."""
+
+    config: Config
+    superbatch: int
+    subbatch: int
+    step_ms: list[float]
+    select_ms: list[float]
+    forward_ms: list[float]
+    backward_ms: list[float]
+    flops: dict[str, float]
+    flops_image_only: dict[str, float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.step_ms)
+
+
+class StepTimer(Callback):
+    """Wall-clock time of each training step and of its phases; synchronises CUDA at every mark."""
+
+    def __init__(self) -> None:
+        self.marks: list[dict[str, float]] = []
+        self._current: dict[str, float] = {}
+
+    def _mark(self, state: State, key: str) -> None:
+        if state.device.name == 'gpu':
+            torch.cuda.synchronize()
+        self._current[key] = time.perf_counter()
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BEFORE_DATALOADER:
+            self._current = {}
+            self._mark(state, 'start')
+        elif event == Event.AFTER_DATALOADER:  # callbacks run after algorithms: JEST has selected by now
+            self._mark(state, 'selected')
+        elif event in (Event.BEFORE_FORWARD, Event.AFTER_LOSS, Event.AFTER_BACKWARD):
+            self._mark(state, event.value)
+        elif event == Event.BATCH_END:
+            self._mark(state, 'end')
+            self.marks.append(self._current)
+
+
+class OneBatchLoader(torch.utils.data.Dataset):
+    """``length`` items that are all the same ready-made batch (``DataLoader(batch_size=None)`` yields it as is)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], length: int):
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.batch
+
+
+def make_batch(clip: torch.nn.Module, n: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Random images and token ids shaped for ``clip`` (timing does not depend on content)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = clip.visual.image_size
+    image = torch.randn(n, 3, size[0], size[1], generator=gen)
+    vocab = clip.token_embedding.num_embeddings
+    text = torch.randint(1, vocab - 1, (n, clip.context_length), generator=gen)
+    text[:, -1] = vocab - 1  # an end-of-text token for argmax pooling
+    return {'image': image.to(device), 'text': text.to(device)}
+
+
+@torch.no_grad()
+def add_cached_reference(batch: dict, reference: CLIPModel, precision: str, chunk: int = 256) -> dict:
+    """Precompute the reference's features once, as ``composer-jest embed-reference`` would write them.
+
+    Columns: L2-normalised float16 image/text features and the scale/bias repeated per sample.
+    """
+    towers = reference.towers.eval()
+    device = batch['image'].device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'amp_bf16')
+    image_feats, text_feats = [], []
+    with autocast:
+        for start in range(0, batch['image'].shape[0], chunk):
+            out = towers(batch['image'][start:start + chunk], batch['text'][start:start + chunk])
+            image_feats.append(out['image_features'].float())
+            text_feats.append(out['text_features'].float())
+    n = batch['image'].shape[0]
+    columns = (
+        F.normalize(torch.cat(image_feats), dim=-1).half(),
+        F.normalize(torch.cat(text_feats), dim=-1).half(),
+        out['logit_scale'].float().reshape(-1)[:1].expand(n).contiguous(),  # the scale itself, not its log
+        out['logit_bias'].float().reshape(-1)[:1].expand(n).contiguous(),
+    )
+    return {**batch, **dict(zip(CACHED_REFERENCE_KEYS, columns))}
+
+
+def native_patch(clip: torch.nn.Module) -> int:
+    return int(clip.visual.patch_size[0])
+
+
+def run_config(
+    config: Config,
+    args: argparse.Namespace,
+    reference: CLIPModel,
+    batches: dict[tuple[int, bool], dict],
+    profile: bool = False,
+) -> Result:
+    """Train ``args.warmup + args.steps`` steps of ``config`` with a fresh learner; return the timed steps."""
+    torch.manual_seed(0)
+    b = args.batch_size
+    f = config.filter_ratio
+    n = b if f is None else int(round(b / (1.0 - f)))
+    probe = reference.towers.clip
+    low = 2 * native_patch(probe)
+    learner = CLIPModel(args.model, low_res_fraction=0.5 if config.multires else 0.0,
+                        low_res_patch_size=low if config.multires else None)
+    algorithms = []
+    if f is not None:
+        algorithms.append(JEST(
+            reference='cached' if config.cached else reference,
+            filter_ratio=f,
+            learner_patch_size=low if config.flexi else None,
+            n_chunks=16,
+            seed=0,
+        ))
+    batch = batches[(n, config.cached)]
+    loader = DataLoader(OneBatchLoader(batch, args.warmup + args.steps), batch_size=None)
+    timer = StepTimer()
+    trainer = Trainer(
+        model=learner,
+        train_dataloader=loader,
+        max_duration=f'{args.warmup + args.steps}ba',
+        optimizers=torch.optim.AdamW(learner.parameters(), lr=1e-4),
+        algorithms=algorithms,
+        callbacks=[timer],
+        device='gpu' if args.device == 'cuda' else 'cpu',
+        precision=args.precision,
+        device_train_microbatch_size=b,
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
+        seed=0,
+    )
+    profiler = cProfile.Profile() if profile else None
+    with contextlib.ExitStack() as stack:
+        if profiler is not None:
+            stack.callback(profiler.disable)
+            profiler.enable()
+        trainer.fit()
+    trainer.close()
+    timed = timer.marks[args.warmup:]
+
+    def span(a: str, z: str) -> list[float]:
+        return [1e3 * (m[z] - m[a]) for m in timed]
+
+    flops_kwargs = dict(
+        superbatch=n, subbatch=b, learner_patch_size=low if config.flexi else None,
+        reference_cached=config.cached, low_res_fraction=0.5 if config.multires else 0.0,
+        low_res_patch_size=low if config.multires else None,
+    )
+    if f is None:  # uniform: training only
+        flops = step_flops(probe, **flops_kwargs)
+        flops_img = step_flops(probe, include_text=False, **flops_kwargs)
+        flops = {'ratio': flops['train'] / flops['uniform_train']}
+        flops_img = {'ratio': flops_img['train'] / flops_img['uniform_train']}
+    else:
+        flops = step_flops(probe, **flops_kwargs)
+        flops_img = step_flops(probe, include_text=False, **flops_kwargs)
+    result = Result(
+        config, n, b, span('start', 'end'), span('start', 'selected'),
+        span('before_forward', 'after_loss'), span('after_loss', 'after_backward'), flops, flops_img,
+    )
+    if profiler is not None:
+        report_profile(profiler, result)
+    return result
+
+
+def report_profile(profiler: cProfile.Profile, result: Result) -> None:
+    """Where the time of the profiled configuration goes: cumulative time of the functions that matter."""
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    watched = {
+        '_select': 'JEST selection (AFTER_DATALOADER), total',
+        '_features': '  learner (+ reference) scoring forward',
+        'jest_select': '  jest_select: pair losses + sampler + stats',
+        'joint_sample': '    joint_sample (sampler)',
+        '_learnability_stats': '    _learnability_stats (logged statistics)',
+        'sigmoid_pair_loss': '    sigmoid_pair_loss (all calls)',
+        'subset_batch': '  subset_batch (gather the sub-batch)',
+        'resize_patch_embed': 'FlexiViT kernel resize (all calls)',
+        '_train_batch': 'Composer _train_batch (fwd + loss + bwd + opt)',
+        'loss': 'CLIPModel.loss / SigLipLoss',
+        'backward': 'torch backward',
+        'step': 'optimizer step',
+    }
+    found: dict[str, float] = {}
+    for (filename, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+        if func in watched and ('composer_jest' in filename or func in ('_train_batch', 'backward', 'step')):
+            if func == 'step' and 'optim' not in filename:
+                continue
+            if func == 'backward' and 'torch' not in filename:
+                continue
+            found[func] = found.get(func, 0.0) + ct
+    timed = sum(result.step_ms) / 1e3
+    print(f'\ncProfile of {result.config.name} (f={result.config.filter_ratio}, N={result.superbatch}, '
+          f'b={result.subbatch}); cumulative seconds over all steps, warmup included:')
+    for func, label in watched.items():
+        if func in found:
+            print(f'  {label:<50s} {found[func]:8.3f} s')
+    print(f'  {"wall time of the timed steps (excl. warmup)":<50s} {timed:8.3f} s')
+    stats.sort_stats('tottime').print_stats(15)
+    print('\n'.join(stream.getvalue().splitlines()[:40]))
+
+
+def time_sampler(sizes: list[int], device: torch.device, embed_dim: int, reps: int) -> list[dict[str, Any]]:
+    """Median time of ``joint_sample`` (N x N random scores) and of the whole ``jest_select`` per N."""
+    rows = []
+    for n in sizes:
+        gen = torch.Generator().manual_seed(n)
+        scores = torch.randn(n, n, generator=gen).to(device)
+        n_select = int(n * 0.2)
+
+        def feats() -> dict:
+            return {'image_features': F.normalize(torch.randn(n, embed_dim, generator=gen), dim=-1).to(device),
+                    'text_features': F.normalize(torch.randn(n, embed_dim, generator=gen), dim=-1).to(device),
+                    'logit_scale': torch.tensor(10.0, device=device), 'logit_bias': torch.tensor(-10.0, device=device)}
+
+        learner, reference = feats(), feats()
+        sample_ms, select_ms = [], []
+        for rep in range(reps + 1):
+            sampler_gen = torch.Generator().manual_seed(rep)
+            _sync(device)
+            t0 = time.perf_counter()
+            joint_sample(scores, n_select, 16, sampler_gen)
+            _sync(device)
+            t1 = time.perf_counter()
+            jest_select(learner, reference, n_select, n_chunks=16, generator=sampler_gen)
+            _sync(device)
+            t2 = time.perf_counter()
+            if rep:  # the first repetition is warmup
+                sample_ms.append(1e3 * (t1 - t0))
+                select_ms.append(1e3 * (t2 - t1))
+        rows.append({'N': n, 'n_select': n_select, 'joint_sample_ms': statistics.median(sample_ms),
+                     'jest_select_ms': statistics.median(select_ms)})
+        del scores, learner, reference
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def print_table(results: list[Result]) -> None:
+    uniform = next(r for r in results if r.config.name == 'uniform').median
+    header = ('| config | f | N | b | ms/step | select ms | fwd+loss ms | bwd ms | × uniform (time) '
+              '| × uniform (FLOPs) | × uniform (image FLOPs) |')
+    print(header)
+    print('|---|' + '---:|' * (header.count('|') - 2))
+    for r in results:
+        f = '–' if r.config.filter_ratio is None else f'{r.config.filter_ratio:g}'
+        print(f'| {r.config.name} | {f} | {r.superbatch} | {r.subbatch} | {r.median:.1f} '
+              f'| {statistics.median(r.select_ms):.1f} | {statistics.median(r.forward_ms):.1f} '
+              f'| {statistics.median(r.backward_ms):.1f} | {r.median / uniform:.2f} '
+              f'| {r.flops["ratio"]:.2f} | {r.flops_image_only["ratio"]:.2f} |')
+
+
+def main(argv: Optional[list[str]] = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--model', choices=('jest-tiny', 'jest-vit-b-16'), default='jest-tiny')
+    parser.add_argument('--precision', choices=('fp32', 'amp_bf16'), default='fp32')
+    parser.add_argument('--batch-size', type=int, default=64, help='trained (sub-)batch size b')
+    parser.add_argument('--steps', type=int, default=10, help='timed steps per configuration')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
+    parser.add_argument('--filter-ratios', type=str, default='0.5,0.8,0.9')
+    parser.add_argument('--sampler-sizes', type=str, default='1024,2048,4096,8192,16384')
+    parser.add_argument('--sampler-reps', type=int, default=3)
+    parser.add_argument('--quick', action='store_true', help='f=0.8 only, 1+3 steps, sampler up to N=4096')
+    parser.add_argument('--profile', action='store_true', help='cProfile the f=0.8 all-savings configuration')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.filter_ratios, args.steps, args.warmup = '0.8', 3, 1
+        args.sampler_sizes, args.sampler_reps = '1024,2048,4096', 1
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda but CUDA is not available')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger('composer').setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notice
+    warnings.filterwarnings('ignore')
+    device = torch.device(args.device)
+    ratios = [float(x) for x in args.filter_ratios.split(',') if x]
+
+    torch.manual_seed(0)
+    reference = CLIPModel(args.model)  # random weights: timing does not depend on them
+    if args.device == 'cuda':
+        reference = reference.to(device)
+    clip = reference.towers.clip
+    b = args.batch_size
+    sizes = sorted({b} | {int(round(b / (1.0 - f))) for f in ratios})
+    batches: dict[tuple[int, bool], dict] = {}
+    for n in sizes:
+        batches[(n, False)] = make_batch(clip, n, device, seed=n)
+        if n != b:
+            batches[(n, True)] = add_cached_reference(batches[(n, False)], reference, args.precision)
+
+    configs = [Config('uniform', None), Config('uniform+multires', None, multires=True)]
+    for f in ratios:
+        configs += [
+            Config('jest', f),
+            Config('jest+flexi', f, flexi=True),
+            Config('jest+flexi+cached', f, flexi=True, cached=True),
+            Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True),
+        ]
+    results = []
+    for config in configs:
+        t0 = time.perf_counter()
+        results.append(run_config(config, args, reference, batches))
+        print(f'# {config.name} f={config.filter_ratio}: {results[-1].median:.1f} ms/step '
+              f'({time.perf_counter() - t0:.1f} s)', flush=True)
+
+    print(f'\nStep cost: model={args.model} device={args.device} precision={args.precision} b={b} '
+          f'steps={args.steps} (median after {args.warmup} warmup), threads={torch.get_num_threads()}\n')
+    print_table(results)
+
+    sampler_sizes = [int(x) for x in args.sampler_sizes.split(',') if x]
+    if sampler_sizes:
+        embed_dim = int(clip.visual.proj.shape[-1]) if clip.visual.proj is not None else 512
+        rows = time_sampler(sampler_sizes, device, embed_dim, args.sampler_reps)
+        best = next((r for r in results if r.config.name == 'jest+flexi+cached+multires'
+                     and r.config.filter_ratio == 0.8), None)
+        print(f'\nJoint sampler (n_select = 0.2 N, 16 chunks) and jest_select (d={embed_dim}), median ms:\n')
+        print('| N | n_select | joint_sample ms | jest_select ms |')
+        print('|---:|---:|---:|---:|')
+        for r in rows:
+            print(f"| {r['N']} | {r['n_select']} | {r['joint_sample_ms']:.1f} | {r['jest_select_ms']:.1f} |")
+        if best is not None:
+            print(f'\n(for scale: one f=0.8 all-savings step at b={b} here takes {best.median:.1f} ms)')
+
+    if args.profile:
+        f = 0.8
+        n = int(round(b / (1.0 - f)))
+        if (n, True) not in batches:
+            batches[(n, False)] = make_batch(clip, n, device, seed=n)
+            batches[(n, True)] = add_cached_reference(batches[(n, False)], reference, args.precision)
+        run_config(Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True), args,
+                   reference, batches, profile=True)
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,122 @@
+"""What a yaml run may say: a structured config validated by omegaconf (unknown keys fail).
+
+Field names follow the constructor arguments they feed (``CLIPModel``, ``Trainer``, ``JEST``) so a
+yaml reads like the Python API. ``variables:`` holds values for ``${variables.x}`` interpolation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+__all__ = ['ModelConfig', 'DataConfig', 'TrainConfig', 'load_config', 'DATA_SOURCES']
+
+DATA_SOURCES = ('shapes', 'mds')
+
+
+@dataclass
+class ModelConfig:
+    name: Any = 'jest-tiny'  # open_clip model name, or an open_clip CLIP config dict
+    loss: str = 'sigmoid'  # sigmoid | softmax
+    classnames: Any = 'shapes'  # zero-shot classes: shapes | fashion_mnist | a list | null
+    class_templates: list[str] = field(default_factory=lambda: ['a {name}', 'a picture of a {name}'])
+    low_res_fraction: float = 0.0  # multi-resolution training
+    low_res_patch_size: Optional[int] = None
+    checkpoint: Optional[str] = None  # initial weights (Composer checkpoint or open_clip state_dict)
+
+
+@dataclass
+class DataConfig:
+    source: str = 'shapes'  # shapes (procedural, built in) | mds (streaming shards, local or s3://)
+    # shapes
+    num_samples: int = 4096
+    noise: float = 0.0
+    seed: int = 0
+    # mds
+    remote: Optional[str] = None
+    local: Optional[str] = None
+    shuffle: bool = True
+    shuffle_seed: int = 0
+    cache_limit: Optional[str] = None
+    predownload: Optional[int] = None
+    # both
+    num_workers: int = 0
+    prefetch_factor: Optional[int] = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the dataset
+
+
+@dataclass
+class TrainConfig:
+    run_name: Optional[str] = None
+    seed: int = 17
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_loader: DataConfig = field(default_factory=DataConfig)
+    eval_loader: Optional[DataConfig] = None
+    global_train_batch_size: int = 64  # the trained (selected) batch, summed over ranks
+    device_eval_batch_size: int = 128
+    device_train_microbatch_size: Optional[Any] = None
+    max_duration: str = '100ba'
+    eval_interval: str = '50ba'
+    precision: Optional[str] = None
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {'name': 'decoupled_adamw', 'lr': 1e-3, 'weight_decay': 1e-4},
+    )
+    scheduler: Optional[dict[str, Any]] = field(
+        default_factory=lambda: {'name': 'linear_decay_with_warmup', 't_warmup': '20ba', 'alpha_f': 0.1},
+    )
+    algorithms: dict[str, Any] = field(default_factory=dict)  # name -> kwargs; `jest` runs first
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)
+    parallelism_config: Optional[dict[str, Any]] = None  # e.g. {fsdp: {...}}; FSDP2 with FSDP_VERSION=2
+    save_folder: Optional[str] = None
+    save_interval: str = '1ep'
+    save_filename: str = 'ep{epoch}-ba{batch}-rank{rank}.pt'
+    save_latest_filename: Optional[str] = 'latest-rank{rank}.pt'
+    save_overwrite: bool = False
+    save_num_checkpoints_to_keep: int = -1
+    load_path: Optional[str] = None
+    autoresume: bool = False
+    dist_timeout: float = 300.0
+    progress_bar: bool = False
+    log_to_console: bool = True
+    console_log_interval: str = '10ba'
+    print_metrics: bool = True  # print a summary table after fit
+    variables: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Yaml + ``key=value`` overrides, merged onto :class:`TrainConfig` and resolved.
+
+    Raises:
+        ValueError: an unknown or misspelled key, or a value of the wrong type, naming the key.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    layers = [OmegaConf.load(path)] if path is not None else []
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        cfg = OmegaConf.merge(schema, *layers)
+        OmegaConf.resolve(cfg)
+    except (ConfigKeyError, ValidationError) as e:
+        key = getattr(e, 'full_key', None) or getattr(e, 'key', None)
+        raise ValueError(f'invalid config key {key!r} in {path or "<defaults>"}: {e.msg}') from None
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: DictConfig) -> None:
+    for name in ('train_loader', 'eval_loader'):
+        loader = cfg.get(name)
+        if loader is None:
+            continue
+        if loader.source not in DATA_SOURCES:
+            raise ValueError(f'{name}.source must be one of {DATA_SOURCES}, got {loader.source!r}')
+        if loader.source == 'mds' and not (loader.remote or loader.local):
+            raise ValueError(f'{name}: source=mds needs remote (e.g. s3://bucket/path) and/or local')
+    if cfg.global_train_batch_size < 1:
+        raise ValueError(f'global_train_batch_size must be >= 1, got {cfg.global_train_batch_size}')
+    if cfg.optimizer is None or 'name' not in cfg.optimizer:
+        raise ValueError('optimizer needs a name (e.g. decoupled_adamw)')

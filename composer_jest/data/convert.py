@@ -1,0 +1,630 @@
+"""Convert image–caption sources to MDS shards (``composer-jest convert``), locally or to ``s3://``.
+
+Sources: an image folder with a CSV/JSONL captions file, webdataset tar shards (img2dataset/DataComp
+layout, local or ``s3://``), and the built-in demo sets (procedural shapes, Fashion-MNIST).
+
+Every conversion writes the same columns with :class:`streaming.MDSWriter` (compression, per-shard
+hashes, uploads to the object store): ``image`` (``jpeg``/``png`` MDS encodings, or ``bytes`` holding the
+original file), ``caption`` (str), ``index`` (int, ``0..n-1`` over written samples, in source order),
+optional ``label``/``clean`` (int) and ``meta`` (json: any other fields of the source). Bad input —
+unreadable image, empty caption, missing column — raises :class:`BadSampleError` naming the file/key,
+unless ``skip_bad`` is set: then the sample is skipped and counted in the returned
+:class:`ConvertSummary` (also written as ``convert_summary.json`` next to the shards). A failed
+conversion never leaves a readable ``index.json`` behind, so a dataset is never silently short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+from PIL import Image
+
+from composer_jest.data.remote import (
+    RemoteAccessError,
+    check_s3_prefix,
+    describe_remote_error,
+    is_remote,
+    list_s3_objects,
+    open_s3_object,
+)
+
+__all__ = [
+    'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'ConversionError', 'ConvertSummary', 'MDSOptions',
+    'convert_folder', 'convert_webdataset', 'convert_shapes', 'convert_fashion_mnist', 'convert_demo', 'write_mds',
+    'main',
+]
+
+IMAGE_ENCODINGS = ('jpeg', 'png', 'bytes')
+DEFAULT_HASHES = ('sha1', 'xxh64')
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
+CAPTION_EXTENSIONS = ('txt', 'caption')
+SUMMARY_FILE = 'convert_summary.json'
+_MAX_LISTED_SKIPS = 20
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted (names the file or key at fault)."""
+
+
+class BadSampleError(ConversionError):
+    """One sample is bad (unreadable image, empty caption, missing field); skippable with ``skip_bad``."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f'{key}: {reason} (pass skip_bad=True / --skip-bad to skip and count such samples)')
+        self.key, self.reason = key, reason
+
+
+@dataclass
+class MDSOptions:
+    """How shards are written (see :class:`streaming.MDSWriter`).
+
+    Args:
+        compression: shard compression (``'zstd'``, ``None``…).
+        hashes: per-shard hashes recorded in ``index.json`` (checked on read with ``validate_hash``).
+        size_limit: shard size before compression, bytes or ``'64mb'``-style.
+        overwrite: replace an existing dataset at ``out`` instead of failing.
+        progress: show a progress bar (stderr).
+    """
+
+    compression: Optional[str] = 'zstd'
+    hashes: Sequence[str] = DEFAULT_HASHES
+    size_limit: Union[int, str] = 1 << 26
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion wrote: ``written`` samples (indices ``0..written-1``) and ``skipped`` bad ones."""
+
+    out: str
+    written: int
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)  # 'key: reason', the first few
+    columns: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f'wrote {self.written} samples to {self.out} in {self.seconds:.1f}s; skipped {self.skipped} bad']
+        lines += [f'  skipped {s}' for s in self.skipped_examples]
+        if self.skipped > len(self.skipped_examples):
+            lines.append(f'  ... and {self.skipped - len(self.skipped_examples)} more')
+        return '\n'.join(lines)
+
+
+# A source yields (key, load) pairs: `load()` returns the sample dict or raises BadSampleError.
+Record = tuple[str, Callable[[], dict]]
+
+
+# -- the writer ------------------------------------------------------------------------------------------
+def write_mds(
+    records: Iterable[Record],
+    out: str,
+    columns: dict[str, str],
+    *,
+    skip_bad: bool = False,
+    options: Optional[MDSOptions] = None,
+    total: Optional[int] = None,
+) -> ConvertSummary:
+    """Write samples to MDS at ``out`` (a directory or ``s3://bucket/prefix``), numbering them ``index``.
+
+    Args:
+        records: ``(key, load)`` pairs; ``load()`` returns a dict with ``image`` and ``caption`` (and any of
+            ``columns``) or raises :class:`BadSampleError`.
+        out: output directory or object-store URL.
+        columns: MDS column encodings (``index`` is added).
+        skip_bad: skip and count bad samples instead of raising.
+        options: :class:`MDSOptions`.
+        total: number of records, for the progress bar.
+    """
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    options = options or MDSOptions()
+    out = str(out)
+    columns = {**columns, 'index': 'int'}
+    _check_output(out, options.overwrite)
+    start = time.perf_counter()
+    local_existed = not is_remote(out) and os.path.isdir(out)
+    try:
+        writer = MDSWriter(out=out, columns=columns, compression=options.compression,
+                           hashes=sorted(options.hashes), size_limit=options.size_limit,
+                           exist_ok=options.overwrite, progress_bar=False)
+    except FileExistsError as e:
+        raise FileExistsError(f'{e}; pass overwrite=True / --overwrite to replace it') from None
+    summary = ConvertSummary(out=out, written=0, columns=columns)
+    try:
+        with tqdm(total=total, desc=f'convert -> {out}', unit=' samples', disable=not options.progress,
+                  file=sys.stderr) as bar:
+            for key, load in records:
+                bar.update(1)
+                try:
+                    sample = _check_sample(key, load(), columns)
+                except BadSampleError as e:
+                    if not skip_bad:
+                        raise
+                    summary.skipped += 1
+                    if len(summary.skipped_examples) < _MAX_LISTED_SKIPS:
+                        summary.skipped_examples.append(f'{e.key}: {e.reason}')
+                    continue
+                sample['index'] = summary.written
+                writer.write(sample)
+                summary.written += 1
+        if summary.written == 0:
+            raise ConversionError(f'no samples written to {out} ({summary.skipped} skipped as bad)')
+        summary.seconds = time.perf_counter() - start
+        _write_summary(writer, summary)
+        writer.finish()
+    except BaseException as e:
+        _abort(writer, out, local_existed)
+        if isinstance(e, (ConversionError, KeyboardInterrupt)):
+            raise
+        err = describe_remote_error(e, out, 'write') if is_remote(out) else None
+        if err is not None:
+            raise err from None
+        if is_remote(out) and 'threads failed' in str(e):  # streaming's upload threads report this only
+            raise RemoteAccessError(f'uploading shards to {out} failed (see the upload traceback above)') from e
+        raise
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    if out.startswith('s3://'):
+        if check_s3_prefix(out, for_write=True) and not overwrite:
+            raise FileExistsError(f'{out} already holds an MDS dataset (index.json); pass overwrite=True / --overwrite')
+
+
+def _check_sample(key: str, sample: dict, columns: dict[str, str]) -> dict:
+    caption = sample.get('caption')
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSampleError(key, 'empty caption')
+    if sample.get('image') is None:
+        raise BadSampleError(key, 'no image')
+    sample['caption'] = caption.strip()
+    unknown = set(sample) - set(columns)
+    if unknown:  # a programming error in a source, not bad data
+        raise ValueError(f'{key}: sample fields {sorted(unknown)} are not among the columns {sorted(columns)}')
+    return sample
+
+
+def _write_summary(writer: Any, summary: ConvertSummary) -> None:
+    """Record the counts next to the shards, so a short dataset is visibly short."""
+    with open(os.path.join(writer.local, SUMMARY_FILE), 'w') as f:
+        json.dump({k: v for k, v in asdict(summary).items() if k != 'seconds'}, f, indent=1)
+    if writer.remote:
+        writer.cloud_writer.upload_file(SUMMARY_FILE)
+
+
+def _abort(writer: Any, out: str, local_existed: bool) -> None:
+    """Drop a failed conversion's local files (an index.json is written only by ``finish``)."""
+    writer.cancel_future_jobs()
+    local = writer.local
+    if writer.remote or not local_existed:
+        shutil.rmtree(local, ignore_errors=True)
+    else:
+        for name in os.listdir(local):
+            path = os.path.join(local, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+# -- images ------------------------------------------------------------------------------------------------
+def _decode(key: str, data: Optional[bytes] = None, path: Optional[Path] = None) -> Image.Image:
+    """Open and fully decode an image (truncated or corrupt files fail here, at conversion time)."""
+    try:
+        image = Image.open(path if path is not None else io.BytesIO(data))
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise BadSampleError(key, f'image file not found: {path}') from None
+    except Exception as e:
+        raise BadSampleError(key, f'unreadable image ({type(e).__name__}: {e})') from None
+
+
+def _encode_image(image: Image.Image, raw: Optional[bytes], encoding: str) -> Any:
+    """The ``image`` column value for ``encoding``: the PIL image (MDS jpeg/png encode it) or the raw bytes."""
+    if encoding == 'bytes':
+        return raw
+    if encoding == 'jpeg':
+        # JPEG files opened from disk are copied byte for byte by streaming's JPEG encoding.
+        if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
+            return image
+        return image.convert('RGB')
+    if image.mode not in ('1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I', 'I;16'):
+        image = image.convert('RGB')
+    return image
+
+
+def _check_encoding(image_encoding: str) -> None:
+    if image_encoding not in IMAGE_ENCODINGS:
+        raise ValueError(f'image_encoding must be one of {IMAGE_ENCODINGS}, got {image_encoding!r}')
+
+
+# -- (a) image folder + CSV/JSONL captions ---------------------------------------------------------------
+def convert_folder(
+    captions: Union[str, os.PathLike],
+    out: str,
+    *,
+    images_dir: Optional[Union[str, os.PathLike]] = None,
+    image_column: str = 'file_name',
+    caption_column: str = 'caption',
+    label_column: Optional[str] = None,
+    image_encoding: str = 'jpeg',
+    skip_bad: bool = False,
+    options: Optional[MDSOptions] = None,
+) -> ConvertSummary:
+    """Convert an image folder described by a CSV or JSONL captions file.
+
+    Args:
+        captions: ``.csv`` (with a header) or ``.jsonl`` file; one row per image.
+        out: output directory or ``s3://bucket/prefix``.
+        images_dir: folder the image paths are relative to (default: the captions file's folder).
+        image_column, caption_column: names of the image path and caption fields.
+        label_column: optional integer class label field (written as ``label``).
+        image_encoding: ``'jpeg'`` (JPEG files copied as is, others converted), ``'png'`` or ``'bytes'``
+            (the original file, any format PIL reads).
+        skip_bad, options: see :func:`write_mds`.
+
+    Other fields of a row go to the ``meta`` json column.
+    """
+    _check_encoding(image_encoding)
+    captions = Path(captions)
+    images_dir = Path(images_dir) if images_dir is not None else captions.parent
+    if not captions.is_file():
+        raise FileNotFoundError(f'captions file not found: {captions}')
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f'images folder not found: {images_dir}')
+    suffix = captions.suffix.lower()
+    if suffix == '.csv':
+        rows, total = _csv_rows(captions, image_column, caption_column, label_column)
+    elif suffix in ('.jsonl', '.json'):
+        rows, total = _jsonl_rows(captions)
+    else:
+        raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
+    fields = (image_column, caption_column, label_column)
+
+    def record(row_key: str, row: Any) -> Record:
+        def load() -> dict:
+            if isinstance(row, Exception):
+                raise row
+            for name in (image_column, caption_column):
+                if name not in row:
+                    raise BadSampleError(row_key, f'missing column {name!r} (has {sorted(row)})')
+            rel = str(row[image_column] or '').strip()
+            if not rel:
+                raise BadSampleError(row_key, f'empty {image_column!r}')
+            path = images_dir / rel
+            image = _decode(f'{row_key} ({path})', path=path)
+            raw = path.read_bytes() if image_encoding == 'bytes' else None
+            caption = row[caption_column]
+            if not isinstance(caption, str) or not caption.strip():
+                raise BadSampleError(f'{row_key} ({path})', f'empty caption in column {caption_column!r}')
+            sample = {'image': _encode_image(image, raw, image_encoding), 'caption': caption,
+                      'meta': {k: v for k, v in row.items() if k not in fields}}
+            if label_column is not None:
+                sample['label'] = _int_field(row_key, row, label_column)
+            return sample
+        return row_key, load
+
+    columns = {'image': image_encoding, 'caption': 'str', 'meta': 'json'}
+    if label_column is not None:
+        columns['label'] = 'int'
+    return write_mds((record(k, r) for k, r in rows), out, columns, skip_bad=skip_bad, options=options, total=total)
+
+
+def _int_field(key: str, row: dict, name: str) -> int:
+    if name not in row:
+        raise BadSampleError(key, f'missing column {name!r} (has {sorted(row)})')
+    try:
+        return int(row[name])
+    except (TypeError, ValueError):
+        raise BadSampleError(key, f'column {name!r} is not an integer: {row[name]!r}') from None
+
+
+def _csv_rows(path: Path, *required: Optional[str]) -> tuple[Iterator[tuple[str, Any]], int]:
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in required if c is not None and c not in header]
+        if missing:  # every row would be bad: not skippable
+            raise ConversionError(f'{path}: missing column(s) {missing}; the header has {header}')
+        rows = list(reader)
+    # csv line numbers: header is line 1
+    return ((f'{path}:{i + 2}', row) for i, row in enumerate(rows)), len(rows)
+
+
+def _jsonl_rows(path: Path) -> tuple[Iterator[tuple[str, Any]], int]:
+    with open(path, encoding='utf-8') as f:
+        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+
+    def rows() -> Iterator[tuple[str, Any]]:
+        for lineno, line in lines:
+            key = f'{path}:{lineno}'
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError('not a JSON object')
+                yield key, row
+            except ValueError as e:
+                yield key, BadSampleError(key, f'invalid JSON line ({e})')
+    return rows(), len(lines)
+
+
+# -- (b) webdataset tar shards ----------------------------------------------------------------------------
+_WDS_KEY = re.compile(r'^((?:.*/|)[^./]+)[.]([^/]*)$')  # webdataset: key = path up to the first dot of the name
+
+
+def expand_shards(shards: Union[str, Sequence[str]]) -> list[str]:
+    """Local tar files, folders, globs, and ``s3://`` objects or prefixes -> sorted list of tar shards."""
+    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    found: list[str] = []
+    tar_suffixes = ('.tar', '.tar.gz', '.tgz')
+    for item in map(str, items):
+        if item.startswith('s3://'):
+            matches = [item] if item.endswith(tar_suffixes) else list_s3_objects(item, tar_suffixes)
+        elif os.path.isdir(item):
+            matches = sorted(p for s in tar_suffixes for p in glob.glob(os.path.join(item, f'*{s}')))
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+        elif os.path.isfile(item):
+            matches = [item]
+        else:
+            raise FileNotFoundError(f'webdataset shard not found: {item}')
+        if not matches:
+            raise FileNotFoundError(f'no .tar shards found at {item}')
+        found += matches
+    return found
+
+
+def _tar_groups(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` per sample of one tar, streamed (members of a sample are consecutive)."""
+    stream = open_s3_object(shard) if shard.startswith('s3://') else open(shard, 'rb')
+    key, group = None, {}
+    try:
+        with tarfile.open(fileobj=stream, mode='r|*') as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                match = _WDS_KEY.match(member.name)
+                if match is None or os.path.basename(member.name).startswith('.'):
+                    continue
+                member_key, ext = match.group(1), match.group(2).lower()
+                if member_key != key and key is not None:
+                    yield key, group
+                    group = {}
+                key = member_key
+                group[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ConversionError(f'{shard}: unreadable tar shard ({type(e).__name__}: {e})') from None
+    finally:
+        stream.close()
+    if key is not None:
+        yield key, group
+
+
+def convert_webdataset(
+    shards: Union[str, Sequence[str]],
+    out: str,
+    *,
+    image_encoding: str = 'bytes',
+    skip_bad: bool = False,
+    options: Optional[MDSOptions] = None,
+) -> ConvertSummary:
+    """Convert webdataset tar shards (``key.jpg`` + ``key.txt`` [+ ``key.json``], as img2dataset writes).
+
+    Args:
+        shards: tar files, folders of tars, globs, or ``s3://`` objects/prefixes.
+        out: output directory or ``s3://bucket/prefix``.
+        image_encoding: ``'bytes'`` (default: the original image bytes, no re-encoding), ``'jpeg'`` or ``'png'``.
+        skip_bad, options: see :func:`write_mds`.
+
+    ``key.json`` goes to the ``meta`` column (plus ``key`` and ``shard``).
+    """
+    _check_encoding(image_encoding)
+    paths = expand_shards(shards)
+
+    def records() -> Iterator[Record]:
+        for shard in paths:
+            for key, group in _tar_groups(shard):
+                yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding)
+
+    columns = {'image': image_encoding, 'caption': 'str', 'meta': 'json'}
+    return write_mds(records(), out, columns, skip_bad=skip_bad, options=options)
+
+
+def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_encoding: str) -> Callable[[], dict]:
+    def load() -> dict:
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+        if image_ext is None:
+            raise BadSampleError(name, f'no image (expected one of .{", .".join(IMAGE_EXTENSIONS)}; has {sorted(group)})')
+        caption_ext = next((e for e in CAPTION_EXTENSIONS if e in group), None)
+        if caption_ext is None:
+            raise BadSampleError(name, f'no caption (.txt); has {sorted(group)}')
+        try:
+            caption = group[caption_ext].decode('utf-8')
+        except UnicodeDecodeError:
+            raise BadSampleError(name, 'caption is not UTF-8') from None
+        meta: dict[str, Any] = {}
+        if 'json' in group:
+            try:
+                meta = json.loads(group['json'])
+            except ValueError as e:
+                raise BadSampleError(name, f'invalid .json ({e})') from None
+            meta = meta if isinstance(meta, dict) else {'json': meta}
+        meta.update(key=key, shard=shard)
+        image = _decode(name, data=group[image_ext])
+        return {'image': _encode_image(image, group[image_ext], image_encoding), 'caption': caption, 'meta': meta}
+    return load
+
+
+# -- (c) demo sets --------------------------------------------------------------------------------------
+def _demo_records(dataset: Any, name: str) -> Iterator[Record]:
+    for i in range(len(dataset)):
+        def load(i: int = i) -> dict:
+            ex = dataset.example(i)
+            sample = {'image': ex['image'], 'caption': ex['caption'], 'label': int(ex['label']),
+                      'clean': int(ex['clean'])}
+            if 'kind' in ex:
+                sample['meta'] = {'kind': ex['kind'], 'source': ex['source']}
+            return sample
+        yield f'{name}[{i}]', load
+
+
+def convert_shapes(
+    out: str,
+    *,
+    num_samples: int = 10_000,
+    noise: float = 0.0,
+    seed: int = 0,
+    image_size: int = 32,
+    options: Optional[MDSOptions] = None,
+) -> ConvertSummary:
+    """Write the procedural shapes set (:class:`~composer_jest.data.shapes.ShapesDataset`) as PNG MDS shards."""
+    from composer_jest.data.shapes import ShapesDataset
+
+    dataset = ShapesDataset(num_samples, noise=noise, seed=seed, image_size=image_size)
+    columns = {'image': 'png', 'caption': 'str', 'label': 'int', 'clean': 'int'}
+    return write_mds(_demo_records(dataset, 'shapes'), out, columns, options=options, total=len(dataset))
+
+
+def convert_fashion_mnist(
+    out: str,
+    *,
+    split: str = 'train',
+    num_samples: Optional[int] = None,
+    noise: Optional[Any] = None,
+    curated: Optional[int] = None,
+    seed: int = 0,
+    root: Optional[str] = None,
+    options: Optional[MDSOptions] = None,
+) -> ConvertSummary:
+    """Write Fashion-MNIST captions (:class:`~composer_jest.data.fashion_mnist.FashionMNISTCaptions`) as MDS.
+
+    Args:
+        out: output directory or ``s3://bucket/prefix``.
+        split: ``'train'`` or ``'test'``.
+        num_samples: first ``num_samples`` images (default all).
+        noise: :class:`~composer_jest.data.fashion_mnist.WebNoise` (default: clean).
+        curated: write instead the clean, class-balanced curated subset of this size (reference training).
+        seed: seed of the per-example draws.
+        root: folder with the IDX files (default: the Debian package's).
+        options: see :func:`write_mds`.
+
+    ``meta`` holds the noise ``kind`` and the ``source`` position of the image in the split.
+    """
+    from composer_jest.data.fashion_mnist import FashionMNISTCaptions
+
+    if curated is not None:
+        if noise is not None:
+            raise ValueError('curated subsets are clean: pass either curated= or noise=, not both')
+        dataset = FashionMNISTCaptions.curated(curated, split=split, seed=seed, root=root)
+    else:
+        dataset = FashionMNISTCaptions(split, num_samples=num_samples, noise=noise, seed=seed, root=root)
+    columns = {'image': 'png', 'caption': 'str', 'label': 'int', 'clean': 'int', 'meta': 'json'}
+    return write_mds(_demo_records(dataset, f'fashion-mnist-{split}'), out, columns, options=options,
+                     total=len(dataset))
+
+
+DEMOS: dict[str, Callable[..., ConvertSummary]] = {'shapes': convert_shapes, 'fashion-mnist': convert_fashion_mnist}
+
+
+def convert_demo(name: str, out: str, **kwargs: Any) -> ConvertSummary:
+    """Write a built-in demo set: ``'shapes'`` or ``'fashion-mnist'`` (keyword arguments of its converter)."""
+    if name not in DEMOS:
+        raise ValueError(f'demo must be one of {tuple(DEMOS)}, got {name!r}')
+    return DEMOS[name](out, **kwargs)
+
+
+# -- command line ---------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--out', required=True, help='output directory or s3://bucket/prefix '
+                        '(custom endpoint: $S3_ENDPOINT_URL; credentials from the environment)')
+    common.add_argument('--compression', default='zstd', help="shard compression ('none' to disable)")
+    common.add_argument('--hashes', default=','.join(DEFAULT_HASHES), help='comma-separated shard hashes')
+    common.add_argument('--size-limit', default='64mb', help='shard size limit before compression')
+    common.add_argument('--overwrite', action='store_true', help='replace an existing dataset at --out')
+    common.add_argument('--no-progress', action='store_true', help='no progress bar')
+    bad = argparse.ArgumentParser(add_help=False)
+    bad.add_argument('--skip-bad', action='store_true',
+                     help='skip bad samples (unreadable image, empty caption, missing field) and count them')
+
+    parser = argparse.ArgumentParser(prog='composer-jest convert', description='Convert image-caption data to MDS.')
+    sub = parser.add_subparsers(dest='source', required=True)
+    p = sub.add_parser('folder', parents=[common, bad], help='image folder + CSV/JSONL captions')
+    p.add_argument('--captions', required=True, help='captions .csv (with header) or .jsonl')
+    p.add_argument('--images', default=None, help='image folder (default: the captions file folder)')
+    p.add_argument('--image-column', default='file_name')
+    p.add_argument('--caption-column', default='caption')
+    p.add_argument('--label-column', default=None)
+    p.add_argument('--image-encoding', default='jpeg', choices=IMAGE_ENCODINGS)
+    p = sub.add_parser('webdataset', parents=[common, bad], help='webdataset tar shards (local or s3://)')
+    p.add_argument('shards', nargs='+', help='tar files, folders, globs, s3:// objects or prefixes')
+    p.add_argument('--image-encoding', default='bytes', choices=IMAGE_ENCODINGS)
+    p = sub.add_parser('shapes', parents=[common], help='procedural shapes demo set')
+    p.add_argument('--num-samples', type=int, default=10_000)
+    p.add_argument('--noise', type=float, default=0.0, help='fraction of mismatched captions')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--image-size', type=int, default=32)
+    p = sub.add_parser('fashion-mnist', parents=[common], help='Fashion-MNIST captions demo set')
+    p.add_argument('--split', default='train', choices=('train', 'test'))
+    p.add_argument('--num-samples', type=int, default=None)
+    p.add_argument('--mismatched', type=float, default=0.0, help='fraction of captions naming another class')
+    p.add_argument('--junk', type=float, default=0.0, help='fraction of junk alt-text captions')
+    p.add_argument('--near-duplicates', type=float, default=0.0, help='fraction of near-duplicate images')
+    p.add_argument('--curated', type=int, default=None, metavar='N',
+                   help='write the clean class-balanced curated subset of N samples instead')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--root', default=None, help='folder with the IDX files (default: dataset-fashion-mnist)')
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``composer-jest convert {folder,webdataset,shapes,fashion-mnist} --out OUT ...``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    options = MDSOptions(
+        compression=None if args.compression.lower() in ('', 'none') else args.compression,
+        hashes=sorted(h for h in args.hashes.split(',') if h), size_limit=args.size_limit,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    try:
+        if args.source == 'folder':
+            summary = convert_folder(args.captions, args.out, images_dir=args.images, image_column=args.image_column,
+                                     caption_column=args.caption_column, label_column=args.label_column,
+                                     image_encoding=args.image_encoding, skip_bad=args.skip_bad, options=options)
+        elif args.source == 'webdataset':
+            summary = convert_webdataset(args.shards, args.out, image_encoding=args.image_encoding,
+                                         skip_bad=args.skip_bad, options=options)
+        elif args.source == 'shapes':
+            summary = convert_shapes(args.out, num_samples=args.num_samples, noise=args.noise, seed=args.seed,
+                                     image_size=args.image_size, options=options)
+        else:
+            from composer_jest.data.fashion_mnist import WebNoise
+
+            noisy = args.mismatched or args.junk or args.near_duplicates
+            noise = WebNoise(mismatched=args.mismatched, junk=args.junk, near_duplicate=args.near_duplicates)
+            summary = convert_fashion_mnist(args.out, split=args.split, num_samples=args.num_samples,
+                                            noise=noise if noisy else None, curated=args.curated, seed=args.seed,
+                                            root=args.root, options=options)
+    except (ConversionError, RemoteAccessError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f'composer-jest convert: error: {e}', file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Object-store helpers shared by conversion and reading: one clear error for S3 failures.
+
+Credentials come only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_PROFILE``…,
+as boto3 resolves them); a custom endpoint (MinIO, moto, R2…) from ``S3_ENDPOINT_URL``, the variable
+mosaicml-streaming reads too. Error messages name the remote and the endpoint, never a credential.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from typing import Any, Optional
+
+__all__ = ['RemoteAccessError', 'is_remote', 'split_s3_url', 's3_client', 'describe_remote_error',
+           'check_s3_prefix', 'list_s3_objects', 'open_s3_object', 'redact']
+
+# botocore error codes that mean "your credentials are wrong or not allowed here".
+_AUTH_CODES = {'403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken',
+               'ExpiredToken', 'AuthorizationHeaderMalformed', 'InvalidClientTokenId', 'Forbidden'}
+_NOT_FOUND_CODES = {'404', 'NoSuchKey', 'NoSuchBucket', 'NotFound'}
+_SECRET_ENV = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN')
+
+
+class RemoteAccessError(RuntimeError):
+    """The object store could not be used: unreachable endpoint, bad credentials, missing bucket/object."""
+
+
+def is_remote(path: Optional[str]) -> bool:
+    """Whether ``path`` is a URL (``s3://…``, ``gs://…``) rather than a local path."""
+    return bool(path) and urllib.parse.urlparse(str(path)).scheme not in ('', 'file')
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``'s3://bucket/a/b'`` -> ``('bucket', 'a/b')``."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != 's3' or not parsed.netloc:
+        raise ValueError(f'expected an s3://bucket/prefix URL, got {url!r}')
+    return parsed.netloc, parsed.path.lstrip('/')
+
+
+def s3_client(connect_timeout: float = 10.0, max_attempts: int = 3) -> Any:
+    """A boto3 S3 client configured from the environment, like streaming's own (``S3_ENDPOINT_URL``)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=connect_timeout, retries={'max_attempts': max_attempts, 'mode': 'standard'})
+    return boto3.session.Session().client('s3', config=config, endpoint_url=os.environ.get('S3_ENDPOINT_URL'))
+
+
+def redact(text: str) -> str:
+    """``text`` with any credential value from the environment replaced by ``***``."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, '***')
+    return text
+
+
+def _endpoint() -> str:
+    return os.environ.get('S3_ENDPOINT_URL') or 'the default AWS endpoint (S3_ENDPOINT_URL is not set)'
+
+
+def describe_remote_error(exc: BaseException, remote: str, action: str = 'read') -> Optional[RemoteAccessError]:
+    """Translate a botocore failure while using ``remote`` into one :class:`RemoteAccessError`.
+
+    Returns ``None`` when ``exc`` is not an object-store failure (so callers can re-raise it as is).
+    """
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return None
+    endpoint = _endpoint()
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:  # the botocore error may be wrapped (e.g. by streaming's retry)
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, EndpointConnectionError) or (
+            isinstance(err, BotoCoreError) and 'connect' in type(err).__name__.lower()
+        ):
+            msg = f'cannot {action} {remote}: the S3 endpoint {endpoint} is unreachable ({type(err).__name__}).'
+            return RemoteAccessError(redact(msg + ' Check S3_ENDPOINT_URL and the network.'))
+        if isinstance(err, NoCredentialsError):
+            return RemoteAccessError(
+                f'cannot {action} {remote}: no AWS credentials found; set AWS_ACCESS_KEY_ID and '
+                f'AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment. Endpoint: {endpoint}.',
+            )
+        if isinstance(err, ClientError):
+            code = str(err.response.get('Error', {}).get('Code', ''))
+            status = str(err.response.get('ResponseMetadata', {}).get('HTTPStatusCode', ''))
+            if code in _AUTH_CODES or status == '403':
+                return RemoteAccessError(
+                    f'cannot {action} {remote}: access denied by {endpoint} (error {code or status}). The credentials '
+                    'from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, values not shown) are wrong '
+                    'or lack permission for this bucket.',
+                )
+            if code in _NOT_FOUND_CODES or status == '404':
+                return RemoteAccessError(
+                    f'cannot {action} {remote}: not found at {endpoint} (error {code or status}); check the bucket '
+                    'and prefix (an MDS dataset needs an index.json, written by `composer-jest convert`).',
+                )
+            return RemoteAccessError(redact(f'cannot {action} {remote} at {endpoint}: {code or status}: {err}'))
+        if isinstance(err, BotoCoreError):
+            return RemoteAccessError(redact(f'cannot {action} {remote} at {endpoint}: {type(err).__name__}: {err}'))
+    return None
+
+
+def check_s3_prefix(url: str, *, for_write: bool) -> bool:
+    """Fail early with one clear error if ``url``'s bucket cannot be used; return whether it holds an MDS index.
+
+    Args:
+        url: ``s3://bucket/prefix``.
+        for_write: name the action ``write`` (conversion) rather than ``read`` in errors.
+    """
+    bucket, prefix = split_s3_url(url)
+    client = s3_client(max_attempts=2)
+    action = 'write' if for_write else 'read'
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as e:
+        err = describe_remote_error(e, url, action)
+        if err is None:
+            raise
+        raise err from None
+    key = f'{prefix.rstrip("/")}/index.json' if prefix else 'index.json'
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except Exception as e:
+        err = describe_remote_error(e, url, action)
+        if err is not None and 'not found' in str(err):
+            return False
+        if err is None:
+            raise
+        raise err from None
+
+
+def list_s3_objects(url: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """Sorted ``s3://`` URLs of the objects under ``url`` (a prefix) whose names end with one of ``suffixes``."""
+    bucket, prefix = split_s3_url(url)
+    client = s3_client()
+    keys = []
+    try:
+        for page in client.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=prefix):
+            keys += [o['Key'] for o in page.get('Contents', [])]
+    except Exception as e:
+        err = describe_remote_error(e, url, 'list')
+        if err is None:
+            raise
+        raise err from None
+    return [f's3://{bucket}/{k}' for k in sorted(keys) if not suffixes or k.endswith(suffixes)]
+
+
+def open_s3_object(url: str) -> Any:
+    """A readable stream of the object at ``url`` (``botocore`` StreamingBody); errors name the URL."""
+    bucket, key = split_s3_url(url)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)['Body']
+    except Exception as e:
+        err = describe_remote_error(e, url, 'read')
+        if err is None:
+            raise
+        raise err from None

@@ -1,0 +1,282 @@
+"""Read MDS image–caption shards with mosaicml-streaming, as JEST super-batches.
+
+:class:`ImageTextStreamingDataset` is a :class:`streaming.StreamingDataset` (remote ``s3://`` reads with a
+local cache, deterministic shuffling, ``cache_limit`` eviction, mid-epoch resumption: all streaming's)
+that turns each MDS sample into ``{image, text, index, ...}`` tensors with the open_clip model's
+preprocessing and tokenizer. :func:`build_streaming_dataloader` sizes the per-rank super-batch
+``N = b / (1 - f)`` from the train batch ``b`` and the JEST filter ratio ``f`` and returns a
+:class:`streaming.StreamingDataLoader`, whose ``state_dict`` Composer checkpoints.
+
+Two things streaming leaves vague are made loud here: object-store failures (unreachable endpoint,
+wrong credentials, missing bucket) surface as one :class:`~composer_jest.data.remote.RemoteAccessError`
+naming the remote and ``S3_ENDPOINT_URL``; a corrupted shard raises :class:`ShardError` naming the shard
+(streaming's background download thread would otherwise end the epoch early, silently).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from fractions import Fraction
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from streaming import StreamingDataLoader, StreamingDataset
+
+from composer_jest.data.remote import RemoteAccessError, describe_remote_error, is_remote
+
+__all__ = ['ImageTextStreamingDataset', 'ShardError', 'build_streaming_dataloader', 'superbatch_size']
+
+
+class ShardError(RuntimeError):
+    """A shard could not be downloaded, verified or decoded; the message names the shard file."""
+
+
+class ImageTextStreamingDataset(StreamingDataset):
+    """A :class:`~streaming.StreamingDataset` of image–caption MDS shards yielding model-ready samples.
+
+    Each sample becomes ``{'image': FloatTensor[3, s, s], 'text': LongTensor[context], 'index': LongTensor[]}``
+    plus the passed-through extra columns: numbers and ndarrays as tensors (so precomputed float16
+    ``ref_image_features`` stack under default collate), strings as they are.
+
+    Args:
+        remote: ``s3://bucket/prefix`` (or any streaming remote) of the shards; ``None`` for local shards.
+        local: local cache directory (or the shards' directory when ``remote`` is ``None``). One per dataset.
+        tokenizer: open_clip tokenizer (list of str -> ``LongTensor[n, context]``), e.g. ``CLIPModel.tokenizer``.
+        transform: PIL image -> tensor; default ``open_clip.image_transform(image_size, is_train=False)``.
+        image_size: side of the default transform's output.
+        image_key, caption_key: MDS column names of the image and the caption.
+        extra_columns: columns to pass through besides ``index``; ``None``: every numeric/ndarray column
+            (``label``, ``clean``, cached reference features…); json columns only when named here.
+        keep_caption: also yield the caption string as ``caption``.
+        validate_hash: hash checked on every downloaded shard; ``'auto'`` picks ``xxh64`` (or the first hash
+            the index records), ``None`` disables the check.
+        **kwargs: :class:`~streaming.StreamingDataset` arguments (``shuffle``, ``shuffle_seed``, ``batch_size``,
+            ``cache_limit``, ``predownload``, ``epoch_size``, ``download_timeout``…).
+    """
+
+    def __init__(
+        self,
+        *,
+        remote: Optional[str] = None,
+        local: Optional[str] = None,
+        tokenizer: Optional[Callable] = None,
+        transform: Optional[Callable] = None,
+        image_size: int = 32,
+        image_key: str = 'image',
+        caption_key: str = 'caption',
+        extra_columns: Optional[Sequence[str]] = None,
+        keep_caption: bool = False,
+        validate_hash: Optional[str] = 'auto',
+        **kwargs: Any,
+    ):
+        if tokenizer is None:
+            raise ValueError('tokenizer is required (e.g. CLIPModel(...).tokenizer or open_clip.get_tokenizer(name))')
+        if transform is None:
+            import open_clip
+
+            transform = open_clip.image_transform(image_size, is_train=False)
+        self.tokenizer, self.transform = tokenizer, transform
+        self.image_key, self.caption_key, self.keep_caption = image_key, caption_key, keep_caption
+        self.remote_name = remote or local
+        self._shard_failure: Optional[ShardError] = None
+        try:
+            super().__init__(remote=remote, local=local,
+                             validate_hash=None if validate_hash == 'auto' else validate_hash, **kwargs)
+        except Exception as e:
+            err = describe_remote_error(e, str(remote), 'read') if is_remote(remote) else None
+            if err is not None:
+                raise err from None
+            raise
+        if validate_hash == 'auto':
+            self._pick_hash()
+        self._check_columns(extra_columns)
+
+    def _pick_hash(self) -> None:
+        """Validate with a hash every shard records: ``xxh64`` if written (fast), else the first one."""
+        recorded = None
+        for shard in self.shards:
+            for raw, zipped in shard.file_pairs:
+                hashes = set((zipped or raw).hashes)
+                recorded = hashes if recorded is None else recorded & hashes
+        choice = 'xxh64' if recorded and 'xxh64' in recorded else (sorted(recorded)[0] if recorded else None)
+        for stream in self.streams:
+            stream.validate_hash = choice
+
+    def _check_columns(self, extra_columns: Optional[Sequence[str]]) -> None:
+        shard = self.shards[0]
+        encodings = dict(zip(shard.column_names, shard.column_encodings))
+        for name in (self.image_key, self.caption_key, 'index'):
+            if name not in encodings:
+                raise ValueError(f'{self.remote_name}: the shards have no {name!r} column (columns: '
+                                 f'{sorted(encodings)}); write them with `composer-jest convert`')
+        skip = {self.image_key, self.caption_key, 'index'}
+        if extra_columns is None:  # numbers and arrays collate into tensors; json/str/bytes are left out
+            self.extra_columns = [c for c, enc in encodings.items() if c not in skip and _is_numeric(enc)]
+        else:
+            missing = [c for c in extra_columns if c not in encodings]
+            if missing:
+                raise ValueError(f'extra_columns {missing} are not in the shards (columns: {sorted(encodings)})')
+            self.extra_columns = [c for c in extra_columns if c not in skip]
+
+    # -- samples ------------------------------------------------------------------------------------
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        """Sample ``sample_id`` decoded and preprocessed (``dataset[i]`` calls this)."""
+        raw = super().get_item(sample_id, retry)
+        try:
+            return self.decode_sample(raw)
+        except Exception as e:
+            raise ShardError(f'{self._shard_name(sample_id)}: cannot decode sample {sample_id} '
+                             f'({type(e).__name__}: {e})') from e
+
+    def decode_sample(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """One raw MDS sample -> ``{image, text, index, *extra}`` tensors."""
+        image = sample[self.image_key]
+        if isinstance(image, (bytes, bytearray, memoryview)):  # 'bytes' column: the original file
+            image = Image.open(io.BytesIO(image))
+        if image.mode != 'RGB':
+            image = image.convert('RGB')
+        caption = sample[self.caption_key]
+        out = {
+            'image': self.transform(image),
+            'text': self.tokenizer([caption])[0],
+            'index': torch.tensor(int(sample['index']), dtype=torch.long),
+        }
+        for name in self.extra_columns:
+            out[name] = _to_tensor(sample[name])
+        if self.keep_caption:
+            out['caption'] = caption
+        return out
+
+    # -- loud shard failures ------------------------------------------------------------------------
+    def _shard_name(self, sample_id: int) -> str:
+        shard_id, _ = self.spanner[sample_id]
+        return self._shard_label(shard_id)
+
+    def _shard_label(self, shard_id: int) -> str:
+        raw, zipped = self.shards[shard_id].file_pairs[0]
+        basename = (zipped or raw).basename
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        where = stream.remote or stream.local
+        return f'shard {basename} of {where}'
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's download/verify/decompress, with failures turned into a :class:`ShardError`."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:
+            where = self._shard_label(shard_id)
+            remote_err = describe_remote_error(e, where, 'download')
+            if isinstance(remote_err, RemoteAccessError):
+                failure = ShardError(str(remote_err))
+            elif 'Checksum failure' in str(e):
+                failure = ShardError(f'{where} is corrupted: its {self.streams[0].validate_hash} hash does not match '
+                                     f'index.json ({e}); re-convert or re-upload it')
+            else:
+                failure = ShardError(f'{where}: cannot prepare shard ({type(e).__name__}: {e})')
+            self._shard_failure = failure
+            raise failure from e
+
+    def _each_sample_id(self, it: Any) -> Any:
+        # streaming's yield loop stops quietly when its download thread died; raise that thread's error instead
+        # of ending the epoch early.
+        yield from super()._each_sample_id(it)
+        if self._shard_failure is not None:
+            raise self._shard_failure
+        if hasattr(self, '_event') and self._event.is_set() and it.yield_index < it.total:
+            raise ShardError(f'{self.remote_name}: a background shard download failed (see the traceback above)')
+
+
+def _is_numeric(encoding: str) -> bool:
+    return encoding.startswith('ndarray') or encoding in (
+        'int', 'float64', 'float32', 'float16', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
+        'uint64', 'str_int', 'str_float',
+    )
+
+
+def _to_tensor(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, (bool, int, float, np.number, np.bool_)):
+        return torch.as_tensor(value)
+    return value
+
+
+def superbatch_size(batch_size: int, filter_ratio: float) -> int:
+    """The super-batch ``N = b / (1 - f)`` that JEST filters down to ``b``; raises if not an integer."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f'batch_size must be a positive int (the per-rank train batch), got {batch_size!r}')
+    if not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
+        raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
+    n = batch_size / (1.0 - filter_ratio)
+    if abs(n - round(n)) <= 1e-6:
+        return int(round(n))
+    keep = Fraction(1.0 - filter_ratio).limit_denominator(1000)
+    lo, hi = math.floor(n), math.ceil(n)
+    raise ValueError(
+        f'batch_size={batch_size} with filter_ratio={filter_ratio} gives a super-batch of {n:.4f}, not an integer. '
+        f'Use a batch_size that is a multiple of {keep.numerator} (e.g. {keep.numerator * max(1, round(batch_size / keep.numerator))}), '
+        f'or filter_ratio={1 - batch_size / hi:.6g} (super-batch {hi})'
+        + (f' or {1 - batch_size / lo:.6g} (super-batch {lo})' if lo > batch_size else '') + '.',
+    )
+
+
+def build_streaming_dataloader(
+    remote: Optional[str],
+    local: str,
+    tokenizer: Callable,
+    *,
+    batch_size: int,
+    filter_ratio: float = 0.0,
+    image_size: int = 32,
+    transform: Optional[Callable] = None,
+    shuffle: bool = True,
+    shuffle_seed: int = 0,
+    num_workers: int = 0,
+    prefetch_factor: Optional[int] = None,
+    persistent_workers: Optional[bool] = None,
+    pin_memory: bool = False,
+    drop_last: bool = True,
+    cache_limit: Optional[Union[int, str]] = None,
+    predownload: Optional[int] = None,
+    **dataset_kwargs: Any,
+) -> StreamingDataLoader:
+    """A :class:`~streaming.StreamingDataLoader` of JEST super-batches from MDS shards.
+
+    Args:
+        remote: ``s3://bucket/prefix`` of the shards, or ``None`` to read ``local`` directly.
+        local: local cache directory (unique per dataset), or the shards' directory.
+        tokenizer: the model's tokenizer (``CLIPModel.tokenizer``).
+        batch_size: the per-rank *train* batch ``b`` (what the model trains on after selection).
+        filter_ratio: JEST's ``f``; the loader yields super-batches of ``N = b / (1 - f)`` (must be an integer).
+        image_size: side of the default open_clip eval transform.
+        transform: custom PIL -> tensor transform instead.
+        shuffle, shuffle_seed: streaming's deterministic shuffle (resumable mid-epoch).
+        num_workers, prefetch_factor, persistent_workers, pin_memory: DataLoader knobs
+            (``persistent_workers`` defaults to ``num_workers > 0``).
+        drop_last: drop a last partial super-batch (training: keep ``True``).
+        cache_limit: evict cold shards beyond this many bytes (``'10gb'`` style), ``None``: keep all.
+        predownload: samples to download ahead per worker (streaming's default: ``8 * N``).
+        **dataset_kwargs: more :class:`ImageTextStreamingDataset` / ``StreamingDataset`` arguments.
+
+    Example:
+        >>> # loader = build_streaming_dataloader('s3://bucket/shapes', '/tmp/cache', model.tokenizer,
+        >>> #                                     batch_size=64, filter_ratio=0.8)  # yields 320-sample batches
+    """
+    n = superbatch_size(batch_size, filter_ratio)
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f'num_workers must be an int >= 0, got {num_workers!r}')
+    dataset = ImageTextStreamingDataset(
+        remote=remote, local=local, tokenizer=tokenizer, transform=transform, image_size=image_size,
+        batch_size=n, shuffle=shuffle, shuffle_seed=shuffle_seed, cache_limit=cache_limit, predownload=predownload,
+        **dataset_kwargs,
+    )
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    return StreamingDataLoader(
+        dataset, batch_size=n, drop_last=drop_last, num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory,
+    )

@@ -1,0 +1,88 @@
+"""Registries of buildable components by name (yaml ``algorithms:``, ``callbacks:``, ``loggers:``, …).
+
+Each registry is a ``catalogue`` registry with entry points, so other packages can add components
+without touching this one, e.g. in their ``pyproject.toml``::
+
+    [project.entry-points.composer_jest_algorithms]
+    my_algo = "my_pkg.algos:MyAlgorithm"
+
+Composer's own algorithms, callbacks and loggers are registered by their module names
+(``gradient_clipping``, ``speed_monitor``, ``progress_bar`` …).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import catalogue
+import torch
+from composer import algorithms as composer_algorithms
+from composer import callbacks as composer_callbacks
+from composer import loggers as composer_loggers
+from composer import optim as composer_optim
+from composer.core import Algorithm, Callback
+from composer.loggers import LoggerDestination
+
+__all__ = ['algorithms', 'callbacks', 'loggers', 'optimizers', 'schedulers', 'build', 'has', 'names']
+
+algorithms = catalogue.create('composer_jest', 'algorithms', entry_points=True)
+callbacks = catalogue.create('composer_jest', 'callbacks', entry_points=True)
+loggers = catalogue.create('composer_jest', 'loggers', entry_points=True)
+optimizers = catalogue.create('composer_jest', 'optimizers', entry_points=True)
+schedulers = catalogue.create('composer_jest', 'schedulers', entry_points=True)
+
+
+def _module_name(cls: type, strip: str = '') -> str:
+    name = cls.__module__.rsplit('.', 1)[-1]
+    return re.sub(f'{strip}$', '', name) if strip else name
+
+
+def _register_composer(registry: catalogue.Registry, module: Any, base: type, strip: str = '') -> None:
+    for attr in module.__all__:
+        cls = getattr(module, attr)
+        if inspect.isclass(cls) and issubclass(cls, base) and cls is not base:
+            name = _module_name(cls, strip)
+            if name not in registry.get_all():
+                registry.register(name, func=cls)
+
+
+def _register_builtins() -> None:
+    from composer_jest.algorithm import JEST
+
+    algorithms.register('jest', func=JEST)
+    _register_composer(algorithms, composer_algorithms, Algorithm)
+    _register_composer(callbacks, composer_callbacks, Callback)
+    _register_composer(loggers, composer_loggers, LoggerDestination, strip='_logger')
+    optimizers.register('decoupled_adamw', func=composer_optim.DecoupledAdamW)
+    optimizers.register('decoupled_sgdw', func=composer_optim.DecoupledSGDW)
+    optimizers.register('adamw', func=torch.optim.AdamW)
+    optimizers.register('sgd', func=torch.optim.SGD)
+    for name, cls in (
+        ('constant_with_warmup', composer_optim.ConstantWithWarmupScheduler),
+        ('linear_decay_with_warmup', composer_optim.LinearWithWarmupScheduler),
+        ('cosine_with_warmup', composer_optim.CosineAnnealingWithWarmupScheduler),
+        ('constant', composer_optim.ConstantScheduler),
+        ('cosine', composer_optim.CosineAnnealingScheduler),
+    ):
+        schedulers.register(name, func=cls)
+
+
+_register_builtins()
+
+
+def names(registry: catalogue.Registry) -> list[str]:
+    """Registered names, entry points included."""
+    return sorted(registry.get_all())
+
+
+def has(registry: catalogue.Registry, name: str) -> bool:
+    return name in registry.get_all()
+
+
+def build(registry: catalogue.Registry, name: str, kind: str, *args, **kwargs) -> Any:
+    """Build ``name`` from ``registry``; an unknown name fails with the list of valid ones."""
+    if not has(registry, name):
+        raise ValueError(f'unknown {kind} {name!r}; registered {kind}s: {names(registry)}')
+    return registry.get(name)(*args, **kwargs)
