@@ -39,7 +39,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from composer import Trainer
@@ -240,55 +239,61 @@ def run_config(
 
 def report_profile(profiler: cProfile.Profile, result: Result) -> None:
     """Where the time of the profiled configuration goes: cumulative time of the functions that matter."""
-    stream = io.StringIO()
-    stats = pstats.Stats(profiler, stream=stream)
-    watched = {
-        '_select': 'JEST selection (AFTER_DATALOADER), total',
-        '_features': '  learner (+ reference) scoring forward',
-        'jest_select': '  jest_select: pair losses + sampler + stats',
-        'joint_sample': '    joint_sample (sampler)',
-        '_learnability_stats': '    _learnability_stats (logged statistics)',
-        'sigmoid_pair_loss': '    sigmoid_pair_loss (all calls)',
-        'subset_batch': '  subset_batch (gather the sub-batch)',
-        'resize_patch_embed': 'FlexiViT kernel resize (all calls)',
-        '_train_batch': 'Composer _train_batch (fwd + loss + bwd + opt)',
-        'loss': 'CLIPModel.loss / SigLipLoss',
-        'backward': 'torch backward',
-        'step': 'optimizer step',
-    }
-    found: dict[str, float] = {}
-    for (filename, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
-        if func in watched and ('composer_jest' in filename or func in ('_train_batch', 'backward', 'step')):
-            if func == 'step' and 'optim' not in filename:
-                continue
-            if func == 'backward' and 'torch' not in filename:
-                continue
-            found[func] = found.get(func, 0.0) + ct
-    timed = sum(result.step_ms) / 1e3
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    # (label, predicate on (filename, function name)); cumulative seconds summed over matches.
+    watched = [
+        ('JEST selection (AFTER_DATALOADER), total', lambda f, n: n == '_select' and 'composer_jest' in f),
+        ('  learner scoring forward (+ live reference)', lambda f, n: n == '_features' and 'composer_jest' in f),
+        ('  jest_select: pair losses, sampler, stats', lambda f, n: n == 'jest_select'),
+        ('    sigmoid_pair_loss (all calls)', lambda f, n: n == 'sigmoid_pair_loss'),
+        ('    _learnability_stats (logged statistics only)', lambda f, n: n == '_learnability_stats'),
+        ('    joint_sample', lambda f, n: n == 'joint_sample'),
+        ('  subset_batch (gather the sub-batch)', lambda f, n: n == 'subset_batch'),
+        ('FlexiViT kernel resize (all calls)', lambda f, n: n == 'resize_patch_embed'),
+        ('autograd backward (run_backward)', lambda f, n: 'run_backward' in n),
+        ('Adam parameter update', lambda f, n: n in ('_single_tensor_adam', '_multi_tensor_adam', '_fused_adam')),
+    ]
+    totals = [0.0] * len(watched)
+    for (filename, _line, func), (_cc, _nc, _tt, cumtime, _callers) in stats.stats.items():
+        for i, (_label, match) in enumerate(watched):
+            if match(filename, func):
+                totals[i] += cumtime
+    steps = len(result.step_ms)
     print(f'\ncProfile of {result.config.name} (f={result.config.filter_ratio}, N={result.superbatch}, '
-          f'b={result.subbatch}); cumulative seconds over all steps, warmup included:')
-    for func, label in watched.items():
-        if func in found:
-            print(f'  {label:<50s} {found[func]:8.3f} s')
-    print(f'  {"wall time of the timed steps (excl. warmup)":<50s} {timed:8.3f} s')
-    stats.sort_stats('tottime').print_stats(15)
-    print('\n'.join(stream.getvalue().splitlines()[:40]))
+          f'b={result.subbatch}): cumulative seconds over all profiled steps (warmup included); '
+          f'timed steps {sum(result.step_ms) / 1e3:.3f} s for {steps} steps')
+    for (label, _match), total in zip(watched, totals):
+        print(f'  {label:<52s} {total:8.3f} s')
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats('tottime').print_stats(12)
+    print('\n'.join(line for line in stream.getvalue().splitlines() if line.strip())[:4000])
 
 
-def time_sampler(sizes: list[int], device: torch.device, embed_dim: int, reps: int) -> list[dict[str, Any]]:
-    """Median time of ``joint_sample`` (N x N random scores) and of the whole ``jest_select`` per N."""
+def _random_features(n: int, dim: int, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        'image_features': F.normalize(torch.randn(n, dim, generator=gen), dim=-1).to(device),
+        'text_features': F.normalize(torch.randn(n, dim, generator=gen), dim=-1).to(device),
+        'logit_scale': torch.tensor(10.0, device=device),
+        'logit_bias': torch.tensor(-10.0, device=device),
+    }
+
+
+def time_sampler(
+    sizes: list[int], device: torch.device, embed_dim: int, reps: int, select_max_n: int
+) -> list[dict[str, Any]]:
+    """Median time of ``joint_sample`` (N x N random scores) and of the whole ``jest_select`` per N.
+
+    ``jest_select`` (learner and reference pair losses, learnability, sampler, logged statistics) holds several
+    ``N x N`` float32 temporaries; it is skipped above ``select_max_n``.
+    """
     rows = []
     for n in sizes:
         gen = torch.Generator().manual_seed(n)
         scores = torch.randn(n, n, generator=gen).to(device)
         n_select = int(n * 0.2)
 
-        def feats() -> dict:
-            return {'image_features': F.normalize(torch.randn(n, embed_dim, generator=gen), dim=-1).to(device),
-                    'text_features': F.normalize(torch.randn(n, embed_dim, generator=gen), dim=-1).to(device),
-                    'logit_scale': torch.tensor(10.0, device=device), 'logit_bias': torch.tensor(-10.0, device=device)}
-
-        learner, reference = feats(), feats()
+        with_select = n <= select_max_n
+        learner, reference = (_random_features(n, embed_dim, gen, device) for _ in range(2))
         sample_ms, select_ms = [], []
         for rep in range(reps + 1):
             sampler_gen = torch.Generator().manual_seed(rep)
@@ -297,14 +302,15 @@ def time_sampler(sizes: list[int], device: torch.device, embed_dim: int, reps: i
             joint_sample(scores, n_select, 16, sampler_gen)
             _sync(device)
             t1 = time.perf_counter()
-            jest_select(learner, reference, n_select, n_chunks=16, generator=sampler_gen)
-            _sync(device)
+            if with_select:
+                jest_select(learner, reference, n_select, n_chunks=16, generator=sampler_gen)
+                _sync(device)
             t2 = time.perf_counter()
             if rep:  # the first repetition is warmup
                 sample_ms.append(1e3 * (t1 - t0))
                 select_ms.append(1e3 * (t2 - t1))
         rows.append({'N': n, 'n_select': n_select, 'joint_sample_ms': statistics.median(sample_ms),
-                     'jest_select_ms': statistics.median(select_ms)})
+                     'jest_select_ms': statistics.median(select_ms) if with_select else float('nan')})
         del scores, learner, reference
     return rows
 
@@ -334,22 +340,30 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
     parser.add_argument('--model', choices=('jest-tiny', 'jest-vit-b-16'), default='jest-tiny')
     parser.add_argument('--precision', choices=('fp32', 'amp_bf16'), default='fp32')
     parser.add_argument('--batch-size', type=int, default=64, help='trained (sub-)batch size b')
-    parser.add_argument('--steps', type=int, default=10, help='timed steps per configuration')
-    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
+    parser.add_argument('--steps', type=int, default=8, help='timed steps per configuration and repeat')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps first')
+    parser.add_argument('--repeats', type=int, default=2,
+                        help='run the list of configurations this many times, interleaved (noise on a shared box)')
     parser.add_argument('--filter-ratios', type=str, default='0.5,0.8,0.9')
-    parser.add_argument('--sampler-sizes', type=str, default='1024,2048,4096,8192,16384')
+    parser.add_argument('--sampler-sizes', type=str, default='1024,2048,4096,8192,16384',
+                        help="comma-separated N for the sampler table ('' to skip); the step benchmark's N are added")
     parser.add_argument('--sampler-reps', type=int, default=3)
-    parser.add_argument('--quick', action='store_true', help='f=0.8 only, 1+3 steps, sampler up to N=4096')
+    parser.add_argument('--select-max-n', type=int, default=None,
+                        help='largest N for the full jest_select timing (default: 8192 on CPU, no limit on CUDA)')
+    parser.add_argument('--quick', action='store_true', help='f=0.8 only, 1+3 steps, 1 repeat, sampler up to N=4096')
     parser.add_argument('--profile', action='store_true', help='cProfile the f=0.8 all-savings configuration')
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch intra-op threads on CPU (default 1: robust on a shared machine)')
     args = parser.parse_args(argv)
     if args.quick:
-        args.filter_ratios, args.steps, args.warmup = '0.8', 3, 1
+        args.filter_ratios, args.steps, args.warmup, args.repeats = '0.8', 3, 1, 1
         args.sampler_sizes, args.sampler_reps = '1024,2048,4096', 1
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda but CUDA is not available')
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.device == 'cpu':
+        torch.set_num_threads(args.threads or 1)
+    if args.select_max_n is None:
+        args.select_max_n = 8192 if args.device == 'cpu' else 1 << 30
     logging.getLogger('composer').setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notice
     warnings.filterwarnings('ignore')
@@ -377,30 +391,39 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
             Config('jest+flexi+cached', f, flexi=True, cached=True),
             Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True),
         ]
-    results = []
-    for config in configs:
-        t0 = time.perf_counter()
-        results.append(run_config(config, args, reference, batches))
-        print(f'# {config.name} f={config.filter_ratio}: {results[-1].median:.1f} ms/step '
-              f'({time.perf_counter() - t0:.1f} s)', flush=True)
+    results: dict[int, Result] = {}
+    for repeat in range(args.repeats):
+        for i, config in enumerate(configs):
+            t0 = time.perf_counter()
+            r = run_config(config, args, reference, batches)
+            if i in results:
+                for key in ('step_ms', 'select_ms', 'forward_ms', 'backward_ms'):
+                    getattr(results[i], key).extend(getattr(r, key))
+            else:
+                results[i] = r
+            print(f'# repeat {repeat}: {config.name} f={config.filter_ratio}: {r.median:.1f} ms/step '
+                  f'({time.perf_counter() - t0:.1f} s)', flush=True)
+    ordered = [results[i] for i in range(len(configs))]
 
-    print(f'\nStep cost: model={args.model} device={args.device} precision={args.precision} b={b} '
-          f'steps={args.steps} (median after {args.warmup} warmup), threads={torch.get_num_threads()}\n')
-    print_table(results)
+    print(f'\nStep cost: model={args.model} device={args.device} precision={args.precision} b={b}; '
+          f'median of {args.repeats}x{args.steps} steps (each run after {args.warmup} warmup); '
+          f'torch threads={torch.get_num_threads()}\n')
+    print_table(ordered)
 
-    sampler_sizes = [int(x) for x in args.sampler_sizes.split(',') if x]
+    sampler_sizes = sorted({int(x) for x in args.sampler_sizes.split(',') if x} | set(sizes) - {b}) \
+        if args.sampler_sizes else []
     if sampler_sizes:
         embed_dim = int(clip.visual.proj.shape[-1]) if clip.visual.proj is not None else 512
-        rows = time_sampler(sampler_sizes, device, embed_dim, args.sampler_reps)
-        best = next((r for r in results if r.config.name == 'jest+flexi+cached+multires'
-                     and r.config.filter_ratio == 0.8), None)
-        print(f'\nJoint sampler (n_select = 0.2 N, 16 chunks) and jest_select (d={embed_dim}), median ms:\n')
-        print('| N | n_select | joint_sample ms | jest_select ms |')
-        print('|---:|---:|---:|---:|')
-        for r in rows:
-            print(f"| {r['N']} | {r['n_select']} | {r['joint_sample_ms']:.1f} | {r['jest_select_ms']:.1f} |")
-        if best is not None:
-            print(f'\n(for scale: one f=0.8 all-savings step at b={b} here takes {best.median:.1f} ms)')
+        rows = time_sampler(sampler_sizes, device, embed_dim, args.sampler_reps, args.select_max_n)
+        best = {r.superbatch: r.median for r in ordered if r.config.name == 'jest+flexi+cached+multires'}
+        print(f'\nJoint sampler (n_select = int(0.2 N), 16 chunks) and full jest_select (d={embed_dim}), median ms; '
+              'last column: joint_sample as a share of the measured all-savings step with that N\n')
+        print('| N | n_select | joint_sample ms | jest_select ms | % of step |')
+        print('|---:|---:|---:|---:|---:|')
+        for row in rows:
+            share = f"{100 * row['joint_sample_ms'] / best[row['N']]:.1f}%" if row['N'] in best else ''
+            select = '' if row['jest_select_ms'] != row['jest_select_ms'] else f"{row['jest_select_ms']:.1f}"
+            print(f"| {row['N']} | {row['n_select']} | {row['joint_sample_ms']:.1f} | {select} | {share} |")
 
     if args.profile:
         f = 0.8
@@ -410,7 +433,7 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
             batches[(n, True)] = add_cached_reference(batches[(n, False)], reference, args.precision)
         run_config(Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True), args,
                    reference, batches, profile=True)
-    return results
+    return ordered
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import pytest
 
@@ -155,6 +155,3 @@ def unreachable_url() -> str:
     """A URL on 127.0.0.1 where nothing listens."""
     return f'http://127.0.0.1:{_free_port()}'
 
-
-def optional(value: Optional[str]) -> str:  # pragma: no cover - debugging helper
-    return value or ''
