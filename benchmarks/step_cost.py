@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from composer import Trainer
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
+from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
 from composer_jest.algorithm import CACHED_REFERENCE_KEYS, JEST, jest_select
@@ -192,7 +193,7 @@ def run_config(
         model=learner,
         train_dataloader=loader,
         max_duration=f'{args.warmup + args.steps}ba',
-        optimizers=torch.optim.AdamW(learner.parameters(), lr=1e-4),
+        optimizers=DecoupledAdamW(learner.parameters(), lr=1e-3, weight_decay=1e-4),  # as yamls/quickstart.yaml
         algorithms=algorithms,
         callbacks=[timer],
         device='gpu' if args.device == 'cuda' else 'cpu',
@@ -322,15 +323,16 @@ def _sync(device: torch.device) -> None:
 
 def print_table(results: list[Result]) -> None:
     uniform = next(r for r in results if r.config.name == 'uniform').median
-    header = ('| config | f | N | b | ms/step | select ms | fwd+loss ms | bwd ms | × uniform (time) '
+    header = ('| config | f | N | b | ms/step | select ms | fwd+loss ms | bwd ms | opt+other ms | × uniform (time) '
               '| × uniform (FLOPs) | × uniform (image FLOPs) |')
     print(header)
     print('|---|' + '---:|' * (header.count('|') - 2))
     for r in results:
         f = '–' if r.config.filter_ratio is None else f'{r.config.filter_ratio:g}'
+        select, fwd, bwd = (statistics.median(x) for x in (r.select_ms, r.forward_ms, r.backward_ms))
+        rest = r.median - select - fwd - bwd
         print(f'| {r.config.name} | {f} | {r.superbatch} | {r.subbatch} | {r.median:.1f} '
-              f'| {statistics.median(r.select_ms):.1f} | {statistics.median(r.forward_ms):.1f} '
-              f'| {statistics.median(r.backward_ms):.1f} | {r.median / uniform:.2f} '
+              f'| {select:.1f} | {fwd:.1f} | {bwd:.1f} | {rest:.1f} | {r.median / uniform:.2f} '
               f'| {r.flops["ratio"]:.2f} | {r.flops_image_only["ratio"]:.2f} |')
 
 

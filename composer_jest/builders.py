@@ -16,6 +16,7 @@ from composer_jest.algorithm import JEST, jest_first
 from composer_jest.model import CLIPModel, checkpoint_state_dict
 
 __all__ = [
+    'dry_run',
     'build_model',
     'build_algorithms',
     'build_dataloader',
@@ -147,6 +148,34 @@ def _shapes_loader(cfg, model, batch_size, train, filter_ratio, image_size):
         dataset, batch_size=loader_batch, sampler=sampler, drop_last=train, num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None, persistent_workers=cfg.num_workers > 0,
     )
+
+
+def dry_run(cfg: DictConfig, world_size: Optional[int] = None) -> dict[str, Any]:
+    """Build everything but the data loaders and the Trainer: catches config errors without data access.
+
+    A JEST reference checkpoint that does not exist yet (made by an earlier run of a recipe) is allowed.
+    """
+    model = build_model(cfg.model)
+    section = _plain(cfg.algorithms) or {}
+    if isinstance(section.get('jest', {}).get('reference'), str):
+        import os
+
+        if not os.path.exists(section['jest']['reference']):
+            section = {**section, 'jest': {**section['jest'], 'reference': 'cached'}}
+    algorithms = sorted(_build_named(registry.algorithms, 'algorithm', section, 'algorithms'),
+                        key=lambda a: not isinstance(a, JEST))
+    per_rank_batch_sizes(cfg.global_train_batch_size, _filter_ratio(algorithms), world_size or dist.get_world_size())
+    optimizer_cfg = dict(_plain(cfg.optimizer))
+    optimizer = registry.build(registry.optimizers, optimizer_cfg.pop('name'), 'optimizer', model.parameters(),
+                               **optimizer_cfg)
+    built = {'model': model, 'algorithms': algorithms, 'optimizer': optimizer}
+    if cfg.scheduler is not None:
+        scheduler_cfg = dict(_plain(cfg.scheduler))
+        built['scheduler'] = registry.build(registry.schedulers, scheduler_cfg.pop('name'), 'scheduler',
+                                            **scheduler_cfg)
+    built['callbacks'] = _build_named(registry.callbacks, 'callback', _plain(cfg.callbacks), 'callbacks')
+    built['loggers'] = _build_named(registry.loggers, 'logger', _plain(cfg.loggers), 'loggers')
+    return built
 
 
 def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trainer:

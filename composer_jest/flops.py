@@ -151,7 +151,7 @@ def vit_forward_flops(visual: nn.Module, image_size: Optional[Size] = None, patc
     flops += transformer_flops(visual.transformer, tokens)
     if visual.proj is not None:
         pooled_tokens = tokens if getattr(visual, 'pool_type', 'tok') == 'none' else 1
-        flops += 2 * pooled_tokens * w * visual.proj.shape[-1]
+        flops += 2 * pooled_tokens * w * _proj_dim(visual)
     return float(flops)
 
 
@@ -220,11 +220,17 @@ def text_forward_flops(text_tower_or_clip: nn.Module) -> float:
     return float(flops)
 
 
+def _proj_dim(visual: nn.Module) -> int:
+    # ``output_dim`` is a plain int, still right when FSDP has flattened or sharded ``proj``.
+    dim = getattr(visual, 'output_dim', None)
+    return int(dim) if dim is not None else int(visual.proj.shape[-1])
+
+
 def _embed_dim(clip: nn.Module) -> int:
     visual = clip.visual
     if getattr(visual, 'proj', None) is not None:
-        return int(visual.proj.shape[-1])
-    return int(getattr(visual, 'output_dim', visual.conv1.out_channels))
+        return _proj_dim(visual)
+    return int(visual.conv1.out_channels)
 
 
 def logits_flops(n: int, embed_dim: int) -> float:

@@ -51,7 +51,10 @@ def _register_composer(registry: catalogue.Registry, module: Any, base: type, st
 def _register_builtins() -> None:
     from composer_jest.algorithm import JEST
 
+    from composer_jest.callbacks import SelectionLog
+
     algorithms.register('jest', func=JEST)
+    callbacks.register('selection_log', func=SelectionLog)
     _register_composer(algorithms, composer_algorithms, Algorithm)
     _register_composer(callbacks, composer_callbacks, Callback)
     _register_composer(loggers, composer_loggers, LoggerDestination, strip='_logger')

@@ -198,7 +198,7 @@ def _is_numeric(encoding: str) -> bool:
 
 def _to_tensor(value: Any) -> Any:
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.array(value))  # a writable copy: MDS arrays are read-only views
     if isinstance(value, (bool, int, float, np.number, np.bool_)):
         return torch.as_tensor(value)
     return value

@@ -1,0 +1,93 @@
+"""Yaml configs: every recipe builds, and bad configs fail before training with the field's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from composer_jest import registry
+from composer_jest.builders import build_trainer, dry_run, per_rank_batch_sizes
+from composer_jest.config import load_config
+
+YAMLS = sorted((Path(__file__).parent.parent / 'yamls').glob('*.yaml'))
+
+
+def test_there_are_recipes():
+    names = {p.stem for p in YAMLS}
+    assert {'quickstart', 'quickstart_reference'} <= names
+
+
+@pytest.mark.parametrize('path', YAMLS, ids=lambda p: p.stem)
+def test_every_yaml_builds(path):
+    built = dry_run(load_config(path))
+    assert built['model'] is not None and built['optimizer'] is not None
+    if 'jest' in load_config(path).algorithms:
+        assert type(built['algorithms'][0]).__name__ == 'JEST'  # JEST first
+
+
+def test_quickstart_builds_a_trainer_with_jest_first(tmp_path):
+    cfg = load_config('yamls/quickstart.yaml', [
+        f'algorithms.jest.reference={tmp_path / "ref.pt"}', 'algorithms.gradient_clipping.clipping_type=norm',
+        'algorithms.gradient_clipping.clipping_threshold=1.0', 'max_duration=1ba',
+    ])
+    from composer import Trainer
+
+    Trainer(model=dry_run(cfg)['model'], max_duration='1ba', progress_bar=False).save_checkpoint(
+        str(tmp_path / 'ref.pt'))
+    trainer = build_trainer(cfg)
+    names = [type(a).__name__ for a in trainer.state.algorithms]
+    assert names[0] == 'JEST' and 'GradientClipping' in names
+    assert trainer.state.device_train_microbatch_size == 32
+    assert trainer.state.train_dataloader.batch_size == 64  # super-batch = 32 / (1 - 0.5)
+
+
+def test_overrides_and_variables():
+    cfg = load_config('yamls/quickstart.yaml', ['variables.filter_ratio=0.75', 'max_duration=7ba'])
+    assert cfg.algorithms.jest.filter_ratio == 0.75 and cfg.max_duration == '7ba'
+
+
+@pytest.mark.parametrize(
+    'overrides, match',
+    [
+        (['modle.name=x'], "'modle'"),
+        (['model.losss=sigmoid'], "'model.losss'"),
+        (['train_loader.sorce=mds'], "'train_loader.sorce'"),
+        (['train_loader.source=webdataset'], r"train_loader.source must be one of \('shapes', 'mds'\)"),
+        (['global_train_batch_size=abc'], 'global_train_batch_size'),
+    ],
+)
+def test_config_errors_name_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config('yamls/quickstart.yaml', overrides)
+
+
+@pytest.mark.parametrize(
+    'overrides, match',
+    [
+        (['algorithms.jest.filter_ratio=1.0'], r'algorithms.jest: filter_ratio must be a float in \[0, 1\)'),
+        (['algorithms.jest.n_chunk=4'], r"algorithms.jest: unknown key\(s\) \['n_chunk'\]"),
+        (['algorithms.jestt.filter_ratio=0.5'], "unknown algorithm 'jestt'; registered algorithms: .*'jest'"),
+        (['callbacks.speed_monitr.window_size=1'], "unknown callback 'speed_monitr'"),
+        (['optimizer.name=adamm'], "unknown optimizer 'adamm'"),
+        (['variables.filter_ratio=0.7'], 'non-integer per-rank super-batch'),
+    ],
+)
+def test_build_errors_name_the_field(overrides, match):
+    cfg = load_config('yamls/quickstart.yaml', overrides)
+    with pytest.raises(ValueError, match=match):
+        dry_run(cfg)
+
+
+def test_batch_sizes_per_rank():
+    assert per_rank_batch_sizes(64, 0.5, 2) == (32, 64)
+    assert per_rank_batch_sizes(64, 0.8, 2) == (32, 160)
+    with pytest.raises(ValueError, match='divisible by the world size 4'):
+        per_rank_batch_sizes(30, 0.5, 4)
+    with pytest.raises(ValueError, match=r'filter_ratio=0.7 .* in \[6, 12, 18'):
+        per_rank_batch_sizes(8, 0.7, 2)
+
+
+def test_registry_has_jest_and_composer_algorithms():
+    assert {'jest', 'gradient_clipping', 'ema', 'selective_backprop'} <= set(registry.names(registry.algorithms))
+    assert {'speed_monitor', 'lr_monitor', 'selection_log'} <= set(registry.names(registry.callbacks))
