@@ -252,7 +252,7 @@ def report_profile(profiler: cProfile.Profile, result: Result) -> None:
         ('  subset_batch (gather the sub-batch)', lambda f, n: n == 'subset_batch'),
         ('FlexiViT kernel resize (all calls)', lambda f, n: n == 'resize_patch_embed'),
         ('autograd backward (run_backward)', lambda f, n: 'run_backward' in n),
-        ('Adam parameter update', lambda f, n: n in ('_single_tensor_adam', '_multi_tensor_adam', '_fused_adam')),
+        ('optimizer update (DecoupledAdamW)', lambda f, n: n == 'adamw' and 'composer' in f),
     ]
     totals = [0.0] * len(watched)
     for (filename, _line, func), (_cc, _nc, _tt, cumtime, _callers) in stats.stats.items():

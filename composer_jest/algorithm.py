@@ -287,7 +287,13 @@ class JEST(Algorithm):
         learner = reference = None
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
             if self.uses_learner:
-                learner = dict(state.model(batch, patch_size=self.learner_patch_size))
+                # Eval mode: no dropout noise in the scores, and no multi-resolution split of the super-batch.
+                was_training = state.model.training
+                state.model.eval()
+                try:
+                    learner = dict(state.model(batch, patch_size=self.learner_patch_size))
+                finally:
+                    state.model.train(was_training)
             if self.uses_reference:
                 reference = self._cached_reference(batch)
                 if reference is None:

@@ -159,12 +159,23 @@ def test_s3_round_trip_trains_jest(s3_endpoint, model, tmp_path):  # noqa: F811
     del trainer, loader
 
 
-def _run(model_seed_loader, max_duration, **kwargs) -> list[list[int]]:
+def _run(loader, max_duration, **kwargs) -> list[list[int]]:
+    """Train a fresh model on ``loader``; the ``index`` lists of the batches it trained on."""
     record = RecordBatches()
-    trainer = _trainer(CLIPModel('jest-tiny'), model_seed_loader, max_duration, callbacks=[record], **kwargs)
+    trainer = _trainer(CLIPModel('jest-tiny'), loader, max_duration, callbacks=[record], **kwargs)
     trainer.fit()
     trainer.close()
     return record.batches
+
+
+def _first_batches(loader, n: int) -> list[list[int]]:
+    """The ``index`` lists of the first ``n`` batches of a fresh pass over ``loader`` (no training)."""
+    batches = []
+    for batch in loader:
+        batches.append(batch['index'].tolist())
+        if len(batches) == n:
+            break
+    return batches
 
 
 def test_resume_mid_epoch_continues_with_next_samples(s3_endpoint, model, tmp_path):  # noqa: F811
@@ -175,14 +186,14 @@ def test_resume_mid_epoch_continues_with_next_samples(s3_endpoint, model, tmp_pa
         return build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=8, shuffle_seed=7,
                                           num_workers=2)
 
-    full = _run(loader(), '7ba')
-    first = _run(loader(), '3ba', save_folder=str(tmp_path / 'ckpt'), save_interval='3ba',
+    uninterrupted = _first_batches(loader(), 5)
+    first = _run(loader(), '2ba', save_folder=str(tmp_path / 'ckpt'), save_interval='2ba',
                  save_filename='ba{batch}.pt')
-    assert first == full[:3]
-    resumed = _run(loader(), '7ba', load_path=str(tmp_path / 'ckpt' / 'ba3.pt'))
-    assert resumed == full[3:], 'after resuming at batch 3 the loader yields exactly batches 4..7'
+    assert first == uninterrupted[:2]
+    resumed = _run(loader(), '5ba', load_path=str(tmp_path / 'ckpt' / 'ba2.pt'))
+    assert resumed == uninterrupted[2:], 'after resuming at batch 2 the loader yields exactly batches 3..5'
     seen = [i for batch in first + resumed for i in batch]
-    assert len(seen) == len(set(seen)) == 7 * 8, 'no repeats and no gaps within the epoch'
+    assert len(seen) == len(set(seen)) == 5 * 8, 'no repeats and no gaps within the epoch'
 
 
 def test_resume_with_jest_continues_counters(s3_endpoint, model, tmp_path):  # noqa: F811
@@ -193,15 +204,15 @@ def test_resume_with_jest_continues_counters(s3_endpoint, model, tmp_path):  # n
         return build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=b, filter_ratio=f,
                                           shuffle_seed=7)
 
-    superbatches = _run(loader(8, 0.0), '5ba')  # the super-batch sequence the JEST runs draw from
+    superbatches = _first_batches(loader(8, 0.0), 4)  # the super-batch sequence the JEST runs draw from
     first = _run(loader(4, 0.5), '2ba', algorithms=[JEST(score='hard_learner', filter_ratio=0.5, n_chunks=2)],
                  save_folder=str(tmp_path / 'ckpt'), save_interval='2ba', save_filename='ba{batch}.pt')
     jest = JEST(score='hard_learner', filter_ratio=0.5, n_chunks=2)
-    resumed = _run(loader(4, 0.5), '5ba', algorithms=[jest], load_path=str(tmp_path / 'ckpt' / 'ba2.pt'))
-    assert len(resumed) == 3 and all(len(batch) == 4 for batch in resumed)
-    for selected, superbatch in zip(first + resumed, superbatches):
+    resumed = _run(loader(4, 0.5), '4ba', algorithms=[jest], load_path=str(tmp_path / 'ckpt' / 'ba2.pt'))
+    assert len(resumed) == 2 and all(len(batch) == 4 for batch in first + resumed)
+    for selected, superbatch in zip(first + resumed, superbatches, strict=True):
         assert set(selected) <= set(superbatch), 'each selection comes from the matching super-batch'
-    assert jest.examples_seen == 5 * 8 and jest.examples_trained == 5 * 4, 'counters continue from the checkpoint'
+    assert jest.examples_seen == 4 * 8 and jest.examples_trained == 4 * 4, 'counters continue from the checkpoint'
 
 
 def test_unreachable_endpoint_is_one_clear_error(tmp_path, model, monkeypatch, streaming_shm):  # noqa: F811

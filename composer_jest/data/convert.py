@@ -26,9 +26,10 @@ import shutil
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from PIL import Image
 
@@ -449,7 +450,8 @@ def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_
     def load() -> dict:
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
         if image_ext is None:
-            raise BadSampleError(name, f'no image (expected one of .{", .".join(IMAGE_EXTENSIONS)}; has {sorted(group)})')
+            expected = ', .'.join(IMAGE_EXTENSIONS)
+            raise BadSampleError(name, f'no image (expected one of .{expected}; has {sorted(group)})')
         caption_ext = next((e for e in CAPTION_EXTENSIONS if e in group), None)
         if caption_ext is None:
             raise BadSampleError(name, f'no caption (.txt); has {sorted(group)}')

@@ -22,9 +22,10 @@ import functools
 import gzip
 import os
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ from PIL import Image
 
 __all__ = [
     'CLASSNAMES', 'CLASS_TEMPLATES', 'TEMPLATES', 'JUNK_TEXTS', 'DEFAULT_ROOT', 'NOISE_KINDS',
-    'WebNoise', 'FashionMNISTCaptions', 'fashion_mnist_classnames', 'format_caption', 'fashion_mnist_root', 'load_fashion_mnist',
-    'curated_indices',
+    'WebNoise', 'FashionMNISTCaptions', 'fashion_mnist_classnames', 'format_caption', 'fashion_mnist_root',
+    'load_fashion_mnist', 'curated_indices',
 ]
 
 DEFAULT_ROOT = '/usr/share/datasets/fashion-mnist'

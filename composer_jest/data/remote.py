@@ -94,6 +94,11 @@ def describe_remote_error(exc: BaseException, remote: str, action: str = 'read')
                     'from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, values not shown) are wrong '
                     'or lack permission for this bucket.',
                 )
+            if (code in _NOT_FOUND_CODES or status == '404') and action == 'write':
+                return RemoteAccessError(
+                    f'cannot write {remote}: the bucket does not exist at {endpoint} (error {code or status}); '
+                    'create it first (e.g. `aws s3 mb s3://BUCKET --endpoint-url $S3_ENDPOINT_URL`).',
+                )
             if code in _NOT_FOUND_CODES or status == '404':
                 return RemoteAccessError(
                     f'cannot {action} {remote}: not found at {endpoint} (error {code or status}); check the bucket '
@@ -127,12 +132,17 @@ def check_s3_prefix(url: str, *, for_write: bool) -> bool:
         client.head_object(Bucket=bucket, Key=key)
         return True
     except Exception as e:
-        err = describe_remote_error(e, url, action)
-        if err is not None and 'not found' in str(err):
+        if _status(e) in _NOT_FOUND_CODES:  # the bucket exists (checked above): no dataset there yet
             return False
+        err = describe_remote_error(e, url, action)
         if err is None:
             raise
         raise err from None
+
+
+def _status(exc: BaseException) -> str:
+    response = getattr(exc, 'response', None) or {}
+    return str(response.get('Error', {}).get('Code', '') or response.get('ResponseMetadata', {}).get('HTTPStatusCode'))
 
 
 def list_s3_objects(url: str, suffixes: tuple[str, ...] = ()) -> list[str]:

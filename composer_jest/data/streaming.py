@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -213,11 +214,11 @@ def superbatch_size(batch_size: int, filter_ratio: float) -> int:
     n = batch_size / (1.0 - filter_ratio)
     if abs(n - round(n)) <= 1e-6:
         return int(round(n))
-    keep = Fraction(1.0 - filter_ratio).limit_denominator(1000)
+    step = Fraction(1.0 - filter_ratio).limit_denominator(1000).numerator  # b must be a multiple of it
     lo, hi = math.floor(n), math.ceil(n)
     raise ValueError(
         f'batch_size={batch_size} with filter_ratio={filter_ratio} gives a super-batch of {n:.4f}, not an integer. '
-        f'Use a batch_size that is a multiple of {keep.numerator} (e.g. {keep.numerator * max(1, round(batch_size / keep.numerator))}), '
+        f'Use a batch_size that is a multiple of {step} (e.g. {step * max(1, round(batch_size / step))}), '
         f'or filter_ratio={1 - batch_size / hi:.6g} (super-batch {hi})'
         + (f' or {1 - batch_size / lo:.6g} (super-batch {lo})' if lo > batch_size else '') + '.',
     )
