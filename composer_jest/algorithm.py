@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_jest.flops import step_flops
 from composer_jest.losses import LOSSES, SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.reference import ReferenceSpec, load_reference, validate_reference
 from composer_jest.selection import (
@@ -77,6 +79,7 @@ def jest_select(
                                  ('loss', loss, LOSSES)):
         if value not in allowed:
             raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+    learner_loss = reference_loss = None
     if loss == 'sigmoid':
         learner_loss = sigmoid_pair_loss(**learner) if learner is not None else None
         reference_loss = sigmoid_pair_loss(**reference) if reference is not None else None
@@ -93,7 +96,8 @@ def jest_select(
 
     stats = {}
     if learner is not None and reference is not None:
-        stats = _learnability_stats(learner, reference, idx, loss)
+        pair = learner_loss - reference_loss if loss == 'sigmoid' else None
+        stats = _learnability_stats(learner, reference, idx, loss, pair=pair)
     return idx, stats
 
 
@@ -122,11 +126,12 @@ def _softmax_per_example(learner, reference, score) -> torch.Tensor:
     return total
 
 
-def _learnability_stats(learner: Features, reference: Features, idx: torch.Tensor, loss: str) -> dict[str, float]:
+def _learnability_stats(learner: Features, reference: Features, idx: torch.Tensor, loss: str,
+                        pair: Optional[torch.Tensor] = None) -> dict[str, float]:
     """Per-example learnability ``s(B) / b`` of the selected batch vs a uniform draw of the same size."""
     b = idx.numel()
     if loss == 'sigmoid':
-        s = sigmoid_pair_loss(**learner) - sigmoid_pair_loss(**reference)
+        s = pair if pair is not None else sigmoid_pair_loss(**learner) - sigmoid_pair_loss(**reference)
         n = s.shape[0]
         diag = torch.diagonal(s)
         # E[s(B)] / b for a uniform b-subset: mean diagonal + (b - 1) * mean off-diagonal entry.
@@ -235,6 +240,8 @@ class JEST(Algorithm):
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
         self.examples_trained = 0
+        self._flops: Optional[dict] = None
+        self._flops_key: Optional[tuple] = None
 
     @property
     def uses_reference(self) -> bool:
@@ -336,11 +343,14 @@ class JEST(Algorithm):
             temperature=self.temperature,
         )
         self.last_global_indices = idx
-        local = idx[(idx >= offset) & (idx < offset + n)] - offset
+        # Keep the loader's (random) order: draw order is biased (early chunks favour high diagonal scores),
+        # and multi-resolution training encodes the first part of the batch at low resolution.
+        local = (idx[(idx >= offset) & (idx < offset + n)] - offset).sort().values
         if local.device.type == 'cuda':
             torch.cuda.synchronize()
         scoring_time = time.perf_counter() - start
         metrics = {f'jest/{k}': v for k, v in stats.items()}
+        metrics.update(self._flop_metrics(state, batch, n, b))
         for key in self.track_keys:
             values = torch.as_tensor(batch[key]).float()
             metrics[f'jest/superbatch/{key}'] = float(values.mean())
@@ -355,6 +365,28 @@ class JEST(Algorithm):
             'jest/scoring_time': scoring_time,
         })
         logger.log_metrics(metrics)
+
+    def _flop_metrics(self, state: State, batch: dict, n: int, b: int) -> dict[str, float]:
+        """Analytic per-rank FLOPs of scoring vs training this step (cached per batch shape)."""
+        cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
+        key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]))
+        if key != self._flops_key:
+            model = _unwrap(state.model)
+            try:
+                self._flops = step_flops(
+                    model, superbatch=n, subbatch=b, learner_patch_size=self.learner_patch_size,
+                    image_size=key[3], reference_cached=cached, reference_clip=self.reference,
+                    uses_reference=self.uses_reference, uses_learner=self.uses_learner,
+                    low_res_fraction=getattr(model, 'low_res_fraction', 0.0),
+                    low_res_patch_size=getattr(model, 'low_res_patch_size', None))
+            except NotImplementedError:  # non-ViT / non-open_clip towers: no estimate
+                self._flops = None
+            self._flops_key = key
+        if self._flops is None:
+            return {}
+        f = self._flops
+        return {'jest/flops_scoring': f['learner_scoring'] + f['reference_scoring'] + f['selection'],
+                'jest/flops_train': f['train']}
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

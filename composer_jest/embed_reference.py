@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ def embed_reference(
         if writer is None:
             dim = img.shape[1]
             new_columns = {
-                **columns, 'ref_image_features': f'ndarray:float16:{dim}', 'ref_text_features': f'ndarray:float16:{dim}',
+                **columns,
+                'ref_image_features': f'ndarray:float16:{dim}', 'ref_text_features': f'ndarray:float16:{dim}',
                 'ref_logit_scale': 'float32', 'ref_logit_bias': 'float32',
             }
             writer = MDSWriter(out=out, columns=new_columns, compression=compression, hashes=list(hashes))

@@ -251,6 +251,7 @@ def step_flops(
     low_res_patch_size: Optional[int] = None,
     include_text: bool = True,
     uses_reference: bool = True,
+    uses_learner: bool = True,
 ) -> dict[str, float]:
     """Analytic FLOPs of one JEST step (one rank's super-batch), split by where they go.
 
@@ -269,6 +270,7 @@ def step_flops(
         include_text: count the text towers. The paper's cost discussion (and the ≈1.04x figure) counts
             the image tower only; pass ``False`` to reproduce it.
         uses_reference: ``False`` for scores without a reference (``hard_learner``): no reference cost.
+        uses_learner: ``False`` for scores without the learner (``easy_reference``): no learner scoring.
 
     Returns:
         Dict of FLOPs: ``train`` (≈ 3x the sub-batch forward, incl. the ``b x b`` loss logits),
@@ -276,9 +278,8 @@ def step_flops(
         ``reference_scoring`` (0 when cached or unused), ``selection`` (the ``N x N`` logits of each
         scoring model + the joint sampler's conditional-score updates, ``2·N·b``), ``total`` (their
         sum), ``uniform_train`` (a plain step on ``b`` examples at full resolution) and ``ratio``
-        (``total / uniform_train``). With ``superbatch == subbatch`` and nothing to score, pass
-        ``uses_reference=False`` and ``learner_patch_size=None``; ``learner_scoring`` is still
-        counted, so build a uniform step from ``uniform_train`` instead.
+        (``total / uniform_train``). For a step without selection use ``uniform_train`` (or ``train`` for
+        uniform multi-resolution training).
 
     Raises:
         ValueError: inconsistent sizes or multi-resolution settings.
@@ -319,13 +320,15 @@ def step_flops(
     train = 3.0 * train_forward
     uniform_train = 3.0 * (subbatch * (image(learner, None) + text(learner)) + logits_flops(subbatch, d))
 
-    learner_scoring = (superbatch * (image(learner, learner_patch_size) + text(learner))
-                       + patch_resize_flops(visual, learner_patch_size))
+    learner_scoring = 0.0
+    if uses_learner:
+        learner_scoring = (superbatch * (image(learner, learner_patch_size) + text(learner))
+                           + patch_resize_flops(visual, learner_patch_size))
     live_reference = uses_reference and not reference_cached
     reference_scoring = superbatch * (image(reference, None) + text(reference)) if live_reference else 0.0
     # Selection: one N x N logit matrix per scoring model (a cached reference still needs its logits),
     # then the sampler adds S[:, chunk].sum(1) + S[chunk, :].sum(0): ~2·N adds per selected example.
-    n_models = 1 + int(uses_reference)
+    n_models = int(uses_learner) + int(uses_reference)
     selection = n_models * logits_flops(superbatch, d) + 2.0 * superbatch * subbatch
     total = train + learner_scoring + reference_scoring + selection
     return {

@@ -7,7 +7,8 @@ softmax loss when one example joins a set.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +59,12 @@ def sigmoid_pair_loss(
     """
     if logit_bias is None:
         raise ValueError('sigmoid_pair_loss needs logit_bias: create the model with init_logit_bias (SigLIP)')
-    logits = pair_logits(image_features, text_features, logit_scale, logit_bias)
-    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(signs * logits)
+    scale = torch.as_tensor(logit_scale, device=image_features.device).float()
+    bias = torch.as_tensor(logit_bias, device=image_features.device).float().reshape(1, 1)
+    logits = torch.addmm(bias, image_features.float() * scale, text_features.float().T)  # t x.y + b, one GEMM
+    loss = F.softplus(logits)  # z_ij = -1: -log σ(-l) = softplus(l)
+    loss.diagonal().copy_(F.softplus(-torch.diagonal(logits)))  # z_ii = +1: -log σ(l) = softplus(-l)
+    return loss
 
 
 def softmax_set_loss(logits: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import open_clip
 import torch
@@ -97,10 +98,10 @@ class CLIPTowers(nn.Module):
         image_features = text_features = None
         if image is not None:
             if low_res > 0:
-                image_features = torch.cat([
-                    self.encode_image(image[:low_res], low_res_patch_size),
-                    self.encode_image(image[low_res:], patch_size),
-                ])
+                parts = [self.encode_image(image[:low_res], low_res_patch_size)]
+                if low_res < image.shape[0]:  # round(f * n) can be n (e.g. a microbatch of 1)
+                    parts.append(self.encode_image(image[low_res:], patch_size))
+                image_features = torch.cat(parts)
             else:
                 image_features = self.encode_image(image, patch_size)
         if text is not None:

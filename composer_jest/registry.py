@@ -50,7 +50,6 @@ def _register_composer(registry: catalogue.Registry, module: Any, base: type, st
 
 def _register_builtins() -> None:
     from composer_jest.algorithm import JEST
-
     from composer_jest.callbacks import SelectionLog
 
     algorithms.register('jest', func=JEST)

@@ -18,7 +18,8 @@ The softmax (InfoNCE) loss does not split into pair terms; its conditional score
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Optional, Protocol
 
 import torch
 
@@ -109,7 +110,7 @@ class PairScorer:
         return self._cond
 
     def add(self, new: torch.Tensor) -> torch.Tensor:
-        self._cond += self.scores[:, new].sum(1) + self.scores[new, :].sum(0)
+        self._cond += self.scores.index_select(1, new).sum(1) + self.scores.index_select(0, new).sum(0)
         return self._cond
 
 
@@ -124,7 +125,8 @@ def _validate(scores: torch.Tensor, n_select: int, n_chunks: int = 1, n_groups: 
     if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f'scores must be a square N x N matrix, got shape {tuple(scores.shape)}')
     _validate_sizes(scores.shape[0], n_select, n_chunks, n_groups)
-    if not torch.isfinite(scores).all():
+    # NaN/±inf propagate through a sum; only an overflowing sum falls through to the elementwise check.
+    if not torch.isfinite(scores.sum()) and not torch.isfinite(scores).all():
         raise ValueError('scores must be finite (found NaN or inf); check the loss inputs')
 
 

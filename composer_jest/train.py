@@ -60,7 +60,8 @@ def run(path: Optional[str | Path], overrides: list[str]) -> MetricsSummary:
     trainer.fit()
     trainer.close()
     if cfg.print_metrics and dist.get_global_rank() == 0:
-        print(f'\n== {cfg.run_name or Path(path or "defaults").stem}: final metrics ==\n{summary.table()}\n', flush=True)
+        name = cfg.run_name or Path(path or 'defaults').stem
+        print(f'\n== {name}: final metrics ==\n{summary.table()}\n', flush=True)
     return summary
 
 

@@ -33,7 +33,8 @@ def test_cached_reference_matches_live_and_replaces_it(trained_reference, tokeni
     live = load_reference(str(checkpoint), default_model='jest-tiny')
     with torch.no_grad():
         ref = live(batch['image'], batch['text'])
-    cached = {'image_features': batch['ref_image_features'].float(), 'text_features': batch['ref_text_features'].float(),
+    cached = {'image_features': batch['ref_image_features'].float(),
+              'text_features': batch['ref_text_features'].float(),
               'logit_scale': batch['ref_logit_scale'][0], 'logit_bias': batch['ref_logit_bias'][0]}
     assert torch.allclose(cached['image_features'], ref['image_features'], atol=2e-3)
     assert torch.allclose(cached['logit_scale'], ref['logit_scale'].reshape(()))

@@ -120,6 +120,9 @@ def test_cached_reference_costs_nothing(tiny):
     # hard_learner: no reference at all, and only one N x N logit matrix.
     no_ref = step_flops(tiny, uses_reference=False, **kwargs)
     assert no_ref['reference_scoring'] == 0.0 and no_ref['selection'] < cached['selection']
+    # easy_reference: no learner scoring.
+    no_learner = step_flops(tiny, uses_learner=False, **kwargs)
+    assert no_learner['learner_scoring'] == 0.0 and no_learner['reference_scoring'] == live['reference_scoring']
     # A different (smaller) reference architecture is the one counted.
     small_ref = open_clip.CLIP(**{**TINY, 'vision_cfg': {**TINY['vision_cfg'], 'layers': 1}})
     smaller = step_flops(tiny, reference_clip=small_ref, **kwargs)

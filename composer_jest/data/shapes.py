@@ -8,7 +8,8 @@ Everything is a pure function of ``(seed, index)``, so the set needs no files an
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 import torch
