@@ -129,7 +129,7 @@ def build_dataloader(cfg: DictConfig, model: CLIPModel, batch_size: int, train: 
         kwargs['prefetch_factor'] = cfg.prefetch_factor
     return build_streaming_dataloader(
         cfg.remote, cfg.local, model.tokenizer, batch_size=batch_size, filter_ratio=filter_ratio if train else 0.0,
-        image_size=image_size, shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed,
+        image_size=image_size, shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, drop_last=train,
         num_workers=cfg.num_workers, cache_limit=cfg.cache_limit, predownload=cfg.predownload, **kwargs,
     )
 

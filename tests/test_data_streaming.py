@@ -159,6 +159,24 @@ def test_s3_round_trip_trains_jest(s3_endpoint, model, tmp_path):  # noqa: F811
     del trainer, loader
 
 
+def test_s3_cache_limit_evicts_shards(s3_endpoint, model, tmp_path):  # noqa: F811
+    """streaming's ``cache_limit`` keeps the local cache bounded while a whole epoch still comes through."""
+    remote = f's3://{s3_endpoint.bucket}/shapes'
+    convert_shapes(remote, num_samples=NUM_SAMPLES, seed=3, options=QUIET)
+    local = _cache(tmp_path)
+    probe = ImageTextStreamingDataset(remote=remote, local=_cache(tmp_path), tokenizer=model.tokenizer, batch_size=8)
+    largest = max(shard.get_max_size() for shard in probe.shards)
+    num_shards = len(probe.shards)
+    del probe
+    limit = 4 * largest + 4096
+    loader = build_streaming_dataloader(remote, local, model.tokenizer, batch_size=8, cache_limit=limit)
+    seen = torch.cat([batch['index'] for batch in loader]).tolist()
+    assert sorted(seen) == list(range(NUM_SAMPLES))
+    cached = [name for name in os.listdir(local) if name.startswith('shard.')]
+    assert 0 < len(cached) < num_shards and loader.dataset.cache_usage <= limit
+    del loader
+
+
 def _run(loader, max_duration, **kwargs) -> list[list[int]]:
     """Train a fresh model on ``loader``; the ``index`` lists of the batches it trained on."""
     record = RecordBatches()

@@ -36,6 +36,7 @@ from PIL import Image
 from composer_jest.data.remote import (
     RemoteAccessError,
     check_s3_prefix,
+    delete_s3_object,
     describe_remote_error,
     is_remote,
     list_s3_objects,
@@ -184,9 +185,12 @@ def write_mds(
 
 
 def _check_output(out: str, overwrite: bool) -> None:
-    if out.startswith('s3://'):
-        if check_s3_prefix(out, for_write=True) and not overwrite:
+    if out.startswith('s3://') and check_s3_prefix(out, for_write=True):
+        if not overwrite:
             raise FileExistsError(f'{out} already holds an MDS dataset (index.json); pass overwrite=True / --overwrite')
+        # New shards replace old ones under the same names: drop the old index first, so that a failed
+        # overwrite leaves no index describing a mix of old and new shards.
+        delete_s3_object(f'{out.rstrip("/")}/index.json')
 
 
 def _check_sample(key: str, sample: dict, columns: dict[str, str]) -> dict:

@@ -12,7 +12,7 @@ import urllib.parse
 from typing import Any, Optional
 
 __all__ = ['RemoteAccessError', 'is_remote', 'split_s3_url', 's3_client', 'describe_remote_error',
-           'check_s3_prefix', 'list_s3_objects', 'open_s3_object', 'redact']
+           'check_s3_prefix', 'list_s3_objects', 'open_s3_object', 'delete_s3_object', 'redact']
 
 # botocore error codes that mean "your credentials are wrong or not allowed here".
 _AUTH_CODES = {'403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken',
@@ -168,6 +168,18 @@ def open_s3_object(url: str) -> Any:
         return s3_client().get_object(Bucket=bucket, Key=key)['Body']
     except Exception as e:
         err = describe_remote_error(e, url, 'read')
+        if err is None:
+            raise
+        raise err from None
+
+
+def delete_s3_object(url: str) -> None:
+    """Delete the object at ``url`` (no error if it is absent)."""
+    bucket, key = split_s3_url(url)
+    try:
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        err = describe_remote_error(e, url, 'write')
         if err is None:
             raise
         raise err from None

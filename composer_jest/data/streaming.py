@@ -173,7 +173,8 @@ class ImageTextStreamingDataset(StreamingDataset):
             if isinstance(remote_err, RemoteAccessError):
                 failure = ShardError(str(remote_err))
             elif 'Checksum failure' in str(e):
-                failure = ShardError(f'{where} is corrupted: its {self.streams[0].validate_hash} hash does not match '
+                algo = self.streams[self.stream_per_shard[shard_id]].validate_hash
+                failure = ShardError(f'{where} is corrupted: its {algo} hash does not match '
                                      f'index.json ({e}); re-convert or re-upload it')
             else:
                 failure = ShardError(f'{where}: cannot prepare shard ({type(e).__name__}: {e})')
