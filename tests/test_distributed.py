@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from composer import Trainer
 from conftest import make_model
+from s3_server import moto_server, s3_endpoint, streaming_shm  # noqa: F401  (pytest fixtures)
+
+from composer_jest.data.convert import MDSOptions, convert_shapes
 
 COMPOSER = Path(sys.executable).parent / 'composer'
 
@@ -61,9 +64,13 @@ def reference_checkpoint(tmp_path_factory) -> Path:
 TRAIN_SHAPES = '{source: shapes, num_samples: 2048, noise: 0.5, seed: 2}'
 
 
-def test_global_selection_is_identical_on_all_ranks_and_resumes_exactly(tmp_path, reference_checkpoint):
+def test_global_selection_from_s3_is_identical_on_all_ranks_and_resumes_exactly(tmp_path, reference_checkpoint,
+                                                                                s3_endpoint):
+    remote = f's3://{s3_endpoint.bucket}/shapes'
+    convert_shapes(remote, num_samples=512, noise=0.5, seed=2, options=MDSOptions(size_limit=1 << 16, progress=False))
+    train_loader = f'{{source: mds, remote: "{remote}", local: "{tmp_path}/cache", shuffle_seed: 7}}'
     yaml = tmp_path / 'run.yaml'
-    yaml.write_text(yaml_text(tmp_path, reference_checkpoint, 'global', TRAIN_SHAPES))
+    yaml.write_text(yaml_text(tmp_path, reference_checkpoint, 'global', train_loader))
     launch(tmp_path, yaml)
     full = [selections(tmp_path / 'selections', r) for r in (0, 1)]
     assert [s['step'] for s in full[0]] == [0, 1, 2, 3]
@@ -79,7 +86,7 @@ def test_global_selection_is_identical_on_all_ranks_and_resumes_exactly(tmp_path
     resumed = tmp_path / 'resumed'
     resumed.mkdir()
     launch(resumed, yaml, f'load_path={tmp_path}/checkpoints/ep0-ba2', f'save_folder={resumed}/checkpoints',
-           f'callbacks.selection_log.folder={resumed}/selections')
+           f'callbacks.selection_log.folder={resumed}/selections', f'train_loader.local={resumed}/cache')
     for rank in (0, 1):
         after = selections(resumed / 'selections', rank)
         assert [s['step'] for s in after] == [2, 3]
