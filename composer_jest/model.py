@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
 from composer.utils import dist
+from open_clip.transformer import text_global_pool
 from torch import nn
 from torchmetrics import Metric
 
@@ -87,6 +88,29 @@ class CLIPTowers(nn.Module):
             features = encode_image_at(self.clip.visual, image, patch_size)
         return F.normalize(features, dim=-1)
 
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``encode_text``, with the padding after the longest caption cut off when exact.
+
+        With a causal mask and EOT (argmax) pooling, no token after a caption's EOT reaches its pooled
+        output, so encoding only the first ``max(EOT position) + 1`` tokens gives the same features at a
+        cost that scales with the longest caption in the batch instead of the context length.
+        """
+        clip = self.clip
+        trimmable = (isinstance(clip, open_clip.CLIP) and getattr(clip, 'text_pool_type', None) == 'argmax'
+                     and getattr(clip, 'attn_mask', None) is not None)
+        length = int(text.argmax(dim=-1).max()) + 1 if trimmable else text.shape[1]
+        if length >= text.shape[1]:
+            return clip.encode_text(text)
+        text = text[:, :length]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+        x = text_global_pool(x, text, 'argmax')
+        projection = clip.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
     def forward(
         self,
         image: Optional[torch.Tensor] = None,
@@ -105,7 +129,7 @@ class CLIPTowers(nn.Module):
             else:
                 image_features = self.encode_image(image, patch_size)
         if text is not None:
-            text_features = F.normalize(self.clip.encode_text(text), dim=-1)
+            text_features = F.normalize(self.encode_text(text), dim=-1)
         bias = getattr(self.clip, 'logit_bias', None)
         return {
             'image_features': image_features,

@@ -94,3 +94,16 @@ def test_learner_checkpoint_loads_as_reference(tmp_path):
     # a module given as reference is copied before freezing: the learner keeps training
     frozen = load_reference(model)
     assert all(p.requires_grad for p in model.parameters()) and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_text_trimming_is_exact_forward_and_backward():
+    model = make_model()
+    text = model.tokenizer(['a red circle', 'a small blue square near the top left', 'x'])
+    assert int(text.argmax(-1).max()) + 1 < text.shape[1]  # there is padding to cut
+    clip = model.towers.clip
+    trimmed = model.towers.encode_text(text)
+    full = clip.encode_text(text)
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
+    grad_trimmed = torch.autograd.grad(trimmed.square().sum(), clip.token_embedding.weight)[0]
+    grad_full = torch.autograd.grad(clip.encode_text(text).square().sum(), clip.token_embedding.weight)[0]
+    torch.testing.assert_close(grad_trimmed, grad_full, atol=1e-4, rtol=1e-4)  # float32 summation order
