@@ -369,7 +369,10 @@ class JEST(Algorithm):
     def _flop_metrics(self, state: State, batch: dict, n: int, b: int) -> dict[str, float]:
         """Analytic per-rank FLOPs of scoring vs training this step (cached per batch shape)."""
         cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
-        key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]))
+        text = batch[self.text_key]
+        # The text towers encode up to the longest caption's EOT (CLIPTowers.encode_text trims the padding).
+        text_tokens = int(text.argmax(dim=-1).max()) + 1 if text.dim() == 2 else None
+        key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]), text_tokens)
         if key != self._flops_key:
             model = _unwrap(state.model)
             try:
@@ -378,7 +381,7 @@ class JEST(Algorithm):
                     image_size=key[3], reference_cached=cached, reference_clip=self.reference,
                     uses_reference=self.uses_reference, uses_learner=self.uses_learner,
                     low_res_fraction=getattr(model, 'low_res_fraction', 0.0),
-                    low_res_patch_size=getattr(model, 'low_res_patch_size', None))
+                    low_res_patch_size=getattr(model, 'low_res_patch_size', None), text_tokens=text_tokens)
             except NotImplementedError:  # non-ViT / non-open_clip towers: no estimate
                 self._flops = None
             self._flops_key = key

@@ -198,21 +198,24 @@ def _text_parts(model: nn.Module) -> tuple[nn.Module, int, Optional[int], str]:
     return transformer, tokens, out_dim, pool
 
 
-def text_forward_flops(text_tower_or_clip: nn.Module) -> float:
+def text_forward_flops(text_tower_or_clip: nn.Module, tokens: Optional[int] = None) -> float:
     """Forward FLOPs of an open_clip text tower for **one** caption (``context_length`` tokens).
 
     Args:
         text_tower_or_clip: an ``open_clip.CLIP`` (text transformer inline), a ``TextTransformer``,
             a ``CustomTextCLIP`` with one, or a ``CLIPModel`` / ``CLIPTowers`` wrapping either.
 
+        tokens: positions actually encoded (``CLIPTowers.encode_text`` trims the padding after the
+            batch's longest caption); ``None``: the full context.
+
     Returns:
-        Transformer layers on the full context (padding included: open_clip always runs all
-        ``context_length`` positions) + text projection ``2·w·d`` on the pooled token.
+        Transformer layers on ``tokens`` positions + text projection ``2·w·d`` on the pooled token.
 
     Raises:
         NotImplementedError: a Hugging Face or otherwise non-open_clip text tower.
     """
-    transformer, tokens, out_dim, pool = _text_parts(text_tower_or_clip)
+    transformer, context, out_dim, pool = _text_parts(text_tower_or_clip)
+    tokens = context if tokens is None else min(int(tokens), context)
     flops = transformer_flops(transformer, tokens)
     if out_dim is not None:
         pooled_tokens = tokens if pool == 'none' else 1
@@ -252,6 +255,7 @@ def step_flops(
     include_text: bool = True,
     uses_reference: bool = True,
     uses_learner: bool = True,
+    text_tokens: Optional[int] = None,
 ) -> dict[str, float]:
     """Analytic FLOPs of one JEST step (one rank's super-batch), split by where they go.
 
@@ -271,6 +275,8 @@ def step_flops(
             the image tower only; pass ``False`` to reproduce it.
         uses_reference: ``False`` for scores without a reference (``hard_learner``): no reference cost.
         uses_learner: ``False`` for scores without the learner (``easy_reference``): no learner scoring.
+        text_tokens: caption positions encoded (the longest caption's EOT + 1, as ``CLIPTowers`` trims
+            the padding); ``None``: the full context length.
 
     Returns:
         Dict of FLOPs: ``train`` (≈ 3x the sub-batch forward, incl. the ``b x b`` loss logits),
@@ -307,7 +313,7 @@ def step_flops(
         return vit_forward_flops(model.visual, image_size, patch)
 
     def text(model: nn.Module) -> float:
-        return text_forward_flops(model) if include_text else 0.0
+        return text_forward_flops(model, text_tokens) if include_text else 0.0
 
     d = _embed_dim(learner)
     n_low = int(round(low_res_fraction * subbatch)) if low_res_fraction > 0 else 0
