@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -152,6 +152,7 @@ class CLIPModel(ComposerModel):
         low_res_fraction: multi-resolution training: this fraction of every training batch is encoded
             at ``low_res_patch_size`` (FlexiViT), the rest at the native patch size; the loss covers all.
         low_res_patch_size: patch size of the low-resolution part.
+        tokenizer: captions/prompts -> token ids; defaults to open_clip's tokenizer for ``model``.
 
     Example:
         >>> import torch
@@ -172,6 +173,7 @@ class CLIPModel(ComposerModel):
         text_key: str = 'text',
         low_res_fraction: float = 0.0,
         low_res_patch_size: Optional[int] = None,
+        tokenizer: Optional[Callable[[Sequence[str]], torch.Tensor]] = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -187,7 +189,7 @@ class CLIPModel(ComposerModel):
         self.towers = CLIPTowers(clip)
         self.loss_name = loss
         self.image_key, self.text_key = image_key, text_key
-        self.tokenizer = tokenizer_for(model, clip)
+        self.tokenizer = tokenizer if tokenizer is not None else tokenizer_for(model, clip)
         self.classnames = list(classnames) if classnames else None
         self.class_templates = list(class_templates)
         self._class_features: Optional[torch.Tensor] = None

@@ -19,6 +19,8 @@ _LAZY = {
     'superbatch_size': 'streaming', 'RemoteAccessError': 'remote',
     # Fashion-MNIST demo set
     'FashionMNISTCaptions': 'fashion_mnist', 'WebNoise': 'fashion_mnist', 'fashion_mnist_classnames': 'fashion_mnist',
+    # its web-like variant with a long tail, attributes and a curated subset (learning-efficiency benchmark)
+    'FashionWebCaptions': 'fashion_web', 'LongTail': 'fashion_web', 'Attributes': 'fashion_web',
 }
 
 __all__ = ['ShapesDataset', 'shape_classnames', 'shapes_dataloader', *_LAZY]
