@@ -279,15 +279,14 @@ class FashionMNISTCaptions(torch.utils.data.Dataset):
         kind = self.noise_kind(rng)
         source = self.source(index, kind, rng)
         label = int(self.labels[source])
-        return {
-            'image': self.image(source, kind, rng),
-            'caption': self.caption(label, kind, rng),
-            'label': label,
-            'clean': kind in ('clean', 'near_duplicate'),
-            'index': index,
-            'kind': kind,
-            'source': source,
-        }
+        pair = self.pair(source, label, kind, rng)
+        return {**pair, 'label': label, 'clean': kind in ('clean', 'near_duplicate'), 'index': index, 'kind': kind,
+                'source': source}
+
+    def pair(self, source: int, label: int, kind: str, rng: np.random.Generator) -> dict:
+        """The image and caption of one example (subclasses add their own keys)."""
+        image = self.image(source, kind, rng)
+        return {'image': image, 'caption': self.caption(label, kind, rng)}
 
     def __getitem__(self, index: int) -> dict:
         ex = self.example(index)

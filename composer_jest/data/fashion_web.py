@@ -345,28 +345,16 @@ class FashionWebCaptions(FashionMNISTCaptions):
             attrs = self._draw_attributes(rng, int(self._by_class[label][0]))
         return WRAPPERS[rng.integers(len(WRAPPERS))].format(d=self.describe(label, attrs, rng))
 
-    def example(self, index: int) -> dict:
-        """The raw example: base keys plus ``attributes``, ``canonical``, ``rare`` and ``duplicate``."""
-        if not 0 <= index < len(self):
-            raise IndexError(f'index {index} out of range for {len(self)} samples')
-        rng = np.random.default_rng([self.seed, index])
-        kind = self.noise_kind(rng)
-        source = self.source(index, kind, rng)
-        label = int(self.labels[source])
+    def pair(self, source: int, label: int, kind: str, rng: np.random.Generator) -> dict:
+        """The base keys plus ``attributes``, ``canonical``, ``rare`` and ``duplicate``."""
         attrs = self.attributes(source, kind, rng)
         image = self.render(source, attrs, kind, rng)
-        rare = self.long_tail is not None and label in self.long_tail.rare_classes
         return {
             'image': image,
             'caption': self.caption(label, kind, rng, attrs),
-            'label': label,
-            'clean': kind in ('clean', 'near_duplicate'),
-            'index': index,
-            'kind': kind,
-            'source': source,
             'attributes': attrs,
             'canonical': canonical_caption(label, attrs),
-            'rare': bool(rare),
+            'rare': self.long_tail is not None and label in self.long_tail.rare_classes,
             'duplicate': kind == 'near_duplicate',
         }
 
