@@ -76,6 +76,11 @@ def diagnose(learner, reference, pool: le.TensorPool, filter_ratio: float, b: in
         off = scores - torch.diag(scores.diagonal())
         add('|S_kk| mean', float(scores.diagonal().abs().mean()))
         add('|S_kj| mean (k!=j)', float(off.abs().sum() / (n * (n - 1))))
+        # which pairs carry the joint term: same-class pairs (hard or false negatives) vs the rest
+        same = (batch['label'][:, None] == batch['label'][None, :]).fill_diagonal_(False)
+        other = (~same).fill_diagonal_(False)
+        add('S_kj mean, same class', float(scores[same].mean()))
+        add('S_kj mean, different class', float(scores[other].mean()))
         uniform = torch.randperm(n, generator=generator)[:b]
         # spread of the joint term a candidate sees once a whole batch is chosen, vs its own diagonal
         joint_term = off[:, uniform].sum(1) + off[uniform, :].sum(0)
@@ -98,6 +103,9 @@ def diagnose(learner, reference, pool: le.TensorPool, filter_ratio: float, b: in
             add(f'{name}: off-diagonal', offd)
             add(f'{name}: clean %', 100 * float(batch['clean'][idx].mean()))
             add(f'{name}: overlap with joint c16 T1 %', 100 * len(base & set(idx.tolist())) / b)
+            sub_labels = batch['label'][idx]
+            add(f'{name}: same-class pairs %', 100 * float((sub_labels[:, None] == sub_labels[None, :]).float()
+                                                            .fill_diagonal_(0).sum()) / (b * (b - 1)))
     return {k: (float(torch.tensor(v).mean()), float(torch.tensor(v).std())) for k, v in acc.items()}
 
 
