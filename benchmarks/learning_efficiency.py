@@ -105,6 +105,7 @@ class Settings:
     weight_decay: float = 1e-4
     eval_every: int = 50
     n_chunks: int = 16
+    patch_size: int = 8  # native ViT patch on the 32 px images; flexi scoring and multi-res use twice this
     seeds: tuple = (0, 1, 2)
     data_seed: int = 0
 
@@ -130,9 +131,9 @@ class RunSpec:
     selection: str = 'joint'
     fast: bool = False  # flexi scoring + cached reference + multi-resolution training
     n_seeds: int = 1
-    flexi: bool = False  # the learner scores at patch 16 (2x native)
+    flexi: bool = False  # the learner scores at 2x the native patch
     cached: bool = False  # reference embeddings precomputed into the batch
-    multires: bool = False  # half of every trained batch at patch 16
+    multires: bool = False  # half of every trained batch at 2x the native patch
     temperature: float = 1.0  # sample ∝ exp(s(B) / temperature)
 
     @property
@@ -288,7 +289,7 @@ def make_loader(dataset: TensorPool, batch_size: int, seed: int) -> DataLoader:
 def model_config(s: Settings) -> dict:
     return dict(
         embed_dim=s.width,
-        vision_cfg=dict(image_size=32, patch_size=8, width=s.width, layers=s.layers, head_width=32),
+        vision_cfg=dict(image_size=32, patch_size=s.patch_size, width=s.width, layers=s.layers, head_width=32),
         text_cfg=dict(context_length=s.context_length, vocab_size=s.vocab_size, width=s.width,
                       heads=max(1, s.width // 32), layers=s.layers),
         init_logit_bias=-10.0, init_logit_scale=math.log(10.0),
@@ -299,7 +300,8 @@ def make_model(s: Settings, tokenizer: CompactTokenizer, seed: int, multires: bo
     torch.manual_seed(seed)  # benchmark script: the model init is the one global draw
     model = CLIPModel(model_config(s), loss='sigmoid', classnames=zero_shot_classnames(),
                       class_templates=ZERO_SHOT_TEMPLATES,
-                      low_res_fraction=0.5 if multires else 0.0, low_res_patch_size=16 if multires else None,
+                      low_res_fraction=0.5 if multires else 0.0,
+                      low_res_patch_size=2 * s.patch_size if multires else None,
                       tokenizer=tokenizer)  # class prompts go through the same compact vocabulary
     return model
 
@@ -435,7 +437,8 @@ def replayed_flops(flops: Callable[[int], float], dataset: TensorPool, batch_siz
 
 def train_reference(s: Settings, data: dict[str, Any], cache: Path) -> dict[str, Any]:
     """The reference: the same model and optimizer, trained on the curated set only (seed 0)."""
-    path = cache / f'reference_{s.key()}_{s.reference_steps}_{s.lr}_{s.width}x{s.layers}_b{s.batch_size}.pt'
+    patch = '' if s.patch_size == 8 else f'_p{s.patch_size}'
+    path = cache / f'reference_{s.key()}_{s.reference_steps}_{s.lr}_{s.width}x{s.layers}_b{s.batch_size}{patch}.pt'
     model = make_model(s, data['tokenizer'], seed=1000)
     flops_step = uniform_step_flops(model, s.batch_size)
     t0 = time.time()
@@ -489,7 +492,7 @@ def run_one(spec: RunSpec, seed: int, s: Settings, data: dict[str, Any], referen
         if spec.score == 'hard_learner':
             ref = None
         algorithms.append(JEST(reference=ref, filter_ratio=spec.filter_ratio, n_chunks=s.n_chunks, score=spec.score,
-                               selection=spec.selection, learner_patch_size=16 if flexi else None,
+                               selection=spec.selection, learner_patch_size=2 * s.patch_size if flexi else None,
                                temperature=spec.temperature, track_keys=CurveRecorder.TRACK, seed=seed))
     else:
         n = b
@@ -727,6 +730,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument('--only', nargs='*', default=None, help='run only these configurations')
     p.add_argument('--steps', type=int, default=None)
     p.add_argument('--seeds', type=int, default=None, help='seeds for the multi-seed runs')
+    p.add_argument('--patch-size', type=int, default=None,
+                   help='native ViT patch (default 8: 16 tokens; 4: 64 tokens, an image-heavy model like B/16)')
     p.add_argument('--analyse-only', action='store_true', help='re-analyse saved runs')
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
@@ -737,6 +742,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         s.steps = args.steps
     if args.seeds:
         s.seeds = tuple(range(args.seeds))
+    if args.patch_size:
+        s.patch_size = args.patch_size
     out = Path(args.out) if args.out else RESULTS / ('quick' if args.quick else '')
     runs_dir = out / 'runs'
     runs_dir.mkdir(parents=True, exist_ok=True)
