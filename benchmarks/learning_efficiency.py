@@ -24,6 +24,8 @@ Examples::
                                                             # with the same settings are reused (resumable)
     python benchmarks/learning_efficiency.py --quick        # smoke test, a few minutes
     python benchmarks/learning_efficiency.py --analyse-only    # tables and plots from the saved runs
+    python benchmarks/learning_efficiency.py --patch-size 4 --only uniform oracle jest-0.8-fast \
+        --out benchmarks/results/patch4                     # image-heavy variant (64 image tokens)
 """
 
 from __future__ import annotations
