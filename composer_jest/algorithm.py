@@ -15,6 +15,7 @@ from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_jest.flexi import check_patch_size
 from composer_jest.flops import step_flops
 from composer_jest.losses import LOSSES, SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.reference import ReferenceSpec, load_reference, validate_reference
@@ -229,6 +230,8 @@ class JEST(Algorithm):
             raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')
         if score in ('learnability', 'easy_reference') and reference is None:
             raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
+        if isinstance(track_keys, str):  # a bare string would be split into its characters
+            track_keys = (track_keys,)
         if reference != 'cached':
             validate_reference(reference)
         self.reference_spec = reference
@@ -278,6 +281,9 @@ class JEST(Algorithm):
             self.reference.to(state.device._device)
         if self.loss is None:
             self.loss = getattr(_unwrap(state.model), 'loss_name', 'sigmoid')
+        towers = getattr(_unwrap(state.model), 'towers', None)
+        if towers is not None and self.uses_learner:
+            check_patch_size(towers.clip.visual, self.learner_patch_size, 'learner_patch_size')
         # The trained batch is the sub-batch: never split it further unless asked to.
         batch_size = getattr(state.dataloader, 'batch_size', None)
         mb = state.device_train_microbatch_size

@@ -24,11 +24,15 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-__all__ = ['encode_image_at', 'resize_matrix', 'pinv_resize_matrix', 'resize_patch_embed', 'valid_patch_sizes']
+__all__ = [
+    'check_patch_size', 'encode_image_at', 'resize_matrix', 'pinv_resize_matrix', 'resize_patch_embed',
+    'valid_patch_sizes',
+]
 
 # Derived matrices, keyed by (kind, old_size, new_size, interpolation, antialias, device, dtype).
 # They depend only on sizes, so they are built once per process and shared by every model.
@@ -184,6 +188,31 @@ def _check_patch_size(patch_size: int, image_size: Size2) -> None:
         )
 
 
+def check_patch_size(visual: torch.nn.Module, patch_size: int | None, name: str = 'patch_size') -> None:
+    """Fail early when ``visual`` cannot encode at ``patch_size``.
+
+    A ViT needs a patch size that tiles its image. open_clip's ``ModifiedResNet`` cannot take a
+    smaller image (its attention pool has a fixed-size positional embedding), so it has no cheap
+    scoring resolution at all. Other towers are scored on a downscaled image.
+
+    Raises:
+        ValueError: naming ``name`` and the valid values.
+    """
+    if patch_size is None:
+        return
+    tower = getattr(visual, '_orig_mod', visual)
+    if isinstance(tower, VisionTransformer):
+        try:
+            _check_patch_size(patch_size, _pair(tower.image_size))
+        except ValueError as e:
+            raise ValueError(f'{name}: {e}') from None
+    elif isinstance(tower, ModifiedResNet):
+        raise ValueError(
+            f'{name}={patch_size!r} needs a ViT image tower; open_clip ModifiedResNet has a fixed-size '
+            f'attention pool and cannot encode a smaller image. Set {name} to null (None).'
+        )
+
+
 def _pool(visual: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``VisionTransformer._pool`` of open_clip 3.3.0, reproduced."""
     if visual.attn_pool is not None:
@@ -294,6 +323,7 @@ def encode_image_at(
         raise ValueError(f'patch_size must be a positive int or None, got {patch_size!r}')
     if patch_size == native_patch_size:
         return visual(image)
+    check_patch_size(vit, patch_size)
     global _warned_non_vit
     if not _warned_non_vit:
         _warned_non_vit = True

@@ -22,6 +22,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torchmetrics import Metric
 
+from composer_jest.flexi import check_patch_size
 from composer_jest.losses import LOSSES
 
 __all__ = ['CLIPTowers', 'CLIPModel', 'ZeroShotAccuracy', 'RetrievalRecall', 'build_clip', 'model_config_dir']
@@ -83,7 +84,7 @@ class CLIPTowers(nn.Module):
         if patch_size is None:
             features = self.clip.encode_image(image)
         else:
-            from composer_jest.flexi import encode_image_at
+            from composer_jest.flexi import encode_image_at  # noqa: PLC0415
 
             features = encode_image_at(self.clip.visual, image, patch_size)
         return F.normalize(features, dim=-1)
@@ -194,6 +195,7 @@ class CLIPModel(ComposerModel):
         self.class_templates = list(class_templates)
         self._class_features: Optional[torch.Tensor] = None
         self._loss_fn: Optional[nn.Module] = None
+        check_patch_size(clip.visual, low_res_patch_size if low_res_fraction > 0 else None, 'low_res_patch_size')
         self.low_res_fraction = float(low_res_fraction)
         self.low_res_patch_size = low_res_patch_size
 

@@ -8,6 +8,7 @@ reference on clean shapes, then a JEST learner on noisy shapes, on the CPU in a 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -50,7 +51,12 @@ class MetricsSummary(LoggerDestination):
                  if k.startswith('jest/') and k not in ('jest/examples_seen', 'jest/examples_trained')]
         rows += [(k, self.last[k]) for k in ('loss/train/total',) if k in self.last]
         width = max((len(k) for k, _ in rows), default=10)
-        return '\n'.join(f'{k:<{width}}  {v:.4f}' if v != int(v) else f'{k:<{width}}  {int(v)}' for k, v in rows)
+        return '\n'.join(f'{k:<{width}}  {_fmt(v)}' for k, v in rows)
+
+
+def _fmt(v: float) -> str:
+    """Integers as integers, anything else (NaN and inf included) with 4 decimals."""
+    return str(int(v)) if math.isfinite(v) and v == int(v) else f'{v:.4f}'
 
 
 def run(path: Optional[str | Path], overrides: list[str]) -> MetricsSummary:

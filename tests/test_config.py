@@ -37,7 +37,11 @@ def test_quickstart_builds_a_trainer_with_jest_first(tmp_path):
         str(tmp_path / 'ref.pt'))
     trainer = build_trainer(cfg)
     names = [type(a).__name__ for a in trainer.state.algorithms]
-    assert names[0] == 'JEST' and 'GradientClipping' in names
+    assert 'GradientClipping' in names
+    # Composer's engine decides the run order: JEST must swap the batch before anything else sees it.
+    from composer.core import Event
+    order = trainer.engine._compile(trainer.state.algorithms, Event.AFTER_DATALOADER)
+    assert type(order[0]).__name__ == 'JEST', [type(a).__name__ for a in order]
     assert trainer.state.device_train_microbatch_size == 32
     assert trainer.state.train_dataloader.batch_size == 64  # super-batch = 32 / (1 - 0.5)
 
@@ -91,3 +95,14 @@ def test_batch_sizes_per_rank():
 def test_registry_has_jest_and_composer_algorithms():
     assert {'jest', 'gradient_clipping', 'ema', 'selective_backprop'} <= set(registry.names(registry.algorithms))
     assert {'speed_monitor', 'lr_monitor', 'selection_log'} <= set(registry.names(registry.callbacks))
+
+
+def test_metrics_table_prints_integers_floats_and_nan():
+    from composer_jest.train import MetricsSummary
+
+    summary = MetricsSummary()
+    summary.log_metrics({'metrics/eval/ZeroShotAccuracy': 0.25, 'jest/examples_seen': 640, 'jest/x': float('nan')})
+    summary.log_metrics({'jest/examples_seen': 1280, 'loss/train/total': float('inf'), 'caption': 'not a number'})
+    lines = dict(line.rsplit(None, 1) for line in summary.table().splitlines())
+    assert lines == {'metrics/eval/ZeroShotAccuracy': '0.2500', 'jest/examples_seen': '1280',
+                     'jest/x (mean)': 'nan', 'loss/train/total': 'inf'}

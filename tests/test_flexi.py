@@ -11,6 +11,7 @@ from torch import nn
 
 from composer_jest import flexi
 from composer_jest.flexi import (
+    check_patch_size,
     encode_image_at,
     pinv_resize_matrix,
     resize_matrix,
@@ -257,7 +258,19 @@ def test_modified_resnet_tower_is_not_vit(monkeypatch):
     ).eval()
     assert isinstance(model.visual, open_clip.modified_resnet.ModifiedResNet)
     image = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), pytest.warns(UserWarning, match='not a ViT'):
-        # ModifiedResNet's attention pool has a fixed-size positional embedding: a downscaled image fails loudly.
-        with pytest.raises(RuntimeError):
-            encode_image_at(model.visual, image, 32)
+    # ModifiedResNet's attention pool has a fixed-size positional embedding: no cheap resolution, a clear error.
+    with torch.no_grad(), pytest.raises(ValueError, match='needs a ViT image tower'):
+        encode_image_at(model.visual, image, 32)
+    with pytest.raises(ValueError, match='learner_patch_size=32 needs a ViT'):
+        check_patch_size(model.visual, 32, 'learner_patch_size')
+    check_patch_size(model.visual, None)  # full resolution is always fine
+    assert torch.equal(encode_image_at(model.visual, image, None), model.visual(image))
+
+
+def test_check_patch_size_lists_valid_sizes():
+    vit = open_clip.CLIP(16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
+                         text_cfg=dict(context_length=16, width=32, heads=2, layers=1)).visual
+    check_patch_size(vit, 16)
+    with pytest.raises(ValueError, match=r'learner_patch_size: patch_size=12 does not tile a 32x32 image; '
+                                         r'valid patch sizes are \[1, 2, 4, 8, 16, 32\]'):
+        check_patch_size(vit, 12, 'learner_patch_size')
