@@ -129,18 +129,17 @@ def build_dataloader(cfg: DictConfig, model: CLIPModel, batch_size: int, train: 
         kwargs['prefetch_factor'] = cfg.prefetch_factor
     return build_streaming_dataloader(
         cfg.remote, cfg.local, model.tokenizer, batch_size=batch_size, filter_ratio=filter_ratio if train else 0.0,
-        image_size=image_size, shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, drop_last=train,
-        num_workers=cfg.num_workers, cache_limit=cfg.cache_limit, predownload=cfg.predownload, **kwargs,
+        transform=model.image_transform(), shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed,
+        drop_last=train, num_workers=cfg.num_workers, cache_limit=cfg.cache_limit, predownload=cfg.predownload,
+        **kwargs,
     )
 
 
 def _shapes_loader(cfg, model, batch_size, train, filter_ratio, image_size):
-    import open_clip
-
     from composer_jest.data.shapes import ShapesDataset
 
     dataset = ShapesDataset(cfg.num_samples, noise=cfg.noise, seed=cfg.seed, image_size=image_size,
-                            transform=open_clip.image_transform(image_size, is_train=False),
+                            transform=model.image_transform(),
                             tokenizer=model.tokenizer, **(_plain(cfg.extra) or {}))
     loader_batch = per_rank_batch_sizes(batch_size, filter_ratio, 1)[1] if train else batch_size
     sampler = dist.get_sampler(dataset, drop_last=train, shuffle=train and cfg.shuffle, seed=cfg.shuffle_seed)

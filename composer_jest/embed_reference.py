@@ -21,7 +21,7 @@ import torch
 from streaming import MDSWriter, StreamingDataset
 
 from composer_jest.algorithm import CACHED_REFERENCE_KEYS
-from composer_jest.model import tokenizer_for
+from composer_jest.model import eval_image_transform, tokenizer_for
 from composer_jest.reference import load_reference
 
 __all__ = ['embed_reference', 'main']
@@ -65,11 +65,9 @@ def embed_reference(
 
     towers = load_reference({'model': model, 'checkpoint': checkpoint}).to(device)
     tokenizer = tokenizer_for(model, towers.clip)
-    image_size = towers.clip.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     cache = local or tempfile.mkdtemp(prefix='embed-reference-')
-    dataset = ImageTextStreamingDataset(remote=remote, local=cache, tokenizer=tokenizer, image_size=image_size,
-                                        shuffle=False, extra_columns=[])
+    dataset = ImageTextStreamingDataset(remote=remote, local=cache, tokenizer=tokenizer,
+                                        transform=eval_image_transform(towers.clip), shuffle=False, extra_columns=[])
     shard = dataset.shards[0]
     columns = dict(zip(shard.column_names, shard.column_encodings))
     clash = [k for k in CACHED_REFERENCE_KEYS if k in columns]

@@ -59,6 +59,13 @@ def build_clip(spec: ModelSpec) -> nn.Module:
     raise TypeError(f'model must be an open_clip model name, a config dict or an nn.Module, got {type(spec)}')
 
 
+def eval_image_transform(clip: nn.Module) -> Callable:
+    """open_clip's eval transform from the image tower's own ``preprocess_cfg`` (size, mean/std, resize)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: PLC0415
+
+    return image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
+
+
 def tokenizer_for(spec: ModelSpec, clip: nn.Module):
     """open_clip's tokenizer for a model name; a bundled-vocab SimpleTokenizer otherwise."""
     context_length = getattr(clip, 'context_length', 77)
@@ -200,6 +207,10 @@ class CLIPModel(ComposerModel):
         self.low_res_patch_size = low_res_patch_size
 
     # -- training -------------------------------------------------------------------------------------
+    def image_transform(self) -> Callable:
+        """The eval-time PIL -> tensor transform the image tower expects (size, mean/std, resize mode)."""
+        return eval_image_transform(self.towers.clip)
+
     def forward(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
         image, text = batch[self.image_key], batch[self.text_key]
         low_res = 0

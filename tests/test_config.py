@@ -106,3 +106,15 @@ def test_metrics_table_prints_integers_floats_and_nan():
     lines = dict(line.rsplit(None, 1) for line in summary.table().splitlines())
     assert lines == {'metrics/eval/ZeroShotAccuracy': '0.2500', 'jest/examples_seen': '1280',
                      'jest/x (mean)': 'nan', 'loss/train/total': 'inf'}
+
+
+def test_loaders_normalize_with_the_model_preprocess_config():
+    from composer_jest.builders import build_dataloader, build_model
+
+    cfg = load_config('yamls/quickstart.yaml')
+    model = build_model(cfg.model)
+    model.towers.clip.visual.preprocess_cfg.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # SigLIP-style
+    images = next(iter(build_dataloader(cfg.eval_loader, model, 64, train=False)))['image']
+    # OpenAI's mean/std would map black to about -1.8; the model's own config maps [0, 1] to [-1, 1]
+    assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
+    assert images.min() < -0.5 and images.max() > 0.5
