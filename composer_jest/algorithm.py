@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -175,7 +176,8 @@ class JEST(Algorithm):
             a checkpoint path (architecture defaults to the learner's), or
             ``{'model': name-or-config, 'checkpoint': path}``, or ``'cached'``: reference features are
             read from batch columns (``CACHED_REFERENCE_KEYS``) written by ``composer-jest embed-reference``;
-            a batch that carries them never runs the reference either way. Not needed for
+            a batch that carries them never runs the reference either way (with a one-time warning when
+            a live reference was given). Not needed for
             ``hard_learner``/``uniform``.
         filter_ratio: fraction ``f`` of the super-batch discarded, in ``[0, 1)``.
         n_chunks: chunks of the joint sampler (paper: 16).
@@ -245,6 +247,7 @@ class JEST(Algorithm):
         self.examples_trained = 0
         self._flops: Optional[dict] = None
         self._flops_key: Optional[tuple] = None
+        self._warned_cached = False
 
     @property
     def uses_reference(self) -> bool:
@@ -326,6 +329,12 @@ class JEST(Algorithm):
         """Reference features precomputed into the shards (``composer-jest embed-reference``), if present."""
         if not all(k in batch for k in CACHED_REFERENCE_KEYS):
             return None
+        if self.reference_spec != 'cached' and not self._warned_cached:
+            self._warned_cached = True
+            warnings.warn(
+                f'the batch carries cached reference features {CACHED_REFERENCE_KEYS}: they are used instead of '
+                f'the live reference {self.reference_spec!r} (set reference: cached to say so, or train on shards '
+                'without these columns to run the live reference)', UserWarning, stacklevel=2)
         image, text, scale, bias = (batch[k] for k in CACHED_REFERENCE_KEYS)
         return {
             'image_features': image.float(), 'text_features': text.float(),

@@ -127,3 +127,22 @@ def test_patch_sizes_are_checked_against_the_model_before_training(tokenizer):
 def test_track_keys_accepts_a_single_name():
     assert JEST(reference='cached', track_keys='clean').track_keys == ('clean',)  # not ('c', 'l', 'e', 'a', 'n')
     assert JEST(reference='cached', track_keys=['clean', 'label']).track_keys == ('clean', 'label')
+
+
+def test_cached_columns_beside_a_live_reference_warn_once():
+    import warnings
+
+    from conftest import make_model
+
+    from composer_jest.algorithm import CACHED_REFERENCE_KEYS
+
+    image, text = torch.randn(4, 8), torch.randn(4, 8)
+    batch = dict(zip(CACHED_REFERENCE_KEYS, (image, text, torch.full((4,), 10.0), torch.full((4,), -10.0))))
+    jest = JEST(reference=make_model())
+    with pytest.warns(UserWarning, match='used instead of the live reference'):
+        features = jest._cached_reference(batch)
+    assert torch.equal(features['image_features'], image) and float(features['logit_bias']) == -10.0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        jest._cached_reference(batch)  # once per run
+        JEST(reference='cached')._cached_reference(batch)  # asked for: no warning
