@@ -38,6 +38,12 @@ def validate_reference(spec: Optional[ReferenceSpec]) -> None:
         raise TypeError(
             f'reference must be an nn.Module, a checkpoint path or a dict(model=..., checkpoint=...), got {type(spec)}',
         )
+    if path is not None and os.path.isdir(path):
+        raise ValueError(
+            f'reference checkpoint {str(path)!r} is a directory (a sharded FSDP checkpoint?); the reference '
+            'loads one file: save the reference run with fsdp_config.state_dict_type: full, or convert the '
+            'folder with torch.distributed.checkpoint.format_utils.dcp_to_torch_save',
+        )
     if path is not None and not os.path.isfile(path):
         raise ValueError(f'reference checkpoint {str(path)!r} does not exist (or is not a file)')
 

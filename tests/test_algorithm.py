@@ -86,6 +86,8 @@ def test_reference_is_required_and_checked_at_construction(tmp_path):
         JEST(score='learnability')
     with pytest.raises(ValueError, match='does not exist'):
         JEST(reference=str(tmp_path / 'missing.pt'))
+    with pytest.raises(ValueError, match='is a directory .*state_dict_type: full'):
+        JEST(reference=str(tmp_path))
     with pytest.raises(ValueError, match="keys 'model'"):
         JEST(reference={'checkpoint': 'x.pt'})
     JEST(score='hard_learner')  # no reference needed
