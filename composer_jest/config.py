@@ -121,3 +121,34 @@ def _check(cfg: DictConfig) -> None:
         raise ValueError(f'global_train_batch_size must be >= 1, got {cfg.global_train_batch_size}')
     if cfg.optimizer is None or 'name' not in cfg.optimizer:
         raise ValueError('optimizer needs a name (e.g. decoupled_adamw)')
+    _check_trainer_args(cfg)
+
+
+def _check_trainer_args(cfg: DictConfig) -> None:
+    """The Trainer arguments that would otherwise fail only once the run starts (or deep inside Composer)."""
+    import dataclasses
+
+    from composer.core import Precision, Time
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+    precisions = [p.value for p in Precision]
+    if cfg.precision is not None and cfg.precision not in precisions:
+        raise ValueError(f'precision must be one of {precisions} or null (Composer picks), got {cfg.precision!r}')
+    for key in ('max_duration', 'eval_interval', 'save_interval', 'console_log_interval'):
+        try:
+            Time.from_timestring(str(cfg[key]))
+        except ValueError:
+            raise ValueError(
+                f"{key} must be a Composer time string such as '100ba', '2ep', '51200sp', got {cfg[key]!r}",
+            ) from None
+    parallelism = cfg.parallelism_config or {}
+    unknown = set(parallelism) - {'fsdp', 'tp'}
+    if unknown:
+        raise ValueError(f"parallelism_config takes keys 'fsdp' and 'tp', got unknown {sorted(unknown)}")
+    fsdp = parallelism.get('fsdp') or {}
+    # FSDP_VERSION=2 maps FSDP1 names onto FSDP2Config, so either spelling is accepted here.
+    valid = {f.name for f in dataclasses.fields(FSDPConfig) if not f.name.startswith('_')}
+    valid |= set(FSDP2Config.settable_attrs())
+    unknown = sorted(set(fsdp) - valid)
+    if unknown:
+        raise ValueError(f'parallelism_config.fsdp has unknown keys {unknown}; valid keys: {sorted(valid)}')

@@ -87,4 +87,15 @@ def build(registry: catalogue.Registry, name: str, kind: str, *args, **kwargs) -
     """Build ``name`` from ``registry``; an unknown name fails with the list of valid ones."""
     if not has(registry, name):
         raise ValueError(f'unknown {kind} {name!r}; registered {kind}s: {names(registry)}')
-    return registry.get(name)(*args, **kwargs)
+    factory = registry.get(name)
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have no signature: let the call report
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            accepted = [p for p in signature.parameters if p not in ('self', 'args', 'kwargs')]
+            raise ValueError(f'{kind} {name!r}: {e}; it accepts {accepted}') from None
+    return factory(*args, **kwargs)

@@ -59,6 +59,12 @@ def test_overrides_and_variables():
         (['train_loader.sorce=mds'], "'train_loader.sorce'"),
         (['train_loader.source=webdataset'], r"train_loader.source must be one of \('shapes', 'mds'\)"),
         (['global_train_batch_size=abc'], 'global_train_batch_size'),
+        (['precision=bf16'], r"precision must be one of \['fp32', 'amp_fp16', 'amp_bf16', 'amp_fp8'\]"),
+        (['max_duration=100steps'], "max_duration must be a Composer time string such as '100ba'"),
+        (['eval_interval=often'], 'eval_interval must be a Composer time string'),
+        (['parallelism_config.fdsp.x=1'], r"parallelism_config takes keys 'fsdp' and 'tp', got unknown \['fdsp'\]"),
+        (['parallelism_config.fsdp.sharding_strateg=FULL_SHARD'],
+         r"parallelism_config.fsdp has unknown keys \['sharding_strateg'\]; valid keys: .*'sharding_strategy'"),
     ],
 )
 def test_config_errors_name_the_field(overrides, match):
@@ -75,6 +81,8 @@ def test_config_errors_name_the_field(overrides, match):
         (['callbacks.speed_monitr.window_size=1'], "unknown callback 'speed_monitr'"),
         (['optimizer.name=adamm'], "unknown optimizer 'adamm'"),
         (['variables.filter_ratio=0.7'], 'non-integer per-rank super-batch'),
+        (['optimizer.betaz=[0.9,0.99]'], r"optimizer 'decoupled_adamw': .*'betaz'; it accepts \[.*'betas'"),
+        (['scheduler.t_warmpu=10ba'], r"scheduler 'linear_decay_with_warmup': .*'t_warmpu'; it accepts \['t_warmup'"),
     ],
 )
 def test_build_errors_name_the_field(overrides, match):
