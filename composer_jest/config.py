@@ -25,7 +25,7 @@ class ModelConfig:
     loss: str = 'sigmoid'  # sigmoid | softmax
     classnames: Any = 'shapes'  # zero-shot classes: shapes | fashion_mnist | a list | null
     class_templates: list[str] = field(default_factory=lambda: ['a {name}', 'a picture of a {name}'])
-    low_res_fraction: float = 0.0  # multi-resolution training
+    low_res_fraction: Optional[float] = None  # multi-resolution training; default 0.5 with low_res_patch_size
     low_res_patch_size: Optional[int] = None
     checkpoint: Optional[str] = None  # initial weights (Composer checkpoint or open_clip state_dict)
 

@@ -159,6 +159,7 @@ class CLIPModel(ComposerModel):
         image_key, text_key: batch keys.
         low_res_fraction: multi-resolution training: this fraction of every training batch is encoded
             at ``low_res_patch_size`` (FlexiViT), the rest at the native patch size; the loss covers all.
+            Default: one half (the paper's) when ``low_res_patch_size`` is set, else 0.
         low_res_patch_size: patch size of the low-resolution part.
         tokenizer: captions/prompts -> token ids; defaults to open_clip's tokenizer for ``model``.
 
@@ -179,14 +180,16 @@ class CLIPModel(ComposerModel):
         class_templates: Sequence[str] = ('a {name}',),
         image_key: str = 'image',
         text_key: str = 'text',
-        low_res_fraction: float = 0.0,
+        low_res_fraction: Optional[float] = None,
         low_res_patch_size: Optional[int] = None,
         tokenizer: Optional[Callable[[Sequence[str]], torch.Tensor]] = None,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
-        if not 0.0 <= low_res_fraction < 1.0:
+        if low_res_fraction is None:
+            low_res_fraction = 0.5 if low_res_patch_size is not None else 0.0
+        if not (isinstance(low_res_fraction, (int, float)) and 0.0 <= low_res_fraction < 1.0):
             raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
         if low_res_fraction > 0 and low_res_patch_size is None:
             raise ValueError('low_res_fraction > 0 needs low_res_patch_size (e.g. twice the native patch size)')

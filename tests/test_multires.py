@@ -129,3 +129,9 @@ def test_rounding_that_leaves_no_native_part(fraction, n):
 def test_invalid_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
         CLIPModel('jest-tiny', **kwargs)
+
+
+def test_low_res_fraction_defaults_to_half_with_a_patch_size():
+    assert CLIPModel('jest-tiny', low_res_patch_size=16).low_res_fraction == 0.5  # the paper's split
+    assert CLIPModel('jest-tiny').low_res_fraction == 0.0
+    assert CLIPModel('jest-tiny', low_res_fraction=0.25, low_res_patch_size=16).low_res_fraction == 0.25
