@@ -99,10 +99,12 @@ def test_global_selection_from_s3_is_identical_on_all_ranks_and_resumes_exactly(
 def test_local_selection_draws_independently_per_rank(tmp_path, reference_checkpoint):
     yaml = tmp_path / 'run.yaml'
     yaml.write_text(yaml_text(tmp_path, reference_checkpoint, 'local', TRAIN_SHAPES).replace('4ba', '2ba'))
-    launch(tmp_path, yaml)
+    # Flexi scoring and multi-resolution training through the FSDP2-wrapped towers.
+    launch(tmp_path, yaml, 'algorithms.jest.learner_patch_size=16', 'model.low_res_patch_size=16')
     ranks = [selections(tmp_path / 'selections', r) for r in (0, 1)]
     for step0, step1 in zip(*ranks):
         assert len(step0['global_indices']) == len(step1['global_indices']) == 8  # local draw: 8 of 16
         assert len(step0['index']) == 8
+        assert 0 < step0['loss'] < 100 and 0 < step1['loss'] < 100
     # rank-aware seeds: the two ranks do not draw the same positions every step
     assert [s['global_indices'] for s in ranks[0]] != [s['global_indices'] for s in ranks[1]]
