@@ -193,6 +193,12 @@ class JEST(Algorithm):
             (e.g. a ``clean`` flag of synthetic data).
         seed: seed of the sampler's generator (offset per rank in ``local`` scope).
 
+    Logs (per step): ``jest/examples_seen`` and ``jest/examples_trained`` (cumulative, summed over
+    ranks like Composer's sample count), ``jest/learnability_superbatch``/``_selected`` (with
+    ``score='learnability'``, the only score that runs both models),
+    ``jest/scoring_time`` (s), ``jest/flops_scoring``/``_train`` (analytic, per rank) and
+    ``jest/superbatch/<key>``/``jest/selected/<key>`` for each of ``track_keys``.
+
     Example:
         >>> from composer_jest import JEST, CLIPModel
         >>> reference = CLIPModel('jest-tiny')
@@ -375,8 +381,9 @@ class JEST(Algorithm):
         self.examples_seen += n
         self.examples_trained += local.numel()
         metrics.update({
-            'jest/examples_seen': self.examples_seen,
-            'jest/examples_trained': self.examples_trained,
+            # per-rank counters (checkpointed per rank); every rank has the same batch sizes
+            'jest/examples_seen': self.examples_seen * dist.get_world_size(),
+            'jest/examples_trained': self.examples_trained * dist.get_world_size(),
             'jest/scoring_time': scoring_time,
         })
         logger.log_metrics(metrics)
