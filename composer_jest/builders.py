@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from composer import Trainer
 from composer.core import Algorithm
-from composer.utils import dist
+from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
 from composer_jest import registry
@@ -179,6 +179,9 @@ def dry_run(cfg: DictConfig, world_size: Optional[int] = None) -> dict[str, Any]
 
 def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trainer:
     """Everything in the config, built and handed to a Composer Trainer (nothing is trained yet)."""
+    # The Trainer seeds only when it is constructed: seed before the model's initialisation too, the same
+    # on every rank (identical initial weights), so that a run is reproducible from its config.
+    reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model)
     algorithms = build_algorithms(cfg)
     f = _filter_ratio(algorithms)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from composer_jest import registry
 from composer_jest.builders import build_trainer, dry_run, per_rank_batch_sizes
@@ -126,3 +127,12 @@ def test_loaders_normalize_with_the_model_preprocess_config():
     # OpenAI's mean/std would map black to about -1.8; the model's own config maps [0, 1] to [-1, 1]
     assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
     assert images.min() < -0.5 and images.max() > 0.5
+
+
+def test_a_run_is_reproducible_from_its_config(tmp_path):
+    cfg = load_config('yamls/quickstart_reference.yaml', [f'save_folder={tmp_path}'])
+    first, second = (build_trainer(cfg).state.model for _ in range(2))
+    for (name, a), b in zip(first.named_parameters(), second.parameters()):
+        assert torch.equal(a, b), name  # same initial weights: the model is built after seeding
+    other = build_trainer(load_config('yamls/quickstart_reference.yaml', [f'save_folder={tmp_path}', 'seed=18']))
+    assert not torch.equal(next(first.parameters()), next(other.state.model.parameters()))
