@@ -167,6 +167,9 @@ def _chunked_sample(
     temperature: float,
     joint: bool,
 ) -> torch.Tensor:
+    if not isinstance(generator, torch.Generator):
+        # no silent fallback to torch's global RNG: selections must replay from a checkpointed generator
+        raise ValueError(f'generator must be a seeded torch.Generator, got {generator!r}')
     n = scorer.num_items
     group_size, quota = n // n_groups, n_select // n_groups
     cond = scorer.initial()
@@ -201,7 +204,7 @@ def joint_sample(
         n_select: sub-batch size ``b`` (``1 <= b <= N``).
         n_chunks: number of sequential chunks (the paper uses 16); when ``n_select`` is not a
             multiple, chunk sizes differ by one.
-        generator: the seeded source of all randomness.
+        generator: the seeded source of all randomness (required; ``None`` raises).
         n_groups: split the items into ``n_groups`` contiguous equal blocks (ranks) and draw
             ``n_select / n_groups`` from each, chunk by chunk, with conditionals over the whole set.
         temperature: sample ``∝ exp(s(B) / temperature)``.

@@ -164,6 +164,7 @@ def test_score_matrix_methods():
         (torch.zeros(4, 4), 2, 0, 'n_chunks must be an int >= 1'),
         (torch.tensor([[0.0, float('nan')], [0.0, 0.0]]), 1, 1, 'finite'),
         (torch.tensor([[0.0, float('inf')], [0.0, 0.0]]), 1, 1, 'finite'),
+        (torch.zeros(4, 4), 2, 2, 'generator must be a seeded torch.Generator, got None'),
     ],
 )
 def test_validation(scores, n_select, n_chunks, match):
