@@ -264,8 +264,10 @@ def build_streaming_dataloader(
         **dataset_kwargs: more :class:`ImageTextStreamingDataset` / ``StreamingDataset`` arguments.
 
     Example:
+        >>> superbatch_size(64, filter_ratio=0.8)  # what each rank's loader yields for b = 64
+        320
         >>> # loader = build_streaming_dataloader('s3://bucket/shapes', '/tmp/cache', model.tokenizer,
-        >>> #                                     batch_size=64, filter_ratio=0.8)  # yields 320-sample batches
+        >>> #                                     batch_size=64, filter_ratio=0.8)
     """
     n = superbatch_size(batch_size, filter_ratio)
     if not isinstance(num_workers, int) or num_workers < 0:
