@@ -136,3 +136,18 @@ def test_a_run_is_reproducible_from_its_config(tmp_path):
         assert torch.equal(a, b), name  # same initial weights: the model is built after seeding
     other = build_trainer(load_config('yamls/quickstart_reference.yaml', [f'save_folder={tmp_path}', 'seed=18']))
     assert not torch.equal(next(first.parameters()), next(other.state.model.parameters()))
+
+
+def test_components_from_other_packages_come_in_through_entry_points(monkeypatch):
+    import importlib.metadata as md
+
+    import catalogue
+
+    # what `[project.entry-points.composer_jest_algorithms] smooth_labels = "..."` in another package gives
+    ep = md.EntryPoint(name='smooth_labels', value='composer.algorithms.label_smoothing:LabelSmoothing',
+                       group='composer_jest_algorithms')
+    monkeypatch.setattr(catalogue, 'AVAILABLE_ENTRY_POINTS', md.EntryPoints([ep]))
+    assert 'smooth_labels' in registry.names(registry.algorithms)
+    built = dry_run(load_config('yamls/quickstart.yaml', ['algorithms.smooth_labels.smoothing=0.1']))['algorithms']
+    assert [type(a).__name__ for a in built][0] == 'JEST'
+    assert [a.smoothing for a in built if type(a).__name__ == 'LabelSmoothing'] == [0.1]
