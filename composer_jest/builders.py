@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional
 
 import torch
@@ -59,18 +58,6 @@ def build_model(cfg: DictConfig) -> CLIPModel:
     return model
 
 
-def _kwargs_for(cls: type, kwargs: dict, where: str) -> dict:
-    """Reject keys the constructor does not take, naming the yaml path and the accepted keys."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    accepted = [n for n in params if n != 'self']
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f'{where}: unknown key(s) {unknown}; {cls.__name__} accepts {accepted}')
-    return kwargs
-
-
 def _build_named(registry_: Any, kind: str, section: dict, where: str) -> list:
     out = []
     for name, kwargs in (section or {}).items():
@@ -78,8 +65,7 @@ def _build_named(registry_: Any, kind: str, section: dict, where: str) -> list:
         if not registry.has(registry_, name):
             raise ValueError(f'{where}: unknown {kind} {name!r}; registered {kind}s: {registry.names(registry_)}')
         factory = registry_.get(name)
-        if inspect.isclass(factory):
-            _kwargs_for(factory, kwargs, f'{where}.{name}')
+        registry.check_kwargs(factory, kwargs, f'{where}.{name}')
         try:
             out.append(factory(**kwargs))
         except (ValueError, TypeError) as e:
@@ -118,10 +104,8 @@ def per_rank_batch_sizes(global_batch_size: int, filter_ratio: float, world_size
 def build_dataloader(cfg: DictConfig, model: CLIPModel, batch_size: int, train: bool, filter_ratio: float = 0.0,
                      seed: int = 0):
     """A per-rank dataloader. For training, ``batch_size`` is the per-rank *trained* batch ``b``."""
-    image_size = model.towers.clip.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     if cfg.source == 'shapes':
-        return _shapes_loader(cfg, model, batch_size, train, filter_ratio, image_size)
+        return _shapes_loader(cfg, model, batch_size, train, filter_ratio)
     from composer_jest.data.streaming import build_streaming_dataloader
 
     kwargs = dict(_plain(cfg.extra) or {})
@@ -135,9 +119,11 @@ def build_dataloader(cfg: DictConfig, model: CLIPModel, batch_size: int, train: 
     )
 
 
-def _shapes_loader(cfg, model, batch_size, train, filter_ratio, image_size):
+def _shapes_loader(cfg, model, batch_size, train, filter_ratio):
     from composer_jest.data.shapes import ShapesDataset
 
+    image_size = model.towers.clip.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     dataset = ShapesDataset(cfg.num_samples, noise=cfg.noise, seed=cfg.seed, image_size=image_size,
                             transform=model.image_transform(),
                             tokenizer=model.tokenizer, **(_plain(cfg.extra) or {}))

@@ -179,11 +179,11 @@ def valid_patch_sizes(image_size: int | Size2) -> list[int]:
     return [p for p in range(1, g + 1) if g % p == 0]
 
 
-def _check_patch_size(patch_size: int, image_size: Size2) -> None:
+def _check_patch_size(patch_size: int, image_size: Size2, name: str = 'patch_size') -> None:
     valid = valid_patch_sizes(image_size)
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size not in valid:
         raise ValueError(
-            f'patch_size={patch_size!r} does not tile a {image_size[0]}x{image_size[1]} image; '
+            f'{name}={patch_size!r} does not tile a {image_size[0]}x{image_size[1]} image; '
             f'valid patch sizes are {valid}'
         )
 
@@ -202,10 +202,7 @@ def check_patch_size(visual: torch.nn.Module, patch_size: int | None, name: str 
         return
     tower = getattr(visual, '_orig_mod', visual)
     if isinstance(tower, VisionTransformer):
-        try:
-            _check_patch_size(patch_size, _pair(tower.image_size))
-        except ValueError as e:
-            raise ValueError(f'{name}: {e}') from None
+        _check_patch_size(patch_size, _pair(tower.image_size), name)
     elif isinstance(tower, ModifiedResNet):
         raise ValueError(
             f'{name}={patch_size!r} needs a ViT image tower; open_clip ModifiedResNet has a fixed-size '

@@ -25,7 +25,7 @@ from composer import optim as composer_optim
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 
-__all__ = ['algorithms', 'callbacks', 'loggers', 'optimizers', 'schedulers', 'build', 'has', 'names']
+__all__ = ['algorithms', 'callbacks', 'loggers', 'optimizers', 'schedulers', 'build', 'check_kwargs', 'has', 'names']
 
 algorithms = catalogue.create('composer_jest', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_jest', 'callbacks', entry_points=True)
@@ -88,14 +88,20 @@ def build(registry: catalogue.Registry, name: str, kind: str, *args, **kwargs) -
     if not has(registry, name):
         raise ValueError(f'unknown {kind} {name!r}; registered {kind}s: {names(registry)}')
     factory = registry.get(name)
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # some builtins have no signature: let the call report
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as e:
-            accepted = [p for p in signature.parameters if p not in ('self', 'args', 'kwargs')]
-            raise ValueError(f'{kind} {name!r}: {e}; it accepts {accepted}') from None
+    check_kwargs(factory, kwargs, f'{kind} {name!r}')
     return factory(*args, **kwargs)
+
+
+def check_kwargs(factory: Any, kwargs: dict, where: str) -> None:
+    """Reject keys ``factory`` does not take, naming ``where`` and the accepted keys."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature (some builtins): the call reports
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind != p.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        name = getattr(factory, '__name__', type(factory).__name__)
+        raise ValueError(f'{where}: unknown key(s) {unknown}; {name} accepts {accepted}')

@@ -271,6 +271,6 @@ def test_check_patch_size_lists_valid_sizes():
     vit = open_clip.CLIP(16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
                          text_cfg=dict(context_length=16, width=32, heads=2, layers=1)).visual
     check_patch_size(vit, 16)
-    with pytest.raises(ValueError, match=r'learner_patch_size: patch_size=12 does not tile a 32x32 image; '
+    with pytest.raises(ValueError, match=r'learner_patch_size=12 does not tile a 32x32 image; '
                                          r'valid patch sizes are \[1, 2, 4, 8, 16, 32\]'):
         check_patch_size(vit, 12, 'learner_patch_size')
