@@ -22,9 +22,12 @@ The numbers are read off the modules (``visual.conv1``, ``transformer.width``, `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional, Union
 
 from torch import nn
+
+from composer_jest.text_buckets import DEFAULT_TEXT_BUCKETS, bucket_plan
 
 __all__ = [
     'transformer_flops',
@@ -32,6 +35,7 @@ __all__ = [
     'text_forward_flops',
     'patch_resize_flops',
     'logits_flops',
+    'bucketed_text_flops',
     'step_flops',
 ]
 
@@ -223,6 +227,23 @@ def text_forward_flops(text_tower_or_clip: nn.Module, tokens: Optional[int] = No
     return float(flops)
 
 
+def bucketed_text_flops(text_tower_or_clip: nn.Module, length_counts: Sequence[int],
+                        text_buckets: int = DEFAULT_TEXT_BUCKETS) -> float:
+    """Forward FLOPs of encoding a batch of captions in length buckets, as ``CLIPTowers.encode_text`` does.
+
+    Args:
+        text_tower_or_clip: as for :func:`text_forward_flops`.
+        length_counts: ``counts[ℓ]`` captions needing ``ℓ`` positions (through their end-of-text token), e.g.
+            ``text_buckets.length_histogram(text_buckets.caption_lengths(tokens), context)``.
+        text_buckets: the most buckets (``CLIPTowers.text_buckets``); ``1`` = one trim to the longest caption.
+
+    Returns:
+        ``Σ_g n_g · text_forward_flops(L_g)`` over :func:`composer_jest.text_buckets.bucket_plan`.
+    """
+    return float(sum(n * text_forward_flops(text_tower_or_clip, length)
+                     for length, n in bucket_plan(length_counts, text_buckets)))
+
+
 def _proj_dim(visual: nn.Module) -> int:
     # ``output_dim`` is a plain int, still right when FSDP has flattened or sharded ``proj``.
     dim = getattr(visual, 'output_dim', None)
@@ -256,6 +277,8 @@ def step_flops(
     uses_reference: bool = True,
     uses_learner: bool = True,
     text_tokens: Optional[int] = None,
+    text_length_counts: Optional[Sequence[int]] = None,
+    text_buckets: int = DEFAULT_TEXT_BUCKETS,
 ) -> dict[str, float]:
     """Analytic FLOPs of one JEST step (one rank's super-batch), split by where they go.
 
@@ -275,8 +298,14 @@ def step_flops(
             the image tower only; pass ``False`` to reproduce it.
         uses_reference: ``False`` for scores without a reference (``hard_learner``): no reference cost.
         uses_learner: ``False`` for scores without the learner (``easy_reference``): no learner scoring.
-        text_tokens: caption positions encoded (the longest caption's EOT + 1, as ``CLIPTowers`` trims
-            the padding); ``None``: the full context length.
+        text_tokens: caption positions encoded for every caption; ``None``: the full context length
+            (or ``text_length_counts``).
+        text_length_counts: the super-batch's caption-length histogram (``counts[ℓ]``, see
+            :func:`bucketed_text_flops`): captions are then costed as ``CLIPTowers.encode_text`` runs them, in
+            at most ``text_buckets`` length buckets. Scoring encodes the ``N`` captions of the histogram; the
+            trained ``b`` are costed at the same mean per caption (a sub-batch with the super-batch's length
+            distribution). Exclusive with ``text_tokens``.
+        text_buckets: the most length buckets (``CLIPTowers.text_buckets``).
 
     Returns:
         Dict of FLOPs: ``train`` (≈ 3x the sub-batch forward, incl. the ``b x b`` loss logits),
@@ -305,6 +334,8 @@ def step_flops(
         raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
     if low_res_fraction > 0 and low_res_patch_size is None:
         raise ValueError('low_res_fraction > 0 needs low_res_patch_size')
+    if text_tokens is not None and text_length_counts is not None:
+        raise ValueError('pass text_tokens (one length for every caption) or text_length_counts, not both')
     learner = _unwrap_clip(clip)
     reference = _unwrap_clip(reference_clip) if reference_clip is not None else learner
     visual = learner.visual
@@ -313,7 +344,12 @@ def step_flops(
         return vit_forward_flops(model.visual, image_size, patch)
 
     def text(model: nn.Module) -> float:
-        return text_forward_flops(model, text_tokens) if include_text else 0.0
+        """Forward FLOPs per caption (the mean over the bucketed super-batch when lengths are given)."""
+        if not include_text:
+            return 0.0
+        if text_length_counts is not None:
+            return bucketed_text_flops(model, text_length_counts, text_buckets) / max(sum(text_length_counts), 1)
+        return text_forward_flops(model, text_tokens)
 
     d = _embed_dim(learner)
     n_low = int(round(low_res_fraction * subbatch)) if low_res_fraction > 0 else 0

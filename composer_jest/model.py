@@ -24,6 +24,7 @@ from torchmetrics import Metric
 
 from composer_jest.flexi import check_patch_size
 from composer_jest.losses import LOSSES
+from composer_jest.text_buckets import DEFAULT_TEXT_BUCKETS, bucket_plan, caption_lengths, length_histogram
 
 __all__ = ['CLIPTowers', 'CLIPModel', 'ZeroShotAccuracy', 'RetrievalRecall', 'build_clip', 'model_config_dir']
 
@@ -83,6 +84,9 @@ class CLIPTowers(nn.Module):
     ``low_res`` images of the batch can be encoded at ``low_res_patch_size`` (multi-resolution).
     """
 
+    # Most length buckets ``encode_text`` splits a batch of captions into (1: one trim to the longest caption).
+    text_buckets: int = DEFAULT_TEXT_BUCKETS
+
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.clip = clip
@@ -97,16 +101,38 @@ class CLIPTowers(nn.Module):
         return F.normalize(features, dim=-1)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """open_clip's ``encode_text``, with the padding after the longest caption cut off when exact.
+        """open_clip's ``encode_text``, in caption-length buckets when that is exact.
 
         With a causal mask and EOT (argmax) pooling, no token after a caption's EOT reaches its pooled
-        output, so encoding only the first ``max(EOT position) + 1`` tokens gives the same features at a
-        cost that scales with the longest caption in the batch instead of the context length.
+        output (:mod:`composer_jest.text_buckets`). The captions are grouped by length into at most
+        ``text_buckets`` buckets (chosen to minimise the encoded positions) and each bucket is encoded up to
+        its own longest caption, so a caption costs close to its own length instead of the batch maximum or
+        the context length; the features (and gradients) equal the untrimmed ones, in the input order.
+        Reading the length histogram is one host copy per call.
         """
         clip = self.clip
-        trimmable = (isinstance(clip, open_clip.CLIP) and getattr(clip, 'text_pool_type', None) == 'argmax'
-                     and getattr(clip, 'attn_mask', None) is not None)
-        length = int(text.argmax(dim=-1).max()) + 1 if trimmable else text.shape[1]
+        if not self._text_trimmable():
+            return clip.encode_text(text)
+        lengths = caption_lengths(text)
+        plan = bucket_plan(length_histogram(lengths, text.shape[1]), self.text_buckets)
+        if len(plan) == 1:
+            return self._encode_text_prefix(text, plan[0][0])
+        order = torch.argsort(lengths, stable=True)  # bucket g = the next n_g captions in length order
+        parts = [self._encode_text_prefix(text.index_select(0, idx), length)
+                 for idx, (length, _) in zip(order.split([n for _, n in plan]), plan)]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return torch.cat(parts).index_select(0, inverse)
+
+    def _text_trimmable(self) -> bool:
+        """Whether the text tower is open_clip's inline causal, EOT-pooled one (the trim is then exact)."""
+        clip = self.clip
+        return (isinstance(clip, open_clip.CLIP) and getattr(clip, 'text_pool_type', None) == 'argmax'
+                and getattr(clip, 'attn_mask', None) is not None)
+
+    def _encode_text_prefix(self, text: torch.Tensor, length: int) -> torch.Tensor:
+        """``clip.encode_text`` of the first ``length`` positions of ``text`` (exact when trimmable)."""
+        clip = self.clip
         if length >= text.shape[1]:
             return clip.encode_text(text)
         text = text[:, :length]

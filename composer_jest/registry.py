@@ -51,6 +51,7 @@ def _register_composer(registry: catalogue.Registry, module: Any, base: type, st
 def _register_builtins() -> None:
     from composer_jest.algorithm import JEST
     from composer_jest.callbacks import SelectionLog
+    from composer_jest.optim import FusedDecoupledAdamW
 
     algorithms.register('jest', func=JEST)
     callbacks.register('selection_log', func=SelectionLog)
@@ -59,6 +60,7 @@ def _register_builtins() -> None:
     _register_composer(loggers, composer_loggers, LoggerDestination, strip='_logger')
     optimizers.register('decoupled_adamw', func=composer_optim.DecoupledAdamW)
     optimizers.register('decoupled_sgdw', func=composer_optim.DecoupledSGDW)
+    optimizers.register('fused_decoupled_adamw', func=FusedDecoupledAdamW)
     optimizers.register('adamw', func=torch.optim.AdamW)
     optimizers.register('sgd', func=torch.optim.SGD)
     for name, cls in (
