@@ -494,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
     parser.add_argument('--compile', action='store_true', help="torch.compile the model (Composer's compile_config)")
     parser.add_argument('--compile-scoring', action='store_true', help='JEST(compile_scoring=True)')
     parser.add_argument('--peak-flops', type=float, default=None,
-                        help='peak FLOP/s for the MFU column (default: 989e12, an H100 dense bf16, on cuda; none on cpu)')
+                        help='peak FLOP/s for the MFU column (default on cuda: 989e12, H100 dense bf16; none on cpu)')
     parser.add_argument('--analytic-only', action='store_true',
                         help='print only the analytic ViT-B/16 table (no training, no model weights)')
     args = parser.parse_args(argv)

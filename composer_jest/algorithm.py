@@ -20,7 +20,6 @@ from composer_jest.flexi import check_patch_size
 from composer_jest.flops import step_flops
 from composer_jest.losses import LOSSES, SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.reference import ReferenceSpec, load_reference, validate_reference
-from composer_jest.text_buckets import DEFAULT_TEXT_BUCKETS, caption_lengths, length_histogram
 from composer_jest.selection import (
     SCORE_METHODS,
     SELECTION_METHODS,
@@ -29,6 +28,7 @@ from composer_jest.selection import (
     joint_sample,
     score_matrix,
 )
+from composer_jest.text_buckets import DEFAULT_TEXT_BUCKETS, caption_lengths, length_histogram
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +193,11 @@ class JEST(Algorithm):
         track_keys: numeric batch keys whose mean over the super-batch and the selection is logged
             (e.g. a ``clean`` flag of synthetic data).
         seed: seed of the sampler's generator (offset per rank in ``local`` scope).
-        fast_scoring: score under ``torch.inference_mode`` (no autograd bookkeeping at all; the features are
-            inference tensors, used only by the sampler) and, under ``amp_bf16``, hold the frozen live reference
-            in bfloat16 and run it in bf16 end to end (its logit scale and bias stay float32); ``False``: the
-            plain ``no_grad`` + autocast path. Scores agree within bf16 rounding.
+        fast_scoring: score under ``torch.inference_mode`` (no autograd bookkeeping at all; the features
+            are inference tensors, used only by the sampler; an FSDP-wrapped learner scores under
+            ``no_grad``) and, under ``amp_bf16``, hold the frozen live reference in bfloat16 and run it in
+            bf16 end to end (its logit scale and bias stay float32); ``False``: the plain ``no_grad`` +
+            autocast path. Scores agree within bf16 rounding.
         compile_scoring: ``torch.compile`` the learner's scoring forward (``True``, or a dict of
             ``torch.compile`` keyword arguments). Off by default: worth it for fixed super-batch shapes
             on a GPU; compilation takes a while on the first steps, and caption-length buckets
@@ -256,7 +257,8 @@ class JEST(Algorithm):
         if not isinstance(fast_scoring, bool):
             raise ValueError(f'fast_scoring must be True or False, got {fast_scoring!r}')
         if not isinstance(compile_scoring, (bool, dict)):
-            raise ValueError(f'compile_scoring must be True, False or a dict of torch.compile kwargs, got {compile_scoring!r}')
+            raise ValueError(
+                f'compile_scoring must be True, False or a dict of torch.compile kwargs, got {compile_scoring!r}')
         self.fast_scoring, self.compile_scoring = fast_scoring, compile_scoring
         self._scoring_model: Optional[torch.nn.Module] = None
         self.reference_spec = reference
@@ -327,6 +329,15 @@ class JEST(Algorithm):
         """The frozen reference runs in bf16 end to end: fast scoring under the trainer's ``amp_bf16``."""
         return self.fast_scoring and str(getattr(state.precision, 'value', state.precision)) == 'amp_bf16'
 
+    def _grad_mode(self, learner: bool, state: State):
+        """``inference_mode`` for fast scoring (no autograd bookkeeping; scores never need a gradient), else
+        ``no_grad``. Not for an FSDP-wrapped learner: FSDP keeps the unsharded parameters it gathers in a
+        forward, and gathered in inference mode they would be inference tensors the training forward cannot
+        save for backward. The reference is never wrapped."""
+        if self.fast_scoring and not (learner and state.fsdp_enabled):
+            return torch.inference_mode()
+        return torch.no_grad()
+
     def _scoring_forward(self, state: State):
         """The learner's forward used for scoring: the (FSDP-wrapped) model, compiled once if asked."""
         if not self.compile_scoring:
@@ -347,9 +358,8 @@ class JEST(Algorithm):
     def _features(self, state: State, batch: dict) -> tuple[Optional[Features], Optional[Features]]:
         image, text = batch[self.image_key], batch[self.text_key]
         learner = reference = None
-        # Inference mode: the scores never need a gradient; it also skips autograd's version counters.
-        grad_mode = torch.inference_mode() if self.fast_scoring else torch.no_grad()
-        with grad_mode, get_precision_context(state.precision, state.precision_config):
+        precision = state.precision, state.precision_config
+        with self._grad_mode(learner=True, state=state), get_precision_context(*precision):
             if self.uses_learner:
                 # Eval mode: no dropout noise in the scores, and no multi-resolution split of the super-batch.
                 was_training = state.model.training
@@ -358,6 +368,7 @@ class JEST(Algorithm):
                     learner = dict(self._scoring_forward(state)(batch, patch_size=self.learner_patch_size))
                 finally:
                     state.model.train(was_training)
+        with self._grad_mode(learner=False, state=state), get_precision_context(*precision):
             if self.uses_reference:
                 reference = self._cached_reference(batch)
                 if reference is None:

@@ -3,7 +3,8 @@
 Composer 0.32's ``DecoupledAdamW.step`` loops over the parameters in Python, a handful of kernels each plus a
 ``step.item()`` (a host sync on a GPU) per parameter. Its update is PyTorch's AdamW with the weight decay rescaled:
 
-* Composer: ``θ ← θ · (1 − (η_t / η_0) · λ)``, then the Adam step ``θ ← θ − η_t · m̂ / (√v̂ + ε)``;
+* Composer: ``θ ← θ · (1 − (η_t / η_0) · λ)``, then the Adam step ``θ ← θ − η_t · m̂ / (√v̂ + ε)``
+  (``m̂, v̂`` the bias-corrected moments);
 * PyTorch ``AdamW(weight_decay=λ')``: ``θ ← θ · (1 − η_t · λ')``, then the same Adam step.
 
 So ``λ' = λ / η_0`` (``η_0`` = the learning rate the optimizer was built with, which Composer's schedulers
@@ -35,7 +36,8 @@ class FusedDecoupledAdamW(torch.optim.AdamW):
     Args:
         params, lr, betas, eps, weight_decay, amsgrad: as ``DecoupledAdamW`` (``weight_decay`` is decoupled:
             every step multiplies the weights by ``1 − (lr_t / lr) · weight_decay``).
-        fused: PyTorch's single-kernel AdamW (``None``: on when every parameter is on a CUDA device).
+        fused: PyTorch's single-kernel AdamW (CUDA and CPU kernels; also for parameters that the Trainer moves
+            to the GPU after the optimizer is built, as a yaml run does).
         foreach: PyTorch's multi-tensor AdamW when not fused (``None``: PyTorch's default, on for CUDA).
 
     Raises:
@@ -50,7 +52,7 @@ class FusedDecoupledAdamW(torch.optim.AdamW):
         eps: float = 1e-8,
         weight_decay: float = 1e-5,
         amsgrad: bool = False,
-        fused: Optional[bool] = None,
+        fused: bool = True,
         foreach: Optional[bool] = None,
     ):
         groups = list(params)
@@ -58,9 +60,6 @@ class FusedDecoupledAdamW(torch.optim.AdamW):
             groups = [{'params': groups}]
         groups = [{**g, 'params': [g['params']] if isinstance(g['params'], torch.Tensor) else list(g['params'])}
                   for g in groups]  # materialise generators (e.g. module.parameters()) once
-        tensors = [p for g in groups for p in g['params']]
-        if fused is None:
-            fused = bool(tensors) and all(p.device.type == 'cuda' for p in tensors)
         converted = []
         for i, group in enumerate(groups):
             group_lr = float(group.get('lr', lr))

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from composer import Trainer
-from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
+from composer.loggers import InMemoryLogger
+from composer.optim import DecoupledAdamW
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -150,7 +151,7 @@ def test_fast_scoring_is_inference_mode_bf16_reference_and_matches_the_plain_pat
     assert not fast['learner']['training']  # scored in eval mode either way
     dtypes = fast['reference_dtypes']
     assert dtypes['clip.logit_scale'] == torch.float32 and dtypes['clip.logit_bias'] == torch.float32
-    assert dtypes['clip.visual.conv1.weight'] == torch.bfloat16 and dtypes['clip.token_embedding.weight'] == torch.bfloat16
+    assert dtypes['clip.visual.conv1.weight'] == dtypes['clip.token_embedding.weight'] == torch.bfloat16
     assert all(d == torch.float32 for d in plain['reference_dtypes'].values())
     for who in ('learner', 'reference'):
         for key in ('image_features', 'text_features'):  # unit vectors: bf16 keeps ~3 significant digits
@@ -176,9 +177,37 @@ def test_fused_decoupled_adamw_is_composers_update():
 
     expected = train(lambda groups: DecoupledAdamW(groups, lr=1e-2, weight_decay=1e-2))
     for fused in (False, True):
-        got = train(lambda groups: FusedDecoupledAdamW(groups, lr=1e-2, weight_decay=1e-2, fused=fused))
+        got = train(lambda groups, fused=fused: FusedDecoupledAdamW(groups, lr=1e-2, weight_decay=1e-2, fused=fused))
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     plain = train(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), weight_decay=1e-2))
     assert not torch.allclose(plain, expected, atol=1e-6)  # the decay rescaling matters
     with pytest.raises(ValueError, match='lr must be > 0'):
         FusedDecoupledAdamW([torch.nn.Parameter(torch.ones(2))], lr=0.0)
+
+
+def test_compiled_scoring_selects_what_the_eager_forward_selects():
+    torch.manual_seed(1)
+    reference = CLIPModel('jest-tiny')
+    clip = reference.towers.clip
+    g = torch.Generator().manual_seed(2)
+    batch = {'image': torch.randn(16, 3, 32, 32, generator=g),
+             'text': captions(16, clip.context_length, clip.vocab_size, seed=3)}
+    picked, learnability = {}, {}
+    for compiled in (False, {'backend': 'eager'}):  # dynamo tracing without inductor's C++ build (CPU test)
+        torch.manual_seed(0)
+        learner = CLIPModel('jest-tiny')
+        jest = JEST(reference=reference, filter_ratio=0.5, n_chunks=2, seed=0, compile_scoring=compiled)
+        logger = InMemoryLogger()
+        trainer = Trainer(model=learner, train_dataloader=[batch, batch], max_duration='2ba',
+                          optimizers=DecoupledAdamW(learner.parameters(), lr=1e-2), algorithms=[jest], device='cpu',
+                          device_train_microbatch_size=8, progress_bar=False, log_to_console=False, loggers=[logger])
+        trainer.fit()
+        assert (jest._scoring_model is not None) == bool(compiled)
+        picked[bool(compiled)] = jest.last_indices.tolist()
+        learnability[bool(compiled)] = [float(v) for _, v in logger.data['jest/learnability_superbatch']]
+    # Step 2 scores the same batch after an update: the compiled forward must see the new weights.
+    assert learnability[False][0] != pytest.approx(learnability[False][1], rel=1e-4)
+    assert learnability[True] == pytest.approx(learnability[False], rel=1e-5)
+    assert picked[True] == picked[False]
+    with pytest.raises(ValueError, match='compile_scoring'):
+        JEST(reference=reference, compile_scoring='yes')
