@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader
 
 from composer_jest import jest_select
 from composer_jest.algorithm import CACHED_REFERENCE_KEYS, JEST
-from composer_jest.flops import step_flops
+from composer_jest.flops import bucketed_text_flops, step_flops
 from composer_jest.model import CLIPModel
 from composer_jest.optim import FusedDecoupledAdamW
 from composer_jest.selection import joint_sample
@@ -465,6 +465,46 @@ def analytic_table(model: str, b: int, ratios: list[float], seed: int = 0) -> No
         f'{name}: {encoded[(c, k)]:.1f} (own length {mean_len[c]:.1f})' for name, c, k in columns))
 
 
+def time_text_tower(model: str, n: int, captions: str, device: torch.device, reps: int,
+                    precision: str) -> None:
+    """The learner's text scoring forward alone: one trim to the longest caption vs length buckets.
+
+    ``n`` captions of the ``captions`` distribution, encoded under ``torch.inference_mode`` (as fast scoring does)
+    with ``CLIPTowers.text_buckets`` = 1 (the code before buckets), 2, 4, 8 and one bucket per distinct length;
+    median of ``reps`` timed calls after one warmup, next to the analytic FLOPs of the same plan.
+    """
+    torch.manual_seed(0)
+    towers = CLIPModel(model).towers.eval().to(device)
+    clip = towers.clip
+    text = make_batch(clip, n, device, seed=n, captions=captions)['text']
+    counts = length_histogram(caption_lengths(text), clip.context_length)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'amp_bf16')
+    rows = []
+    for buckets in (1, 2, 4, 8, clip.context_length):
+        towers.text_buckets = buckets
+        times = []
+        with torch.inference_mode(), autocast:
+            for rep in range(reps + 1):
+                _sync(device)
+                t0 = time.perf_counter()
+                towers.encode_text(text)
+                _sync(device)
+                if rep:
+                    times.append(1e3 * (time.perf_counter() - t0))
+        plan = bucket_plan(counts, buckets)
+        rows.append((buckets, len(plan), encoded_positions(plan) / n, statistics.median(times),
+                     bucketed_text_flops(clip, counts, buckets)))
+    print(f'\nText tower scoring forward alone: {model}, N = {n} {captions} captions (mean own length '
+          f'{sum(i * c for i, c in enumerate(counts)) / n:.1f} tokens), {device.type}, {precision}, inference mode; '
+          f'median of {reps}\n')
+    print('| text_buckets | calls | positions / caption | ms | GFLOP (analytic) | × one trim (time) '
+          '| × one trim (FLOPs) |')
+    print('|---:|---:|---:|---:|---:|---:|---:|')
+    for buckets, calls, positions, ms, flops in rows:
+        print(f'| {buckets} | {calls} | {positions:.1f} | {ms:.1f} | {flops / 1e9:.1f} | {ms / rows[0][3]:.2f} '
+              f'| {flops / rows[0][4]:.2f} |')
+
+
 def main(argv: Optional[list[str]] = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
@@ -495,12 +535,21 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
     parser.add_argument('--compile-scoring', action='store_true', help='JEST(compile_scoring=True)')
     parser.add_argument('--peak-flops', type=float, default=None,
                         help='peak FLOP/s for the MFU column (default on cuda: 989e12, H100 dense bf16; none on cpu)')
+    parser.add_argument('--text-tower-only', type=int, default=None, metavar='N',
+                        help="time only the learner's text scoring forward on N captions, by number of buckets")
     parser.add_argument('--analytic-only', action='store_true',
                         help='print only the analytic ViT-B/16 table (no training, no model weights)')
     args = parser.parse_args(argv)
     ratios = [float(x) for x in args.filter_ratios.split(',') if x]
     if args.analytic_only:
         analytic_table('jest-vit-b-16', args.batch_size if args.batch_size != 64 else 256, ratios)
+        return []
+    if args.text_tower_only:
+        if args.device == 'cpu':
+            torch.set_num_threads(args.threads or 1)
+        logging.getLogger().setLevel(logging.ERROR)
+        time_text_tower(args.model, args.text_tower_only, args.captions, torch.device(args.device),
+                        args.sampler_reps, args.precision)
         return []
     if args.peak_flops is None and args.device == 'cuda':
         args.peak_flops = H100_BF16_DENSE_PEAK
