@@ -420,7 +420,8 @@ def uniform_step_flops(model: CLIPModel, b: int) -> Callable[[int], float]:
         if counts not in cache:
             cache[counts] = step_flops(model, superbatch=b, subbatch=b, image_size=32, uses_reference=False,
                                        uses_learner=False, text_length_counts=counts,
-                                       text_buckets=model.towers.text_buckets)['uniform_train']
+                                       text_buckets=model.towers.text_buckets,
+                                       text_bucket_overhead=model.towers.text_bucket_overhead)['uniform_train']
         return cache[counts]
 
     return flops
@@ -473,7 +474,7 @@ def train_reference(s: Settings, data: dict[str, Any], cache: Path) -> dict[str,
         cached['ref_logit_bias'] = out['logit_bias'].float().reshape(1).expand(n).clone()
     clip = model.towers.clip
     embed_flops = sum(len(chunk) * vit_forward_flops(clip.visual, 32)
-                      + bucketed_text_flops(clip, text_counts(chunk), towers.text_buckets)
+                      + bucketed_text_flops(clip, text_counts(chunk), towers.text_buckets, towers.text_bucket_overhead)
                       for chunk in pool['text'].split(1000))
     return {
         'towers': towers, 'cached': cached, 'curve': curve, 'final': curve[-1],

@@ -67,6 +67,7 @@ from composer_jest.model import CLIPModel
 from composer_jest.optim import FusedDecoupledAdamW
 from composer_jest.selection import joint_sample
 from composer_jest.text_buckets import (
+    DEFAULT_TEXT_BUCKET_OVERHEAD,
     DEFAULT_TEXT_BUCKETS,
     bucket_plan,
     caption_lengths,
@@ -228,6 +229,14 @@ def add_cached_reference(batch: dict, reference: CLIPModel, precision: str, chun
     return {**batch, **dict(zip(CACHED_REFERENCE_KEYS, columns))}
 
 
+def configure_text_buckets(model: CLIPModel, args: argparse.Namespace) -> None:
+    """``--text-buckets`` / ``--text-bucket-overhead`` onto the model's towers (defaults: ``CLIPTowers``'s)."""
+    if args.text_buckets is not None:
+        model.towers.text_buckets = args.text_buckets
+    if args.text_bucket_overhead is not None:
+        model.towers.text_bucket_overhead = args.text_bucket_overhead
+
+
 def native_patch(clip: torch.nn.Module) -> int:
     return int(clip.visual.patch_size[0])
 
@@ -248,8 +257,7 @@ def run_config(
     low = 2 * native_patch(probe)
     learner = CLIPModel(args.model, low_res_fraction=0.5 if config.multires else 0.0,
                         low_res_patch_size=low if config.multires else None)
-    if args.text_buckets is not None:
-        learner.towers.text_buckets = args.text_buckets
+    configure_text_buckets(learner, args)
     algorithms = []
     if f is not None:
         algorithms.append(JEST(
@@ -299,7 +307,7 @@ def run_config(
         reference_cached=config.cached, low_res_fraction=0.5 if config.multires else 0.0,
         low_res_patch_size=low if config.multires else None,
         text_length_counts=length_histogram(caption_lengths(batch['text']), batch['text'].shape[1]),
-        text_buckets=learner.towers.text_buckets,
+        text_buckets=learner.towers.text_buckets, text_bucket_overhead=learner.towers.text_bucket_overhead,
     )
     flops = step_flops(probe, **flops_kwargs)
     flops_img = step_flops(probe, include_text=False, **flops_kwargs)
@@ -437,15 +445,16 @@ def analytic_table(model: str, b: int, ratios: list[float], seed: int = 0) -> No
         clip = open_clip.CLIP(**cfg, nonscalar_logit_scale=True)
     low = 2 * native_patch(clip)
     context = clip.context_length
-    columns = [('full context', 'full', 1), ('cc3m, one trim', 'cc3m', 1), ('cc3m, 4 buckets', 'cc3m', 4),
-               (f'cc3m, {DEFAULT_TEXT_BUCKETS} buckets', 'cc3m', DEFAULT_TEXT_BUCKETS),
-               ('cc3m, own lengths', 'cc3m', context),
-               (f'fashion-web, {DEFAULT_TEXT_BUCKETS} buckets', 'fashion-web', DEFAULT_TEXT_BUCKETS)]
+    default = (DEFAULT_TEXT_BUCKETS, DEFAULT_TEXT_BUCKET_OVERHEAD)
+    plan_name = f'≤ {DEFAULT_TEXT_BUCKETS} buckets, overhead {DEFAULT_TEXT_BUCKET_OVERHEAD}'
+    columns = [('full context', 'full', (1, 0)), ('cc3m, one trim', 'cc3m', (1, 0)),
+               (f'cc3m, {plan_name}', 'cc3m', default), ('cc3m, own lengths', 'cc3m', (context, 0)),
+               (f'fashion-web, {plan_name}', 'fashion-web', default)]
     print(f'\nAnalytic step cost, {model} (context {context}), b = {b}: × a uniform step on the same captions '
           '(flops.step_flops, both towers; image tower only in brackets)\n')
     print('| config | f | N | ' + ' | '.join(name for name, _, _ in columns) + ' |')
     print('|---|---:|---:|' + '---:|' * len(columns))
-    encoded = {}
+    encoded, lines = {}, []
     for f in ratios:
         n = int(round(b / (1.0 - f)))
         counts = {captions: length_histogram(caption_lengths_for(captions, n, context, torch.Generator().manual_seed(
@@ -455,14 +464,16 @@ def analytic_table(model: str, b: int, ratios: list[float], seed: int = 0) -> No
             for _, captions, buckets in columns:
                 kw = dict(superbatch=n, subbatch=b, learner_patch_size=low if flexi else None, reference_cached=cached,
                           low_res_fraction=0.5 if multires else 0.0, low_res_patch_size=low if multires else None,
-                          text_length_counts=counts[captions], text_buckets=buckets)
+                          text_length_counts=counts[captions], text_buckets=buckets[0],
+                          text_bucket_overhead=buckets[1])
                 both, image = step_flops(clip, **kw), step_flops(clip, include_text=False, **kw)
                 cells.append(f"{both['ratio']:.3f} ({image['ratio']:.3f})")
-                encoded[(captions, buckets)] = encoded_positions(bucket_plan(counts[captions], buckets)) / n
+                encoded[(n, captions, buckets)] = encoded_positions(bucket_plan(counts[captions], *buckets)) / n
             print(f'| {name} | {f:g} | {n} | ' + ' | '.join(cells) + ' |')
-    mean_len = {c: sum(i * k for i, k in enumerate(counts[c])) / sum(counts[c]) for c in CAPTIONS}
-    print('\nEncoded positions per caption (mean): ' + '; '.join(
-        f'{name}: {encoded[(c, k)]:.1f} (own length {mean_len[c]:.1f})' for name, c, k in columns))
+        mean_len = {c: sum(i * k for i, k in enumerate(counts[c])) / sum(counts[c]) for c in CAPTIONS}
+        lines.append(f'- N = {n}: ' + '; '.join(f'{name}: {encoded[(n, c, k)]:.1f} (own {mean_len[c]:.1f})'
+                                                for name, c, k in columns))
+    print('\nEncoded positions per scored caption (mean):\n' + '\n'.join(lines))
 
 
 def time_text_tower(model: str, n: int, captions: str, device: torch.device, reps: int,
@@ -480,8 +491,10 @@ def time_text_tower(model: str, n: int, captions: str, device: torch.device, rep
     counts = length_histogram(caption_lengths(text), clip.context_length)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'amp_bf16')
     rows = []
-    for buckets in (1, 2, 4, 8, clip.context_length):
-        towers.text_buckets = buckets
+    settings = [(1, 0), (2, 0), (4, 0), (8, 0), (clip.context_length, 0),
+                (DEFAULT_TEXT_BUCKETS, DEFAULT_TEXT_BUCKET_OVERHEAD)]
+    for buckets, overhead in settings:
+        towers.text_buckets, towers.text_bucket_overhead = buckets, overhead
         times = []
         with torch.inference_mode(), autocast:
             for rep in range(reps + 1):
@@ -491,18 +504,18 @@ def time_text_tower(model: str, n: int, captions: str, device: torch.device, rep
                 _sync(device)
                 if rep:
                     times.append(1e3 * (time.perf_counter() - t0))
-        plan = bucket_plan(counts, buckets)
-        rows.append((buckets, len(plan), encoded_positions(plan) / n, statistics.median(times),
-                     bucketed_text_flops(clip, counts, buckets)))
+        plan = bucket_plan(counts, buckets, overhead)
+        rows.append((buckets, overhead, len(plan), encoded_positions(plan) / n, statistics.median(times),
+                     bucketed_text_flops(clip, counts, buckets, overhead)))
     print(f'\nText tower scoring forward alone: {model}, N = {n} {captions} captions (mean own length '
           f'{sum(i * c for i, c in enumerate(counts)) / n:.1f} tokens), {device.type}, {precision}, inference mode; '
           f'median of {reps}\n')
-    print('| text_buckets | calls | positions / caption | ms | GFLOP (analytic) | × one trim (time) '
+    print('| text_buckets | overhead | calls | positions / caption | ms | GFLOP (analytic) | × one trim (time) '
           '| × one trim (FLOPs) |')
-    print('|---:|---:|---:|---:|---:|---:|---:|')
-    for buckets, calls, positions, ms, flops in rows:
-        print(f'| {buckets} | {calls} | {positions:.1f} | {ms:.1f} | {flops / 1e9:.1f} | {ms / rows[0][3]:.2f} '
-              f'| {flops / rows[0][4]:.2f} |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|')
+    for buckets, overhead, calls, positions, ms, flops in rows:
+        print(f'| {buckets} | {overhead} | {calls} | {positions:.1f} | {ms:.1f} | {flops / 1e9:.2f} '
+              f'| {ms / rows[0][4]:.2f} | {flops / rows[0][5]:.2f} |')
 
 
 def main(argv: Optional[list[str]] = None) -> list[Result]:
@@ -531,6 +544,8 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
                         help="the trained model's optimizer (a uniform row with the other one is added)")
     parser.add_argument('--text-buckets', type=int, default=None,
                         help=f'CLIPTowers.text_buckets of learner and reference (default {DEFAULT_TEXT_BUCKETS})')
+    parser.add_argument('--text-bucket-overhead', type=int, default=None,
+                        help=f'CLIPTowers.text_bucket_overhead in positions (default {DEFAULT_TEXT_BUCKET_OVERHEAD})')
     parser.add_argument('--compile', action='store_true', help="torch.compile the model (Composer's compile_config)")
     parser.add_argument('--compile-scoring', action='store_true', help='JEST(compile_scoring=True)')
     parser.add_argument('--peak-flops', type=float, default=None,
@@ -569,8 +584,7 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
 
     torch.manual_seed(0)
     reference = CLIPModel(args.model)  # random weights: timing does not depend on them
-    if args.text_buckets is not None:
-        reference.towers.text_buckets = args.text_buckets
+    configure_text_buckets(reference, args)
     if args.device == 'cuda':
         reference = reference.to(device)
     clip = reference.towers.clip

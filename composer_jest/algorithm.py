@@ -28,7 +28,12 @@ from composer_jest.selection import (
     joint_sample,
     score_matrix,
 )
-from composer_jest.text_buckets import DEFAULT_TEXT_BUCKETS, caption_lengths, length_histogram
+from composer_jest.text_buckets import (
+    DEFAULT_TEXT_BUCKET_OVERHEAD,
+    DEFAULT_TEXT_BUCKETS,
+    caption_lengths,
+    length_histogram,
+)
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +455,9 @@ class JEST(Algorithm):
         key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]), counts)
         if key != self._flops_key:
             model = _unwrap(state.model)
-            buckets = getattr(getattr(model, 'towers', None), 'text_buckets', DEFAULT_TEXT_BUCKETS)
+            towers = getattr(model, 'towers', None)
+            buckets = getattr(towers, 'text_buckets', DEFAULT_TEXT_BUCKETS)
+            overhead = getattr(towers, 'text_bucket_overhead', DEFAULT_TEXT_BUCKET_OVERHEAD)
             try:
                 self._flops = step_flops(
                     model, superbatch=n, subbatch=b, learner_patch_size=self.learner_patch_size,
@@ -458,7 +465,7 @@ class JEST(Algorithm):
                     uses_reference=self.uses_reference, uses_learner=self.uses_learner,
                     low_res_fraction=getattr(model, 'low_res_fraction', 0.0),
                     low_res_patch_size=getattr(model, 'low_res_patch_size', None), text_length_counts=counts,
-                    text_buckets=buckets)
+                    text_buckets=buckets, text_bucket_overhead=overhead)
             except NotImplementedError:  # non-ViT / non-open_clip towers: no estimate
                 self._flops = None
             self._flops_key = key

@@ -24,7 +24,13 @@ from torchmetrics import Metric
 
 from composer_jest.flexi import check_patch_size
 from composer_jest.losses import LOSSES
-from composer_jest.text_buckets import DEFAULT_TEXT_BUCKETS, bucket_plan, caption_lengths, length_histogram
+from composer_jest.text_buckets import (
+    DEFAULT_TEXT_BUCKET_OVERHEAD,
+    DEFAULT_TEXT_BUCKETS,
+    bucket_plan,
+    caption_lengths,
+    length_histogram,
+)
 
 __all__ = ['CLIPTowers', 'CLIPModel', 'ZeroShotAccuracy', 'RetrievalRecall', 'build_clip', 'model_config_dir']
 
@@ -84,8 +90,10 @@ class CLIPTowers(nn.Module):
     ``low_res`` images of the batch can be encoded at ``low_res_patch_size`` (multi-resolution).
     """
 
-    # Most length buckets ``encode_text`` splits a batch of captions into (1: one trim to the longest caption).
+    # Most length buckets ``encode_text`` splits a batch of captions into (1: one trim to the longest caption),
+    # and what one more bucket (one more text-transformer call) must save, in encoded positions.
     text_buckets: int = DEFAULT_TEXT_BUCKETS
+    text_bucket_overhead: int = DEFAULT_TEXT_BUCKET_OVERHEAD
 
     def __init__(self, clip: nn.Module):
         super().__init__()
@@ -105,20 +113,25 @@ class CLIPTowers(nn.Module):
 
         With a causal mask and EOT (argmax) pooling, no token after a caption's EOT reaches its pooled
         output (:mod:`composer_jest.text_buckets`). The captions are grouped by length into at most
-        ``text_buckets`` buckets (chosen to minimise the encoded positions) and each bucket is encoded up to
-        its own longest caption, so a caption costs close to its own length instead of the batch maximum or
-        the context length; the features (and gradients) equal the untrimmed ones, in the input order.
-        Reading the length histogram is one host copy per call.
+        ``text_buckets`` buckets (the plan minimising encoded positions + ``text_bucket_overhead`` per extra
+        bucket) and each bucket runs the transformer up to its own longest caption, so a caption costs close
+        to its own length instead of the batch maximum or the context length. The token and positional
+        embeddings are looked up once for the whole batch (one embedding gradient, not one per bucket). The
+        features (and gradients) equal the untrimmed ones, in the input order. Reading the length histogram
+        is one host copy per call.
         """
         clip = self.clip
         if not self._text_trimmable():
             return clip.encode_text(text)
         lengths = caption_lengths(text)
-        plan = bucket_plan(length_histogram(lengths, text.shape[1]), self.text_buckets)
+        plan = bucket_plan(length_histogram(lengths, text.shape[1]), self.text_buckets, self.text_bucket_overhead)
+        text = text[:, :plan[-1][0]]  # no bucket needs a position after the longest caption's EOT
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:text.shape[1]].to(cast_dtype)
         if len(plan) == 1:
-            return self._encode_text_prefix(text, plan[0][0])
+            return self._encode_text_embedded(x, text)
         order = torch.argsort(lengths, stable=True)  # bucket g = the next n_g captions in length order
-        parts = [self._encode_text_prefix(text.index_select(0, idx), length)
+        parts = [self._encode_text_embedded(x.index_select(0, idx)[:, :length], text.index_select(0, idx)[:, :length])
                  for idx, (length, _) in zip(order.split([n for _, n in plan]), plan)]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -130,14 +143,10 @@ class CLIPTowers(nn.Module):
         return (isinstance(clip, open_clip.CLIP) and getattr(clip, 'text_pool_type', None) == 'argmax'
                 and getattr(clip, 'attn_mask', None) is not None)
 
-    def _encode_text_prefix(self, text: torch.Tensor, length: int) -> torch.Tensor:
-        """``clip.encode_text`` of the first ``length`` positions of ``text`` (exact when trimmable)."""
+    def _encode_text_embedded(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The rest of ``clip.encode_text`` on embedded tokens ``x`` ``[B, L, w]`` of ids ``text`` ``[B, L]``."""
         clip = self.clip
-        if length >= text.shape[1]:
-            return clip.encode_text(text)
-        text = text[:, :length]
-        cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        length = text.shape[1]
         x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
         x = text_global_pool(x, text, 'argmax')
         projection = clip.text_projection

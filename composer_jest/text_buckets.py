@@ -26,12 +26,16 @@ from typing import Union
 
 import torch
 
-__all__ = ['DEFAULT_TEXT_BUCKETS', 'caption_lengths', 'length_histogram', 'bucket_plan', 'encoded_positions']
+__all__ = ['DEFAULT_TEXT_BUCKETS', 'DEFAULT_TEXT_BUCKET_OVERHEAD', 'caption_lengths', 'length_histogram', 'bucket_plan',
+           'encoded_positions']
 
-# Default most buckets per encode (``CLIPTowers.text_buckets``). On alt-text-like lengths (CC3M-like, mean 15.5
-# tokens, a tail to 64) 8 buckets encode 17.3 positions per caption (4: 20.0, 1: 64, i.e. the longest caption);
-# on Fashion-web captions (mean 13.6) 14.3 -- for 8 text-tower calls instead of 1 (benchmarks/step_cost.py).
+# Defaults of ``CLIPTowers.text_buckets`` / ``text_bucket_overhead``. On alt-text-like lengths (CC3M-like, mean 15.5
+# tokens, a tail to 64), N = 1280 scored captions take 4 buckets and 20.0 positions per caption (8 free buckets:
+# 17.2; one trim to the longest: 64); a trained batch of b = 256 takes 2. The overhead -- one more text-transformer
+# call, in encoded positions -- is an estimate for ViT-B/16's text tower on an H100 (~150 kernel launches, ~1 ms,
+# vs ~0.3 us per position at half of the bf16 peak), not a measurement: tune it with benchmarks/step_cost.py.
 DEFAULT_TEXT_BUCKETS = 8
+DEFAULT_TEXT_BUCKET_OVERHEAD = 2048
 
 Plan = list[tuple[int, int]]  # (encoded length L_g, number of captions n_g), by increasing L_g
 
@@ -54,22 +58,27 @@ def length_histogram(lengths: Union[torch.Tensor, Sequence[int]], context: int) 
     return counts
 
 
-def bucket_plan(counts: Sequence[int], max_buckets: int) -> Plan:
+def bucket_plan(counts: Sequence[int], max_buckets: int, overhead: float = 0) -> Plan:
     """Cut the length histogram into at most ``max_buckets`` buckets minimising the encoded positions.
 
     Args:
         counts: ``counts[ℓ]`` captions of length ``ℓ`` (:func:`length_histogram`).
         max_buckets: ``K >= 1``; ``1`` encodes the whole batch at its longest caption.
+        overhead: the cost of each bucket after the first, in encoded positions (a separate call of the
+            text transformer: kernel launches, small matmuls); ``0``: as many buckets as help.
 
     Returns:
         ``[(L_g, n_g)]`` by increasing ``L_g``: bucket ``g`` holds the next ``n_g`` captions in length order,
-        encoded at ``L_g`` positions. Minimises ``Σ_g n_g · L_g`` over all cuts into ``<= K`` groups.
+        encoded at ``L_g`` positions. Minimises ``Σ_g n_g · L_g + (k − 1) · overhead`` over all cuts into
+        ``k <= K`` groups.
 
     Raises:
-        ValueError: ``max_buckets`` is not an int >= 1, or a count is negative.
+        ValueError: ``max_buckets`` is not an int >= 1, ``overhead`` is negative, or a count is negative.
     """
     if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
         raise ValueError(f'max_buckets (text_buckets) must be an int >= 1, got {max_buckets!r}')
+    if not overhead >= 0:
+        raise ValueError(f'overhead (text_bucket_overhead) must be >= 0 positions, got {overhead!r}')
     if any(c < 0 for c in counts):
         raise ValueError('caption length counts must be >= 0')
     values = [(length, int(c)) for length, c in enumerate(counts) if c > 0]
@@ -92,7 +101,7 @@ def bucket_plan(counts: Sequence[int], max_buckets: int) -> Plan:
                 cost = best[k - 1][i] + (prefix[j] - prefix[i]) * length
                 if cost < best[k][j]:
                     best[k][j], cut[k][j] = cost, i
-    k = min(range(1, k_max + 1), key=lambda kk: (best[kk][m], kk))  # fewest buckets among the optima
+    k = min(range(1, k_max + 1), key=lambda kk: (best[kk][m] + (kk - 1) * overhead, kk))  # fewest among optima
     plan: Plan = []
     j = m
     while k > 0:

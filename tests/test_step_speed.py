@@ -33,7 +33,7 @@ def captions(n: int, context: int, vocab: int, seed: int, lengths=None) -> torch
     return text
 
 
-def brute_force_plan_cost(counts: list[int], k: int) -> int:
+def brute_force_plan_cost(counts: list[int], k: int, overhead: float = 0) -> float:
     lengths = [length for length, c in enumerate(counts) if c]
     best = None
     for cuts in range(k):  # every way to cut the distinct lengths into cuts + 1 contiguous groups
@@ -42,6 +42,7 @@ def brute_force_plan_cost(counts: list[int], k: int) -> int:
             for end in bounds:
                 cost += sum(counts[length] for length in lengths[start:end + 1]) * lengths[end]
                 start = end + 1
+            cost += cuts * overhead
             best = cost if best is None else min(best, cost)
     return best
 
@@ -51,14 +52,18 @@ def test_bucket_plan_is_the_least_positions_cut(seed):
     rng = random.Random(seed)
     counts = [0] + [rng.choice([0, 0, 1, 3, 7]) for _ in range(12)]
     counts[rng.randrange(1, 13)] += 1
-    for k in (1, 2, 3, 5):
-        plan = bucket_plan(counts, k)
+    for k, overhead in itertools.product((1, 2, 3, 5), (0, 7, 30)):
+        plan = bucket_plan(counts, k, overhead)
         assert len(plan) <= k and sum(n for _, n in plan) == sum(counts)
         assert [length for length, _ in plan] == sorted({length for length, _ in plan})
-        assert encoded_positions(plan) == brute_force_plan_cost(counts, k)
+        cost = encoded_positions(plan) + (len(plan) - 1) * overhead
+        assert cost == brute_force_plan_cost(counts, k, overhead)
     assert encoded_positions(bucket_plan(counts, 99)) == sum(c * length for length, c in enumerate(counts))
+    assert len(bucket_plan(counts, 5, overhead=10**9)) == 1  # a call costs more than any saving
     with pytest.raises(ValueError, match='text_buckets'):
         bucket_plan(counts, 0)
+    with pytest.raises(ValueError, match='text_bucket_overhead'):
+        bucket_plan(counts, 2, overhead=-1)
 
 
 def test_bucketed_text_equals_untrimmed_forward_and_backward_and_costs_its_own_lengths():
@@ -66,10 +71,11 @@ def test_bucketed_text_equals_untrimmed_forward_and_backward_and_costs_its_own_l
     model = CLIPModel('jest-tiny')
     model.towers.double()  # float64: bucketing changes summation order only, so the match is tight
     clip, towers = model.towers.clip, model.towers
+    towers.text_bucket_overhead = 0  # 12 captions: split them whenever it saves a position
     text = captions(12, clip.context_length, clip.vocab_size, seed=1,
                     lengths=[3, 3, 4, 4, 4, 5, 6, 6, 16, 3, 9, 10])
     assert towers.text_buckets > 1
-    plan = bucket_plan(length_histogram(caption_lengths(text), clip.context_length), towers.text_buckets)
+    plan = bucket_plan(length_histogram(caption_lengths(text), clip.context_length), towers.text_buckets, 0)
     assert len(plan) > 1  # the captions really are split
     full = clip.encode_text(text)
     bucketed = towers.encode_text(text)
@@ -82,7 +88,7 @@ def test_bucketed_text_equals_untrimmed_forward_and_backward_and_costs_its_own_l
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         towers.encode_text(text)
     counts = length_histogram(caption_lengths(text), clip.context_length)
-    analytic = bucketed_text_flops(clip, counts, towers.text_buckets)
+    analytic = bucketed_text_flops(clip, counts, towers.text_buckets, towers.text_bucket_overhead)
     assert counter.get_total_flops() == pytest.approx(analytic, rel=1e-6)
     assert analytic < 0.6 * text.shape[0] * text_forward_flops(clip, 16)
 
