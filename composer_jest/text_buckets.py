@@ -81,7 +81,7 @@ def bucket_plan(counts: Sequence[int], max_buckets: int, overhead: float = 0) ->
         raise ValueError(f'overhead (text_bucket_overhead) must be >= 0 positions, got {overhead!r}')
     if any(c < 0 for c in counts):
         raise ValueError('caption length counts must be >= 0')
-    values = [(length, int(c)) for length, c in enumerate(counts) if c > 0]
+    values = [(length, c) for length, c in enumerate(counts) if c > 0]  # counts may be fractional (expected)
     if not values:
         return []
     m = len(values)

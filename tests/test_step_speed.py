@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer_jest import JEST, CLIPModel
-from composer_jest.flops import bucketed_text_flops, step_flops, text_forward_flops
+from composer_jest.flops import bucketed_text_flops, logits_flops, step_flops, text_forward_flops, vit_forward_flops
 from composer_jest.optim import FusedDecoupledAdamW
 from composer_jest.text_buckets import bucket_plan, caption_lengths, encoded_positions, length_histogram
 
@@ -111,6 +111,16 @@ def test_step_flops_cost_captions_by_bucket():
     assert one_bucket['ratio'] == pytest.approx(trimmed['ratio'], rel=1e-12)
     with pytest.raises(ValueError, match='not both'):
         step_flops(clip, text_tokens=40, text_length_counts=counts, **kw)
+
+    def train_text_per_caption(b: int) -> float:  # uniform_train = 3 (b (image + text) + logits)
+        u = step_flops(clip, superbatch=1280, subbatch=b, text_length_counts=counts)['uniform_train']
+        return (u / 3 - logits_flops(b, 768) - b * vit_forward_flops(clip.visual)) / b
+
+    # The trained batch is costed as b captions of the super-batch's length distribution, with its own plan:
+    # b = 256 is the histogram / 5 exactly (120, 100, 36); b = 255 gives fractional expected counts.
+    assert train_text_per_caption(256) == pytest.approx(
+        bucketed_text_flops(clip, length_histogram([8] * 120 + [14] * 100 + [40] * 36, 64)) / 256, rel=1e-9)
+    assert train_text_per_caption(255) == pytest.approx(train_text_per_caption(256), rel=1e-3)
 
 
 def _run_scoring(fast: bool, batch: dict, reference: CLIPModel) -> dict:
