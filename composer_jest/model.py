@@ -88,6 +88,7 @@ class CLIPTowers(nn.Module):
     input), ``logit_scale`` (the scale itself, ``exp`` of the parameter) and ``logit_bias``.
     ``patch_size`` encodes the image at another patch size (FlexiViT) for cheap scoring; the first
     ``low_res`` images of the batch can be encoded at ``low_res_patch_size`` (multi-resolution).
+    Captions are encoded in length buckets (``text_buckets``, ``text_bucket_overhead``; see ``encode_text``).
     """
 
     # Most length buckets ``encode_text`` splits a batch of captions into (1: one trim to the longest caption),
