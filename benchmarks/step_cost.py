@@ -22,8 +22,15 @@ at the full context, is kept as extra rows marked ``[full context]`` (their rati
 on the same full-context captions). Each row reports MFU, the analytic model FLOPs of the step (``flops.step_flops``
 on that batch's caption lengths) / step time / ``--peak-flops`` (default: the H100's dense bf16 peak on CUDA).
 
+The trained model's optimizer is ``--optimizer`` (default ``fused_decoupled_adamw``; one ``uniform`` row uses the
+other, Composer's ``DecoupledAdamW``); ``--compile`` compiles the model through Composer's ``compile_config``,
+``--compile-scoring`` only JEST's scoring forward; ``--text-buckets`` / ``--text-bucket-overhead`` set the
+``CLIPTowers`` bucket plan. ``--clock process`` times CPU time instead of wall time (CPU only: robust on a shared
+machine).
+
 A table of **analytic** ratios for ViT-B/16 (224 px, context 64; the paper's setting) at each caption distribution
-follows (``--analytic-only`` prints only that).
+follows (``--analytic-only`` prints only that); ``--text-tower-only N`` times only the learner's text scoring
+forward on ``N`` captions for several bucket settings.
 
 Then the joint sampler alone (``joint_sample`` on a random ``N x N`` matrix, ``n_select = 0.2 N``, 16 chunks)
 and ``jest_select`` (pair losses of both models + sampler + statistics) for several ``N``.
@@ -34,6 +41,8 @@ Examples::
     python benchmarks/step_cost.py --device cuda --model jest-vit-b-16 --precision amp_bf16 --batch-size 256
     python benchmarks/step_cost.py --quick --profile
     python benchmarks/step_cost.py --analytic-only
+    python benchmarks/step_cost.py --device cpu --clock process --sampler-sizes ''
+    python benchmarks/step_cost.py --text-tower-only 1280 --device cuda --model jest-vit-b-16 --precision amp_bf16
 """
 
 from __future__ import annotations

@@ -126,6 +126,8 @@ class CLIPTowers(nn.Module):
             return clip.encode_text(text)
         lengths = caption_lengths(text)
         plan = bucket_plan(length_histogram(lengths, text.shape[1]), self.text_buckets, self.text_bucket_overhead)
+        if not plan:  # no captions
+            return clip.encode_text(text)
         text = text[:, :plan[-1][0]]  # no bucket needs a position after the longest caption's EOT
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:text.shape[1]].to(cast_dtype)

@@ -80,6 +80,7 @@ def test_bucketed_text_equals_untrimmed_forward_and_backward_and_costs_its_own_l
     full = clip.encode_text(text)
     bucketed = towers.encode_text(text)
     torch.testing.assert_close(bucketed, full, atol=1e-12, rtol=1e-12)  # same features, in the input order
+    assert towers.encode_text(text[:0]).shape == (0, full.shape[1])  # an empty batch: no plan, no error
     grad_b = torch.autograd.grad(bucketed.square().sum(), clip.token_embedding.weight)[0]
     grad_f = torch.autograd.grad(clip.encode_text(text).square().sum(), clip.token_embedding.weight)[0]
     torch.testing.assert_close(grad_b, grad_f, atol=1e-12, rtol=1e-10)
