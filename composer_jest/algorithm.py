@@ -339,7 +339,7 @@ class JEST(Algorithm):
         ``no_grad``. Not for an FSDP-wrapped learner: FSDP keeps the unsharded parameters it gathers in a
         forward, and gathered in inference mode they would be inference tensors the training forward cannot
         save for backward. The reference is never wrapped."""
-        if self.fast_scoring and not (learner and state.fsdp_enabled):
+        if self.fast_scoring and not (learner and getattr(state, 'fsdp_enabled', False)):
             return torch.inference_mode()
         return torch.no_grad()
 
