@@ -564,6 +564,9 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
                         help='peak FLOP/s for the MFU column (default on cuda: 989e12, H100 dense bf16; none on cpu)')
     parser.add_argument('--text-tower-only', type=int, default=None, metavar='N',
                         help="time only the learner's text scoring forward on N captions, by number of buckets")
+    parser.add_argument('--only', type=str, default=None,
+                        help="comma-separated config names to run (e.g. 'uniform,jest+flexi+cached+multires'); "
+                             'the uniform row on the same captions always runs (the time ratios need it)')
     parser.add_argument('--clock', choices=('wall', 'process'), default='wall',
                         help="step timer: wall time, or (CPU only) this process's CPU time, robust on a shared box")
     parser.add_argument('--analytic-only', action='store_true',
@@ -628,6 +631,12 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
         configs.append(Config('uniform', None, captions='full'))
         configs += [Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True, captions='full')
                     for f in ratios]
+    if args.only:
+        names = {x.strip() for x in args.only.split(',') if x.strip()}
+        known = {c.name for c in configs}
+        if names - known:
+            parser.error(f'--only: unknown config(s) {sorted(names - known)}; configs: {sorted(known)}')
+        configs = [c for c in configs if c.name in names or (c.name == 'uniform' and not c.optimizer)]
     results: dict[int, Result] = {}
     for repeat in range(args.repeats):
         for i, config in enumerate(configs):
