@@ -81,6 +81,9 @@ class CLIPTowers(nn.Module):
     input), ``logit_scale`` (the scale itself, ``exp`` of the parameter) and ``logit_bias``.
     ``patch_size`` encodes the image at another patch size (FlexiViT) for cheap scoring; the first
     ``low_res`` images of the batch can be encoded at ``low_res_patch_size`` (multi-resolution).
+
+    Every returned tensor owns its storage: none aliases a parameter or buffer (FSDP frees the unsharded
+    parameters after the forward, so an alias read later is a use-after-free on CUDA).
     """
 
     def __init__(self, clip: nn.Module):
@@ -139,11 +142,14 @@ class CLIPTowers(nn.Module):
         if text is not None:
             text_features = F.normalize(self.encode_text(text), dim=-1)
         bias = getattr(self.clip, 'logit_bias', None)
+        # Nothing returned here may alias a parameter: under FSDP mixed precision a parameter seen inside the
+        # forward is the unsharded low-precision copy, whose storage FSDP frees right after the forward.
+        # ``exp`` already allocates; the bias is cloned (still differentiable, so it trains).
         return {
             'image_features': image_features,
             'text_features': text_features,
             'logit_scale': self.clip.logit_scale.exp(),
-            'logit_bias': bias,
+            'logit_bias': bias.clone() if bias is not None else None,
         }
 
 
