@@ -67,8 +67,8 @@ class Context:
 
     def run(self, args: list[str], env: dict[str, str] | None = None, name: str = 'run') -> str:
         """Run a command in the scratch folder; raise with the tail of its output when it fails."""
-        full_env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
-                    **(env or {})}
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')]))
+        full_env = {**os.environ, 'PYTHONPATH': path, **(env or {})}
         if self.device == 'cpu':
             full_env.setdefault('OMP_NUM_THREADS', '1')
         proc = subprocess.run(args, cwd=self.workdir, env=full_env, capture_output=True, text=True,
@@ -76,7 +76,8 @@ class Context:
         log = self.workdir / f'{name}.log'
         log.write_text(proc.stdout + '\n' + proc.stderr)
         if proc.returncode != 0:
-            raise CheckFailed(f'{name} exited {proc.returncode}; last output ({log}):\n{_tail(proc.stdout + proc.stderr)}')
+            tail = _tail(proc.stdout + proc.stderr)
+            raise CheckFailed(f'{name} exited {proc.returncode}; last output ({log}):\n{tail}')
         return proc.stdout
 
     def train(self, yaml: Path | str, overrides: list[str], env: dict[str, str] | None = None,
@@ -97,9 +98,10 @@ class Context:
         """The quickstart reference, trained briefly in bf16 (no FSDP)."""
         if 'reference' not in self._cache:
             folder = self.workdir / 'reference'
-            self.train(RECIPES / 'quickstart_reference.yaml',
-                       ['max_duration=40ba', 'eval_interval=40ba', 'save_interval=40ba', f'save_folder={folder}',
-                        f'precision={self.precision}'], name='reference')
+            if not (folder / 'reference.pt').is_file():  # a reused --workdir keeps what it built
+                self.train(RECIPES / 'quickstart_reference.yaml',
+                           ['max_duration=40ba', 'eval_interval=40ba', 'save_interval=40ba', f'save_folder={folder}',
+                            f'precision={self.precision}'], name='reference')
             self._cache['reference'] = folder / 'reference.pt'
         return self._cache['reference']
 
@@ -108,9 +110,10 @@ class Context:
         if name not in self._cache:
             out = self.workdir / 'mds' / name
             n, noise = (2048, 0.5) if name == 'train' else (256, 0.0)
-            self.cli('convert', 'shapes', '--out', str(out), '--num-samples', str(n), '--noise', str(noise),
-                     '--seed', '5' if name == 'train' else '6', '--size-limit', '256kb', '--no-progress',
-                     name=f'convert-{name}')
+            if not (out / 'index.json').is_file():
+                self.cli('convert', 'shapes', '--out', str(out), '--num-samples', str(n), '--noise', str(noise),
+                         '--seed', '5' if name == 'train' else '6', '--size-limit', '256kb', '--no-progress',
+                         name=f'convert-{name}')
             self._cache[name] = out
         return self._cache[name]
 
@@ -118,9 +121,10 @@ class Context:
         """The train shards with the reference's embeddings written in (``embed-reference``)."""
         if 'cached' not in self._cache:
             out = self.workdir / 'mds' / 'train-ref'
-            self.cli('embed-reference', '--model', 'jest-tiny', '--checkpoint', str(self.reference()),
-                     '--local', str(self.shards()), '--out', str(out), '--device', self.device, '--no-progress',
-                     name='embed-reference')
+            if not (out / 'index.json').is_file():
+                self.cli('embed-reference', '--model', 'jest-tiny', '--checkpoint', str(self.reference()),
+                         '--local', str(self.shards()), '--out', str(out), '--device', self.device,
+                         '--no-progress', name='embed-reference')
             self._cache['cached'] = out
         return self._cache['cached']
 
@@ -162,8 +166,9 @@ def check_flexi_multires(ctx: Context) -> str:
 def check_cached_reference(ctx: Context) -> str:
     overrides, env = ctx.fsdp(2)
     ctx.train(RECIPES / 'quickstart.yaml',
-              ['algorithms.jest.reference=cached', 'max_duration=10ba', 'eval_interval=10ba', 'global_train_batch_size=32',
-               *ctx.mds_loaders(ctx.cached_shards(), 'cached'), *overrides], env, name='cached-reference')
+              ['algorithms.jest.reference=cached', 'max_duration=10ba', 'eval_interval=10ba',
+               'global_train_batch_size=32', *ctx.mds_loaders(ctx.cached_shards(), 'cached'), *overrides],
+              env, name='cached-reference')
     return 'embed-reference, then 10 JEST steps with reference: cached'
 
 

@@ -89,7 +89,9 @@ def _bf16_compute_copy(master: torch.nn.Module) -> torch.nn.Module:
     work = copy.deepcopy(master).to(torch.bfloat16)
 
     def cast_inputs(_module, args, kwargs):
-        cast = lambda v: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        def cast(v):
+            return v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
     work.towers.register_forward_pre_hook(cast_inputs, with_kwargs=True)
