@@ -19,7 +19,7 @@ from composer.utils import dist
 from composer_jest.flexi import check_patch_size
 from composer_jest.flops import step_flops
 from composer_jest.losses import LOSSES, SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
-from composer_jest.reference import ReferenceSpec, load_reference, validate_reference
+from composer_jest.reference import ReferenceSpec, load_reference, preload_reference
 from composer_jest.selection import (
     SCORE_METHODS,
     SELECTION_METHODS,
@@ -240,13 +240,13 @@ class JEST(Algorithm):
             raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
         if isinstance(track_keys, str):  # a bare string would be split into its characters
             track_keys = (track_keys,)
-        if reference != 'cached':
-            validate_reference(reference)
+        # Loaded now when its architecture is known: a bad file or a mismatch fails here, not at fit start.
+        preloaded = preload_reference(reference) if reference != 'cached' else None
         self.reference_spec = reference
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
         self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
-        self.reference = None
+        self.reference = preloaded
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
