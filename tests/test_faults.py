@@ -8,18 +8,32 @@ non-finite scores named by their source. Everything runs on local files or the m
 
 from __future__ import annotations
 
+import csv
 import fractions
+import json
 import os
-import warnings
 
 import pytest
 import torch
 from composer import Trainer
 from conftest import fit, make_model
+from s3_server import moto_server, s3_endpoint, streaming_shm  # noqa: F401  (pytest fixtures)
+from streaming import StreamingDataset
+from test_data_convert import QUIET, _make_folder, _read, _write_csv
 
 from composer_jest import JEST
 from composer_jest.checkpoint import CheckpointError, check_resumable
 from composer_jest.data import shapes_dataloader
+from composer_jest.data.convert import (
+    SUMMARY_FILE,
+    BadSampleError,
+    CaptionCheck,
+    ConversionError,
+    MDSOptions,
+    convert_folder,
+    convert_shapes,
+    main,
+)
 from composer_jest.model import checkpoint_state_dict
 
 OTHER_ARCH = {  # jest-tiny with a wider text tower: same keys, other shapes
@@ -84,3 +98,78 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     trainer, _ = fit(make_model(seed=0), loader(), steps=3, autoresume=True, **kwargs)
     assert int(trainer.state.timestamp.batch) == 3
     trainer.close()
+
+
+# -- 2. a failed conversion keeps the previous dataset -------------------------------------------------------
+def _bad_overwrite(tmp_path, out: str) -> None:
+    """``convert folder --overwrite`` over ``out`` from a CSV whose row 4 names a missing image: fails."""
+    rows = _make_folder(tmp_path / 'src', n=6, bad={3: 'missing_file'})
+    _write_csv(tmp_path / 'src' / 'captions.csv', rows)
+    overwrite = MDSOptions(size_limit=4_000, progress=False, overwrite=True)
+    with pytest.raises(BadSampleError, match=r'captions\.csv:5'):
+        convert_folder(tmp_path / 'src' / 'captions.csv', out, options=overwrite)
+
+
+def test_failed_local_overwrite_keeps_the_previous_dataset(tmp_path, streaming_shm):  # noqa: F811
+    out = str(tmp_path / 'mds')
+    convert_shapes(out, num_samples=12, seed=4, options=QUIET)
+    before = [s['caption'] for s in _read(out)]
+    _bad_overwrite(tmp_path, out)
+    assert [s['caption'] for s in _read(out)] == before and len(before) == 12
+    assert sorted(os.listdir(tmp_path)) == ['mds', 'src'], 'no staging directory is left behind'
+    convert_shapes(out, num_samples=5, options=MDSOptions(size_limit=4_000, progress=False, overwrite=True))
+    assert len(_read(out)) == 5 and sorted(os.listdir(tmp_path)) == ['mds', 'src']
+
+
+def test_failed_s3_overwrite_keeps_the_previous_dataset(s3_endpoint, tmp_path):  # noqa: F811
+    out = f's3://{s3_endpoint.bucket}/mds'
+    convert_shapes(out, num_samples=12, seed=4, options=QUIET)
+    keys = lambda: {o['Key'] for o in s3_endpoint.client().list_objects_v2(  # noqa: E731
+        Bucket=s3_endpoint.bucket, Prefix='mds/')['Contents']}
+    before = keys()
+    _bad_overwrite(tmp_path, out)
+    assert keys() == before
+    ds = StreamingDataset(remote=out, local=str(tmp_path / 'cache'), shuffle=False, batch_size=1)
+    assert sorted(int(ds[i]['index']) for i in range(ds.num_samples)) == list(range(12))
+    del ds
+    # a successful overwrite replaces it and deletes the old shards (after the new index is in place)
+    convert_shapes(out, num_samples=5, options=MDSOptions(size_limit=4_000, progress=False, overwrite=True))
+    index = json.loads(s3_endpoint.client().get_object(Bucket=s3_endpoint.bucket, Key='mds/index.json')['Body'].read())
+    referenced = {f'mds/{s["zip_data"]["basename"]}' for s in index['shards']}
+    assert keys() == referenced | {'mds/index.json', f'mds/{SUMMARY_FILE}'}
+    assert sum(s['samples'] for s in index['shards']) == 5
+
+
+# -- 5. conversion: encodings and caption counts -------------------------------------------------------------
+def _captions_csv(tmp_path, captions: list[str], encoding: str = 'utf-8'):
+    rows = _make_folder(tmp_path, n=len(captions))
+    for row, caption in zip(rows, captions):
+        row['caption'] = caption
+    path = tmp_path / 'captions.csv'
+    with open(path, 'w', newline='', encoding=encoding) as f:
+        writer = csv.DictWriter(f, fieldnames=['file_name', 'caption'], extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_latin1_captions_name_the_file_and_take_an_encoding(tmp_path, streaming_shm):  # noqa: F811
+    path = _captions_csv(tmp_path, ['a red dress', 'un café noir', 'a shoe'], encoding='latin-1')
+    with pytest.raises(ConversionError, match=r'captions\.csv:3: not valid utf-8 text.*--encoding'):
+        convert_folder(path, str(tmp_path / 'mds'), options=QUIET, skip_bad=True)
+    assert main(['folder', '--captions', str(path), '--out', str(tmp_path / 'mds'), '--encoding', 'latin-1',
+                 '--no-progress']) == 0
+    assert [s['caption'] for s in _read(str(tmp_path / 'mds'))] == ['a red dress', 'un café noir', 'a shoe']
+
+
+def test_empty_and_long_captions_are_counted(tmp_path, streaming_shm):  # noqa: F811
+    long = ' '.join(['word'] * 100)  # > 77 CLIP tokens: a 77-token model trains on a truncated caption
+    path = _captions_csv(tmp_path, ['a red dress', '  ', long, 'a shoe'])
+    summary = convert_folder(path, str(tmp_path / 'mds'), options=QUIET, skip_bad=True)
+    recorded = json.load(open(tmp_path / 'mds' / SUMMARY_FILE))
+    assert (summary.written, summary.skipped) == (3, 1)
+    assert (recorded['empty_captions'], recorded['long_captions'], recorded['caption_context']) == (1, 1, 77)
+    rejected = convert_folder(path, str(tmp_path / 'strict'), options=QUIET, skip_bad=True,
+                              captions_check=CaptionCheck(context=77, reject_long=True))
+    assert (rejected.written, rejected.skipped, rejected.long_captions) == (2, 2, 1)
+    assert any('longer than 77 tokens' in s for s in rejected.skipped_examples)
