@@ -17,6 +17,7 @@ import copy
 import os
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from composer_jest.model import CLIPModel, CLIPTowers, ModelSpec, build_clip, checkpoint_state_dict
@@ -109,4 +110,9 @@ def load_weights(clip: nn.Module, path: Union[str, os.PathLike], model: Optional
                                      ('unexpected keys', unexpected)) if keys]
         raise ValueError(f'checkpoint {str(path)!r} does not fit the architecture {name!r}: ' + '; '.join(parts)
                          + '. Pass the architecture it was trained with: reference=dict(model=..., checkpoint=...)')
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f'checkpoint {str(path)!r} has NaN or inf weights in {nonfinite[:5]}'
+                         + (f' and {len(nonfinite) - 5} more tensors' if len(nonfinite) > 5 else '')
+                         + ': it comes from a diverged run; use an earlier checkpoint')
     clip.load_state_dict(state)

@@ -12,6 +12,7 @@ import csv
 import fractions
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -173,3 +174,58 @@ def test_empty_and_long_captions_are_counted(tmp_path, streaming_shm):  # noqa: 
                               captions_check=CaptionCheck(context=77, reject_long=True))
     assert (rejected.written, rejected.skipped, rejected.long_captions) == (2, 2, 1)
     assert any('longer than 77 tokens' in s for s in rejected.skipped_examples)
+
+
+# -- 5. non-finite scores name their source and step ---------------------------------------------------------
+def _jest_fit(learner, reference, steps: int = 1, lr: float = 1e-3, batches=None):
+    jest = JEST(reference=reference, filter_ratio=0.5, n_chunks=2, seed=0)
+    loader = batches if batches is not None else shapes_dataloader(learner.tokenizer, steps * 16, 16, seed=2)
+    return fit(learner, loader, steps=steps, algorithms=[jest], lr=lr, warmup=0, device_train_microbatch_size=8)
+
+
+def _poisoned(model):
+    with torch.no_grad():
+        model.towers.clip.visual.conv1.weight[0] = float('nan')
+    return model
+
+
+def test_nan_learner_is_named():
+    with pytest.raises(FloatingPointError, match=r'learner scoring.*at step 0'):
+        _jest_fit(_poisoned(make_model(seed=1)), make_model(seed=3))
+
+
+def test_diverging_learner_is_named_with_its_step():
+    with pytest.raises(FloatingPointError, match=r'learner scoring.*at step [1-9]'):
+        _jest_fit(make_model(seed=1), make_model(seed=3), steps=4, lr=1e6)
+
+
+def test_nan_reference_is_named(composer_checkpoint, tmp_path):
+    with pytest.raises(FloatingPointError, match=r'reference model.*at step 0'):
+        _jest_fit(make_model(seed=1), _poisoned(make_model(seed=3)))
+    obj = torch.load(composer_checkpoint, weights_only=False)
+    obj['state']['model']['towers.clip.visual.conv1.weight'][0] = float('inf')
+    torch.save(obj, tmp_path / 'diverged.pt')
+    with pytest.raises(ValueError, match=r"diverged\.pt' has NaN or inf weights in \['visual\.conv1\.weight'\]"):
+        JEST(reference={'model': 'jest-tiny', 'checkpoint': str(tmp_path / 'diverged.pt')})
+
+
+def test_nan_cached_reference_columns_are_named():
+    learner = make_model(seed=1)
+    batches = []
+    for batch in shapes_dataloader(learner.tokenizer, 16, 16, seed=2):
+        n = batch['image'].shape[0]
+        batch.update(ref_image_features=torch.full((n, 64), float('nan'), dtype=torch.float16),
+                     ref_text_features=torch.zeros(n, 64, dtype=torch.float16),
+                     ref_logit_scale=torch.full((n,), 10.0), ref_logit_bias=torch.full((n,), -10.0))
+        batches.append(batch)
+    with pytest.raises(FloatingPointError, match=r"\['image_features'\] from the cached reference columns.*step 0"):
+        _jest_fit(learner, 'cached', batches=batches)
+
+
+def test_resuming_with_other_jest_settings_warns():
+    saved = JEST(reference='cached', filter_ratio=0.5, n_chunks=4, seed=0).state_dict()
+    with pytest.warns(UserWarning, match=r"filter_ratio: 0\.5 -> 0\.8; n_chunks: 4 -> 16"):
+        JEST(reference='cached', filter_ratio=0.8, n_chunks=16, seed=0).load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the same settings: silent
+        JEST(reference='cached', filter_ratio=0.5, n_chunks=4, seed=0).load_state_dict(saved)
