@@ -35,6 +35,8 @@ from composer_jest.data.convert import (
     convert_shapes,
     main,
 )
+from composer_jest.data.shapes import ShapesDataset
+from composer_jest.data.streaming import ImageTextStreamingDataset, ShardError
 from composer_jest.model import checkpoint_state_dict
 
 OTHER_ARCH = {  # jest-tiny with a wider text tower: same keys, other shapes
@@ -229,3 +231,58 @@ def test_resuming_with_other_jest_settings_warns():
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # the same settings: silent
         JEST(reference='cached', filter_ratio=0.5, n_chunks=4, seed=0).load_state_dict(saved)
+
+
+# -- 3. shards on disk are checked before they are trusted ---------------------------------------------------
+def _captions(remote, local) -> list[str]:
+    ds = ImageTextStreamingDataset(remote=remote, local=local, tokenizer=lambda c: torch.zeros(len(c), 4),
+                                   keep_caption=True, shuffle=False, batch_size=1)
+    try:
+        return [ds[i]['caption'] for i in range(ds.num_samples)]
+    finally:
+        del ds
+
+
+def _files(root, suffix: str) -> list[str]:
+    return sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith(suffix))
+
+
+def _rewrite_caption(path: str, caption: str) -> None:
+    """Overwrite ``caption``'s bytes in a raw shard in place (same length: only a hash can tell)."""
+    data = open(path, 'rb').read()
+    assert caption.encode() in data
+    open(path, 'wb').write(data.replace(caption.encode(), b'Z' * len(caption.encode()), 1))
+
+
+def test_corrupted_or_truncated_local_shard_fails_before_training(tmp_path, streaming_shm):  # noqa: F811
+    out = str(tmp_path / 'mds')
+    convert_shapes(out, num_samples=24, seed=4, options=MDSOptions(size_limit=4_000, progress=False,
+                                                                  compression=None))
+    shard = _files(out, '.mds')[1]
+    _rewrite_caption(shard, ShapesDataset(24, seed=4).example(_first_index(shard))['caption'])
+    with pytest.raises(ShardError, match=r'shard shard\.00001\.mds of .* is corrupted: its xxh64 hash'):
+        ImageTextStreamingDataset(local=out, tokenizer=lambda c: c, batch_size=1)
+    os.truncate(shard, 100)
+    with pytest.raises(ShardError, match=r'shard\.00001\.mds .*100 bytes on disk'):
+        ImageTextStreamingDataset(local=out, tokenizer=lambda c: c, batch_size=1)
+
+
+def _first_index(shard_path: str) -> int:
+    """The ``index`` of the first sample of a raw MDS shard (samples are written in order)."""
+    index = json.load(open(os.path.join(os.path.dirname(shard_path), 'index.json')))
+    names = [s['raw_data']['basename'] for s in index['shards']]
+    return sum(s['samples'] for s in index['shards'][:names.index(os.path.basename(shard_path))])
+
+
+def test_damaged_cache_is_fetched_again_from_the_remote(s3_endpoint, tmp_path):  # noqa: F811
+    remote, cache = f's3://{s3_endpoint.bucket}/mds', str(tmp_path / 'cache')
+    convert_shapes(remote, num_samples=24, seed=4, options=QUIET)
+    expected = [ShapesDataset(24, seed=4).example(i)['caption'] for i in range(24)]
+    assert _captions(remote, cache) == expected  # fills the cache (decompressed shards)
+    shards = _files(cache, '.mds')
+    _rewrite_caption(shards[0], expected[0])  # bit rot, same length
+    os.truncate(shards[2], 100)  # a partial write
+    assert _captions(remote, cache) == expected, 'damaged cached shards are fetched again'
+    with open(os.path.join(cache, 'index.json'), 'w') as f:
+        f.write('{"version": 2, "shards": [')  # a cut-off index
+    assert _captions(remote, cache) == expected, 'a corrupt cached index.json is fetched again'
