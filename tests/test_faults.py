@@ -12,13 +12,16 @@ import csv
 import fractions
 import json
 import os
+import signal
+import threading
+import time
 import warnings
 
 import pytest
 import torch
 from composer import Trainer
 from conftest import fit, make_model
-from s3_server import moto_server, s3_endpoint, streaming_shm  # noqa: F401  (pytest fixtures)
+from s3_server import S3Endpoint, moto_server, s3_endpoint, start_moto_server, streaming_shm, unreachable_url  # noqa: F401
 from streaming import StreamingDataset
 from test_data_convert import QUIET, _make_folder, _read, _write_csv
 
@@ -35,6 +38,7 @@ from composer_jest.data.convert import (
     convert_shapes,
     main,
 )
+from composer_jest.data.remote import RemoteAccessError, download_s3_file
 from composer_jest.data.shapes import ShapesDataset
 from composer_jest.data.streaming import ImageTextStreamingDataset, ShardError
 from composer_jest.model import checkpoint_state_dict
@@ -286,3 +290,53 @@ def test_damaged_cache_is_fetched_again_from_the_remote(s3_endpoint, tmp_path): 
     with open(os.path.join(cache, 'index.json'), 'w') as f:
         f.write('{"version": 2, "shards": [')  # a cut-off index
     assert _captions(remote, cache) == expected, 'a corrupt cached index.json is fetched again'
+
+
+# -- 4. a flaky or frozen object store -----------------------------------------------------------------------
+@pytest.fixture
+def own_store(monkeypatch, streaming_shm):  # noqa: F811
+    """A moto endpoint of this test's own (it gets frozen), holding 48 shapes in 8 shards at s3://faults/mds."""
+    server = start_moto_server()
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        S3Endpoint(server.url, 'faults', server).client().create_bucket(Bucket='faults')
+        convert_shapes('s3://faults/mds', num_samples=48, seed=4, options=QUIET)
+        yield server
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_frozen_store_fails_within_the_timeout_naming_what_it_waits_for(own_store, tmp_path, caplog):
+    ds = ImageTextStreamingDataset(remote='s3://faults/mds', local=str(tmp_path / 'cache'), tokenizer=lambda c: c,
+                                   shuffle=False, batch_size=1, download_timeout=1, download_retry=2)
+    os.kill(own_store.pid, signal.SIGSTOP)  # the endpoint accepts connections and never answers
+    start = time.monotonic()
+    with pytest.raises(ShardError, match=r'cannot download s3://faults/mds/.*shard\.00000.*did not answer in 2 '
+                                         r'attempts.*timeout 1s'):
+        ds[0]
+    assert time.monotonic() - start < 8, 'two 1 s attempts and a 1 s backoff, not minutes'
+    assert any('waiting for s3://faults/mds/' in r.message and 'attempt 1/2 failed' in r.message
+               for r in caplog.records)
+    del ds
+
+
+def test_store_back_within_the_retry_window_is_waited_for(own_store, tmp_path):
+    ds = ImageTextStreamingDataset(remote='s3://faults/mds', local=str(tmp_path / 'cache'), tokenizer=lambda c: c,
+                                   shuffle=False, batch_size=1, keep_caption=True, download_timeout=1,
+                                   download_retry=4)
+    os.kill(own_store.pid, signal.SIGSTOP)
+    threading.Timer(2.0, os.kill, (own_store.pid, signal.SIGCONT)).start()  # back after 2 s
+    captions = [ds[i]['caption'] for i in range(ds.num_samples)]
+    assert captions == [ShapesDataset(48, seed=4).example(i)['caption'] for i in range(48)]
+    del ds
+
+
+def test_unreachable_store_is_retried_then_one_error(tmp_path, monkeypatch):
+    monkeypatch.setenv('S3_ENDPOINT_URL', unreachable_url())
+    monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'AKIAEXAMPLEKEY')
+    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'not-a-real-secret')
+    with pytest.raises(RemoteAccessError, match=r'did not answer in 3 attempts.*EndpointConnectionError') as info:
+        download_s3_file('s3://b/x/shard.00000.mds', str(tmp_path / 'x'), attempts=3, timeout=1, backoff=0.1)
+    assert 'not-a-real-secret' not in str(info.value) and not (tmp_path / 'x').exists()

@@ -38,12 +38,14 @@ from PIL import Image
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.hashing import get_hash
 
-from composer_jest.data.remote import RemoteAccessError, describe_remote_error, is_remote
+from composer_jest.data.remote import RemoteAccessError, describe_remote_error, download_s3_file, is_remote
 
 __all__ = ['ImageTextStreamingDataset', 'ShardError', 'VerifiedStream', 'build_streaming_dataloader',
            'superbatch_size']
 
 _INDEX = 'index.json'
+DOWNLOAD_RETRY = 6  # attempts per file: with 1, 2, 4, 8, 16 s of backoff, an outage of ~30 s is ridden out
+DOWNLOAD_TIMEOUT = 30.0  # seconds per connect and per read of one attempt
 
 
 class ShardError(RuntimeError):
@@ -59,7 +61,21 @@ class VerifiedStream(Stream):
     is deleted when there is a remote (streaming then downloads and verifies it again when needed);
     without a remote it raises :class:`ShardError` naming the shard. A cached ``index.json`` that does not
     parse is deleted and downloaded again.
+
+    Files of an ``s3://`` remote are downloaded by :func:`~composer_jest.data.remote.download_s3_file`:
+    ``download_retry`` attempts in all, each bounded by ``download_timeout`` seconds per connect and per
+    read, with exponential backoff and a warning naming what it waits for (streaming's own S3 client
+    multiplies its read timeout by botocore's internal retries, so a frozen endpoint stalls for minutes
+    without a word).
     """
+
+    def _download_file(self, from_basename: str, to_basename: Optional[str] = None) -> str:
+        if not str(self.remote or '').startswith('s3://'):
+            return super()._download_file(from_basename, to_basename)
+        remote = '/'.join([self.remote.rstrip('/')] + [p.strip('/') for p in (self.split, from_basename) if p])
+        local = os.path.join(self.local, self.split or '', to_basename or from_basename)
+        download_s3_file(remote, local, attempts=max(1, self.download_retry), timeout=self.download_timeout)
+        return local
 
     def get_shards(self, world: Any, allow_unsafe_types: bool) -> list:
         filename = os.path.join(self.local, self.split or '', _INDEX)
@@ -127,7 +143,9 @@ class ImageTextStreamingDataset(StreamingDataset):
             (:class:`VerifiedStream`): a damaged cached file is fetched again, a damaged local-only one is an
             error. Ignored when ``streams`` are passed.
         **kwargs: :class:`~streaming.StreamingDataset` arguments (``shuffle``, ``shuffle_seed``, ``batch_size``,
-            ``cache_limit``, ``predownload``, ``epoch_size``, ``download_timeout``…).
+            ``cache_limit``, ``predownload``, ``epoch_size``…). ``download_retry`` (attempts per file, default
+            6) and ``download_timeout`` (seconds per connect / read of an attempt, default 30) bound how long a
+            failing object store is waited for (see :class:`VerifiedStream`).
     """
 
     def __init__(
@@ -157,6 +175,8 @@ class ImageTextStreamingDataset(StreamingDataset):
         self.remote_name = remote or local
         self._shard_failure: Optional[ShardError] = None
         try:
+            kwargs.setdefault('download_retry', DOWNLOAD_RETRY)
+            kwargs.setdefault('download_timeout', DOWNLOAD_TIMEOUT)
             location = {'remote': remote, 'local': local}
             if verify_local and 'streams' not in kwargs:
                 location = {'streams': [VerifiedStream(remote=remote, local=local)]}
@@ -244,7 +264,7 @@ class ImageTextStreamingDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
             where = self._shard_label(shard_id)
-            remote_err = describe_remote_error(e, where, 'download')
+            remote_err = e if isinstance(e, RemoteAccessError) else describe_remote_error(e, where, 'download')
             if isinstance(remote_err, RemoteAccessError):
                 failure = ShardError(str(remote_err))
             elif 'Checksum failure' in str(e):
