@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from composer import Trainer
+from composer import Callback, Trainer
 from conftest import fit, make_model
 from s3_server import S3Endpoint, moto_server, s3_endpoint, start_moto_server, streaming_shm, unreachable_url  # noqa: F401
 from streaming import StreamingDataset
@@ -40,7 +40,7 @@ from composer_jest.data.convert import (
 )
 from composer_jest.data.remote import RemoteAccessError, download_s3_file
 from composer_jest.data.shapes import ShapesDataset
-from composer_jest.data.streaming import ImageTextStreamingDataset, ShardError
+from composer_jest.data.streaming import ImageTextStreamingDataset, ShardError, build_streaming_dataloader
 from composer_jest.model import checkpoint_state_dict
 
 OTHER_ARCH = {  # jest-tiny with a wider text tower: same keys, other shapes
@@ -340,3 +340,53 @@ def test_unreachable_store_is_retried_then_one_error(tmp_path, monkeypatch):
     with pytest.raises(RemoteAccessError, match=r'did not answer in 3 attempts.*EndpointConnectionError') as info:
         download_s3_file('s3://b/x/shard.00000.mds', str(tmp_path / 'x'), attempts=3, timeout=1, backoff=0.1)
     assert 'not-a-real-secret' not in str(info.value) and not (tmp_path / 'x').exists()
+
+
+class _Record(Callback):
+    """Trained indices per batch; freezes the store (SIGSTOP) after batch ``freeze_after``."""
+
+    def __init__(self, store_pid: int, freeze_after: int = 0):
+        self.batches: list[list[int]] = []
+        self.losses: list[torch.Tensor] = []
+        self.store_pid, self.freeze_after = store_pid, freeze_after
+
+    def after_dataloader(self, state, logger) -> None:
+        self.batches.append(state.batch['index'].tolist())
+
+    def batch_end(self, state, logger) -> None:
+        self.losses.append(state.loss.detach().clone())
+        if int(state.timestamp.batch) == self.freeze_after:
+            os.kill(self.store_pid, signal.SIGSTOP)
+
+
+def _store_run(record: _Record, tmp_path, cache: str, **kwargs) -> _Record:
+    model = make_model(seed=1)
+    loader = build_streaming_dataloader('s3://faults/mds', str(tmp_path / cache), model.tokenizer, batch_size=4,
+                                        filter_ratio=0.5, shuffle=False, predownload=8, download_timeout=1,
+                                        download_retry=2)
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration='6ba', seed=0, device='cpu',
+                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), callbacks=[record],
+                      algorithms=[JEST(score='hard_learner', filter_ratio=0.5, n_chunks=2, seed=0)],
+                      progress_bar=False, log_to_console=False, loggers=[], **kwargs)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return record
+
+
+def test_store_dying_mid_run_then_autoresume_is_bit_exact(own_store, tmp_path):
+    """The store freezes after step 3 (shards of steps 4-6 not cached yet): the run fails with one ShardError;
+    with the store back, ``autoresume`` from save_folder continues exactly as a run that never failed."""
+    uninterrupted = _store_run(_Record(own_store.pid), tmp_path, 'cache-a')
+    save = dict(save_folder=str(tmp_path / 'ckpt'), save_interval='1ba', save_num_checkpoints_to_keep=1,
+                run_name='flaky', autoresume=True)
+    failed = _Record(own_store.pid, freeze_after=3)
+    with pytest.raises(ShardError, match=r'cannot download .*shard\.\d+.*did not answer in 2 attempts'):
+        _store_run(failed, tmp_path, 'cache-b', **save)
+    done = len(failed.losses)  # steps trained (and saved) before the shards ran out
+    assert 3 <= done < 6 and failed.batches[:done] == uninterrupted.batches[:done]
+    os.kill(own_store.pid, signal.SIGCONT)
+    resumed = _store_run(_Record(own_store.pid), tmp_path, 'cache-c', **save)
+    assert resumed.batches == uninterrupted.batches[done:], 'the same selections from the same super-batches'
+    assert all(torch.equal(a, b) for a, b in zip(resumed.losses, uninterrupted.losses[done:], strict=True))

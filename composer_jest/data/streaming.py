@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -50,6 +51,18 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds per connect and per read of one attempt
 
 class ShardError(RuntimeError):
     """A shard could not be downloaded, verified or decoded; the message names the shard file."""
+
+
+class _OneShardError(logging.Filter):
+    """streaming re-raises a download thread's error in a future's callback, which ``concurrent.futures``
+    logs with a traceback per failed thread; the same :class:`ShardError` is raised once in the reading
+    thread, so these copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ShardError))
+
+
+logging.getLogger('concurrent.futures').addFilter(_OneShardError())
 
 
 class VerifiedStream(Stream):
