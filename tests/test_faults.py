@@ -322,14 +322,16 @@ def test_frozen_store_fails_within_the_timeout_naming_what_it_waits_for(own_stor
     del ds
 
 
-def test_store_back_within_the_retry_window_is_waited_for(own_store, tmp_path):
+def test_store_back_within_the_retry_window_is_waited_for(own_store, tmp_path, caplog):
     ds = ImageTextStreamingDataset(remote='s3://faults/mds', local=str(tmp_path / 'cache'), tokenizer=lambda c: c,
                                    shuffle=False, batch_size=1, keep_caption=True, download_timeout=1,
                                    download_retry=4)
     os.kill(own_store.pid, signal.SIGSTOP)
-    threading.Timer(2.0, os.kill, (own_store.pid, signal.SIGCONT)).start()  # back after 2 s
+    threading.Timer(4.0, os.kill, (own_store.pid, signal.SIGCONT)).start()  # back after 4 s: attempt 2 gets through
     captions = [ds[i]['caption'] for i in range(ds.num_samples)]
     assert captions == [ShapesDataset(48, seed=4).example(i)['caption'] for i in range(48)]
+    waits = [r.message for r in caplog.records if r.message.startswith('waiting for s3://faults/mds/')]
+    assert waits and all('from the S3 endpoint http://127.0.0.1:' in m for m in waits), 'it says what it waits for'
     del ds
 
 
