@@ -46,8 +46,9 @@ SAFE_GLOBALS: list[Any] = _safe_globals()
 
 
 def _trust_hint(path: str) -> str:
-    return (f'If you trust the file and its author, re-save only its weights and use that file: python -c "import torch; '
-            f"torch.save(torch.load('{path}', weights_only=False)['state']['model'], '{path}.weights.pt')\"")
+    return ('If you trust the file and its author, re-save only its weights and use that file: '
+            f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['state']['model'], "
+            f"'{path}.weights.pt')\"")
 
 
 def load_checkpoint(path: Union[str, os.PathLike]) -> Any:

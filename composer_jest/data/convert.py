@@ -55,9 +55,9 @@ from composer_jest.data.remote import (
 )
 
 __all__ = [
-    'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary', 'MDSOptions',
-    'convert_folder', 'convert_webdataset', 'convert_shapes', 'convert_fashion_mnist', 'convert_demo', 'write_mds',
-    'main',
+    'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary',
+    'MDSOptions', 'convert_folder', 'convert_webdataset', 'convert_shapes', 'convert_fashion_mnist', 'convert_demo',
+    'write_mds', 'main',
 ]
 
 IMAGE_ENCODINGS = ('jpeg', 'png', 'bytes')
