@@ -139,6 +139,15 @@ def train_step_ms(batch: int, steps: int) -> float:
     return 1000 * statistics.median(times[2:])
 
 
+def commit() -> str:
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
 def machine() -> str:
     try:
         out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
@@ -243,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         '`build_streaming_dataloader` (decode, open_clip preprocessing, tokenization, streaming shuffle), '
         f'from a cold cache; {args.num_batches} super-batches timed after the first.', '',
         f'- machine: {machine()}',
-        f'- date: {datetime.date.today().isoformat()}',
+        f'- date: {datetime.date.today().isoformat()}, commit {commit()}',
         f'- command: `{command.strip()}`', '',
         md, '',
         'With workers, loading overlaps the training step (it is hidden while ms / super-batch stays below the '
