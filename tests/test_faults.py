@@ -392,3 +392,18 @@ def test_store_dying_mid_run_then_autoresume_is_bit_exact(own_store, tmp_path):
     resumed = _store_run(_Record(own_store.pid), tmp_path, 'cache-c', **save)
     assert resumed.batches == uninterrupted.batches[done:], 'the same selections from the same super-batches'
     assert all(torch.equal(a, b) for a, b in zip(resumed.losses, uninterrupted.losses[done:], strict=True))
+
+
+def test_yaml_load_path_and_model_checkpoint_are_loaded_safely(composer_checkpoint, tmp_path):
+    from composer_jest.builders import build_model, build_trainer
+    from composer_jest.config import load_config
+
+    obj = torch.load(composer_checkpoint, weights_only=False)
+    obj['state']['extra'] = fractions.Fraction(1, 3)
+    torch.save(obj, tmp_path / 'evil.pt')
+    with pytest.raises(CheckpointError, match=r'evil\.pt: refused'):  # before Composer unpickles it
+        build_trainer(load_config(None, [f'load_path={tmp_path / "evil.pt"}', 'eval_loader=null']))
+    with pytest.raises(CheckpointError, match=r'evil\.pt: refused'):
+        build_model(load_config(None, [f'model.checkpoint={tmp_path / "evil.pt"}']).model)
+    with pytest.raises(ValueError, match=r"learner\.pt' does not fit .*text_projection"):
+        build_model(load_config(None, [f'model.checkpoint={composer_checkpoint}', 'model.name=jest-vit-b-16']).model)
