@@ -213,8 +213,12 @@ _CLIENTS: dict[tuple, Any] = {}
 
 
 def _download_client(timeout: float) -> Any:
-    """One client per process, endpoint and timeout (creating one costs ~1 s; clients are thread-safe)."""
-    key = (os.getpid(), os.environ.get('S3_ENDPOINT_URL'), timeout)
+    """One client per process, endpoint, credentials and timeout (creating one costs ~1 s; clients are
+    thread-safe)."""
+    import hashlib
+
+    identity = '\0'.join(os.environ.get(k, '') for k in (*_SECRET_ENV, 'AWS_PROFILE', 'AWS_DEFAULT_REGION'))
+    key = (os.getpid(), os.environ.get('S3_ENDPOINT_URL'), timeout, hashlib.sha256(identity.encode()).hexdigest())
     if key not in _CLIENTS:
         _CLIENTS[key] = s3_client(connect_timeout=timeout, read_timeout=timeout, max_attempts=1)
     return _CLIENTS[key]

@@ -79,7 +79,8 @@ class VerifiedStream(Stream):
     ``download_retry`` attempts in all, each bounded by ``download_timeout`` seconds per connect and per
     read, with exponential backoff and a warning naming what it waits for (streaming's own S3 client
     multiplies its read timeout by botocore's internal retries, so a frozen endpoint stalls for minutes
-    without a word).
+    without a word). ``index.json``, fetched when the dataset is opened, gets at most 2 attempts: a failure
+    there is most likely a wrong endpoint or bucket, and is reported at once.
     """
 
     def _download_file(self, from_basename: str, to_basename: Optional[str] = None) -> str:
@@ -87,7 +88,10 @@ class VerifiedStream(Stream):
             return super()._download_file(from_basename, to_basename)
         remote = '/'.join([self.remote.rstrip('/')] + [p.strip('/') for p in (self.split, from_basename) if p])
         local = os.path.join(self.local, self.split or '', to_basename or from_basename)
-        download_s3_file(remote, local, attempts=max(1, self.download_retry), timeout=self.download_timeout)
+        # The index is fetched when the dataset is opened: a failure there is most likely a wrong endpoint or
+        # bucket, reported after one retry; shards, fetched mid-run, ride out an outage.
+        attempts = min(2, self.download_retry) if from_basename == _INDEX else self.download_retry
+        download_s3_file(remote, local, attempts=max(1, attempts), timeout=self.download_timeout)
         return local
 
     def get_shards(self, world: Any, allow_unsafe_types: bool) -> list:
