@@ -111,7 +111,10 @@ def check_resumable(save_folder: Optional[str], latest_filename: str = 'latest-r
     """
     if not save_folder or '://' in save_folder or '{' in save_folder:
         return None
-    latest = Path(save_folder) / latest_filename.format(rank=rank)
+    try:
+        latest = Path(save_folder) / latest_filename.format(rank=rank)
+    except (KeyError, IndexError):  # other placeholders ({run_name}...): left to Composer
+        return None
     if not latest.is_symlink() or latest.resolve().is_dir():
         return None
     target = latest.resolve()
