@@ -322,6 +322,18 @@ def test_frozen_store_fails_within_the_timeout_naming_what_it_waits_for(own_stor
     del ds
 
 
+def test_frozen_store_with_loader_workers_is_one_error(own_store, tmp_path, capfd):
+    loader = build_streaming_dataloader('s3://faults/mds', str(tmp_path / 'cache'), lambda c: c, batch_size=4,
+                                        num_workers=2, shuffle=False, predownload=4, download_timeout=1,
+                                        download_retry=2)
+    os.kill(own_store.pid, signal.SIGSTOP)
+    with pytest.raises(ShardError, match=r'did not answer in 2 attempts'):
+        for _ in loader:
+            pass
+    assert 'Traceback' not in capfd.readouterr().err, 'no traceback printed per download thread or worker'
+    del loader
+
+
 def test_store_back_within_the_retry_window_is_waited_for(own_store, tmp_path, caplog):
     ds = ImageTextStreamingDataset(remote='s3://faults/mds', local=str(tmp_path / 'cache'), tokenizer=lambda c: c,
                                    shuffle=False, batch_size=1, keep_caption=True, download_timeout=1,
