@@ -19,7 +19,7 @@ from composer.utils import dist
 from composer_jest.flexi import check_patch_size
 from composer_jest.flops import step_flops
 from composer_jest.losses import LOSSES, SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
-from composer_jest.reference import ReferenceSpec, load_reference, validate_reference
+from composer_jest.reference import ReferenceSpec, load_reference, preload_reference
 from composer_jest.selection import (
     SCORE_METHODS,
     SELECTION_METHODS,
@@ -37,6 +37,9 @@ SCOPES = ('local', 'global')
 # Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
 CACHED_REFERENCE_KEYS = ('ref_image_features', 'ref_text_features', 'ref_logit_scale', 'ref_logit_bias')
 Features = dict  # {'image_features', 'text_features', 'logit_scale', 'logit_bias'}
+# Constructor arguments recorded in checkpoints; a resumed run whose settings differ is warned.
+_SETTINGS = ('filter_ratio', 'n_chunks', 'score', 'selection', 'loss', 'learner_patch_size', 'scope', 'temperature',
+             'seed')
 
 
 def jest_select(
@@ -240,13 +243,13 @@ class JEST(Algorithm):
             raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
         if isinstance(track_keys, str):  # a bare string would be split into its characters
             track_keys = (track_keys,)
-        if reference != 'cached':
-            validate_reference(reference)
+        # Loaded now when its architecture is known: a bad file or a mismatch fails here, not at fit start.
+        preloaded = preload_reference(reference) if reference != 'cached' else None
         self.reference_spec = reference
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
         self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
-        self.reference = None
+        self.reference = preloaded
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
@@ -358,11 +361,20 @@ class JEST(Algorithm):
         if self.scope == 'global' and dist.get_world_size() > 1:
             learner, reference = _gather(learner), _gather(reference)
             n_groups, offset = dist.get_world_size(), dist.get_global_rank() * n
-        idx, stats = jest_select(
-            learner, reference, b * n_groups, score=self.score, selection=self.selection,
-            loss=self.loss, n_chunks=self.n_chunks, generator=self.generator, n_groups=n_groups,
-            temperature=self.temperature,
-        )
+        try:
+            idx, stats = jest_select(
+                learner, reference, b * n_groups, score=self.score, selection=self.selection,
+                loss=self.loss, n_chunks=self.n_chunks, generator=self.generator, n_groups=n_groups,
+                temperature=self.temperature,
+            )
+        except ValueError:  # e.g. non-finite scores: name the model that produced them (checked only on failure)
+            step = int(state.timestamp.batch)
+            _check_finite({'image': batch[self.image_key]}, 'input batch', step)
+            _check_finite(learner, f'learner scoring (learner_patch_size={self.learner_patch_size})', step)
+            cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
+            _check_finite(reference, f'cached reference columns {CACHED_REFERENCE_KEYS}' if cached
+                          else f'reference model ({_describe(self.reference_spec)})', step)
+            raise
         self.last_global_indices = idx
         # Keep the loader's (random) order: draw order is biased (early chunks favour high diagonal scores),
         # and multi-resolution training encodes the first part of the batch at low resolution.
@@ -414,14 +426,25 @@ class JEST(Algorithm):
                 'jest/flops_train': f['train']}
 
     # -- checkpointing ------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The selection settings a checkpoint records (a resumed run warns if its own differ)."""
+        return {name: getattr(self, name) for name in _SETTINGS}
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd.update(examples_seen=self.examples_seen, examples_trained=self.examples_trained)
+        sd.update(examples_seen=self.examples_seen, examples_trained=self.examples_trained, settings=self.settings())
         if self.generator is not None:
             sd['rng'] = self.generator.get_state()
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, now = state.get('settings', {}), self.settings()
+        changed = [f'{k}: {saved[k]!r} -> {now[k]!r}' for k in _SETTINGS
+                   if k in saved and now[k] is not None and saved[k] != now[k]]
+        if changed:
+            warnings.warn('resuming JEST with settings that differ from the checkpoint\'s (checkpoint -> now): '
+                          + '; '.join(changed) + '. The run continues with the new settings.', UserWarning,
+                          stacklevel=2)
         self.examples_seen = state.get('examples_seen', 0)
         self.examples_trained = state.get('examples_trained', 0)
         if 'rng' in state:
@@ -429,6 +452,24 @@ class JEST(Algorithm):
                 self.generator.set_state(state['rng'])
             else:
                 self._pending_rng = state['rng']
+
+
+def _check_finite(features: Optional[Features], source: str, step: int) -> None:
+    """Raise :class:`FloatingPointError` naming ``source``, ``step`` and the keys if any tensor is NaN or inf."""
+    if features is None:
+        return
+    bad = [k for k, v in features.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(
+            f'non-finite values (NaN or inf) in {bad} from the {source} at step {step}: the scores cannot be '
+            'computed. A learner that diverged needs a lower learning rate or gradient clipping; a reference or '
+            'cached columns with NaN/inf need to be re-made (check the checkpoint / re-run embed-reference).',
+        )
+
+
+def _describe(spec: Any) -> str:
+    return f'a {type(spec).__name__} module' if isinstance(spec, torch.nn.Module) else repr(spec)
 
 
 def jest_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algorithm]:

@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from composer_jest import registry
 from composer_jest.algorithm import JEST, jest_first
-from composer_jest.model import CLIPModel, checkpoint_state_dict
+from composer_jest.checkpoint import check_resumable, load_checkpoint
+from composer_jest.model import CLIPModel
+from composer_jest.reference import load_weights
 
 __all__ = [
     'dry_run',
@@ -54,7 +56,7 @@ def build_model(cfg: DictConfig) -> CLIPModel:
         low_res_patch_size=cfg.low_res_patch_size,
     )
     if cfg.checkpoint:
-        model.towers.clip.load_state_dict(checkpoint_state_dict(cfg.checkpoint))
+        load_weights(model.towers.clip, cfg.checkpoint, _plain(cfg.name))  # a mismatch names the file and keys
     return model
 
 
@@ -75,7 +77,12 @@ def _build_named(registry_: Any, kind: str, section: dict, where: str) -> list:
 
 def build_algorithms(cfg: DictConfig) -> list[Algorithm]:
     """``algorithms:`` by registered name, JEST first."""
-    algorithms = _build_named(registry.algorithms, 'algorithm', _plain(cfg.algorithms), 'algorithms')
+    section = _plain(cfg.algorithms) or {}
+    reference = section.get('jest', {}).get('reference')
+    if isinstance(reference, str) and reference != 'cached':  # the learner's architecture: checked at construction
+        section = {**section, 'jest': {**section['jest'],
+                                       'reference': {'model': _plain(cfg.model.name), 'checkpoint': reference}}}
+    algorithms = _build_named(registry.algorithms, 'algorithm', section, 'algorithms')
     return sorted(algorithms, key=lambda a: not isinstance(a, JEST))
 
 
@@ -186,6 +193,7 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
     callbacks = _build_named(registry.callbacks, 'callback', _plain(cfg.callbacks), 'callbacks')
     loggers = _build_named(registry.loggers, 'logger', _plain(cfg.loggers), 'loggers') + list(extra_loggers or [])
     microbatch = cfg.device_train_microbatch_size if cfg.device_train_microbatch_size is not None else b
+    _check_checkpoints(cfg)
     return Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=train_loader, eval_dataloader=eval_loader,
         max_duration=cfg.max_duration, eval_interval=cfg.eval_interval, optimizers=optimizer, schedulers=schedulers,
@@ -198,3 +206,14 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
         autoresume=cfg.autoresume, dist_timeout=cfg.dist_timeout, progress_bar=cfg.progress_bar,
         log_to_console=cfg.log_to_console, console_log_interval=cfg.console_log_interval,
     )
+
+
+def _check_checkpoints(cfg: DictConfig) -> None:
+    """Before Composer unpickles them (``weights_only=False``): a local ``load_path`` must load safely, and
+    ``autoresume`` must find a readable latest checkpoint (else it falls back to the previous valid one)."""
+    import os
+
+    resumes = cfg.autoresume and check_resumable(cfg.save_folder, cfg.save_latest_filename or 'latest-rank{rank}.pt',
+                                                 dist.get_global_rank()) is not None
+    if cfg.load_path and not resumes and os.path.isfile(cfg.load_path):
+        load_checkpoint(cfg.load_path)  # refuses a file holding arbitrary Python objects, naming it

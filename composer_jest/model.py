@@ -342,8 +342,11 @@ def _cat(x: Union[torch.Tensor, list]) -> torch.Tensor:
 
 def checkpoint_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """open_clip-style weights (``visual.*``, ``transformer.*``…) from a Composer checkpoint of
-    :class:`CLIPModel` (``state.model``) or a plain open_clip ``state_dict``."""
-    obj = torch.load(path, map_location='cpu', weights_only=False)
+    :class:`CLIPModel` (``state.model``) or a plain open_clip ``state_dict``, loaded with ``weights_only=True``
+    (:func:`composer_jest.checkpoint.load_checkpoint`: a file holding other Python objects is refused)."""
+    from composer_jest.checkpoint import load_checkpoint  # safe: tensors and Composer metadata only
+
+    obj = load_checkpoint(path)
     if isinstance(obj, dict) and 'state' in obj and 'model' in obj['state']:
         sd = obj['state']['model']
     elif isinstance(obj, dict) and 'state_dict' in obj:
