@@ -37,11 +37,11 @@ def resolve_classnames(spec: Any) -> Optional[list[str]]:
     if spec is None:
         return None
     if spec == 'shapes':
-        from composer_jest.data.shapes import shape_classnames
+        from composer_jest.data.demo.shapes import shape_classnames
 
         return shape_classnames()
     if spec == 'fashion_mnist':
-        from composer_jest.data import fashion_mnist
+        from composer_jest.data.demo import fashion_mnist
 
         return list(fashion_mnist.CLASSNAMES)
     if isinstance(spec, str):
@@ -127,7 +127,7 @@ def build_dataloader(cfg: DictConfig, model: CLIPModel, batch_size: int, train: 
 
 
 def _shapes_loader(cfg, model, batch_size, train, filter_ratio):
-    from composer_jest.data.shapes import ShapesDataset
+    from composer_jest.data.demo.shapes import ShapesDataset
 
     image_size = model.towers.clip.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size

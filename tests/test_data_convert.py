@@ -26,7 +26,7 @@ from composer_jest.data.convert import (
     convert_webdataset,
     main,
 )
-from composer_jest.data.shapes import ShapesDataset
+from composer_jest.data.demo.shapes import ShapesDataset
 
 QUIET = MDSOptions(size_limit=4_000, progress=False)  # tiny shards: several per test set
 

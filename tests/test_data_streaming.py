@@ -16,8 +16,8 @@ from s3_server import moto_server, s3_endpoint, streaming_shm, unreachable_url  
 
 from composer_jest import JEST, CLIPModel
 from composer_jest.data.convert import MDSOptions, convert_shapes, write_mds
+from composer_jest.data.demo.shapes import ShapesDataset
 from composer_jest.data.remote import RemoteAccessError
-from composer_jest.data.shapes import ShapesDataset
 from composer_jest.data.streaming import (
     ImageTextStreamingDataset,
     ShardError,

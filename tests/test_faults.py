@@ -38,8 +38,8 @@ from composer_jest.data.convert import (
     convert_shapes,
     main,
 )
+from composer_jest.data.demo.shapes import ShapesDataset
 from composer_jest.data.remote import RemoteAccessError, download_s3_file
-from composer_jest.data.shapes import ShapesDataset
 from composer_jest.data.streaming import ImageTextStreamingDataset, ShardError, build_streaming_dataloader
 from composer_jest.model import checkpoint_state_dict
 

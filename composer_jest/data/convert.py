@@ -641,8 +641,8 @@ def convert_shapes(
     image_size: int = 32,
     options: Optional[MDSOptions] = None,
 ) -> ConvertSummary:
-    """Write the procedural shapes set (:class:`~composer_jest.data.shapes.ShapesDataset`) as PNG MDS shards."""
-    from composer_jest.data.shapes import ShapesDataset
+    """Write the procedural shapes set (:class:`~composer_jest.data.demo.shapes.ShapesDataset`) as PNG MDS shards."""
+    from composer_jest.data.demo.shapes import ShapesDataset
 
     dataset = ShapesDataset(num_samples, noise=noise, seed=seed, image_size=image_size)
     columns = {'image': 'png', 'caption': 'str', 'label': 'int', 'clean': 'int'}
@@ -660,13 +660,13 @@ def convert_fashion_mnist(
     root: Optional[str] = None,
     options: Optional[MDSOptions] = None,
 ) -> ConvertSummary:
-    """Write Fashion-MNIST captions (:class:`~composer_jest.data.fashion_mnist.FashionMNISTCaptions`) as MDS.
+    """Write Fashion-MNIST captions (:class:`~composer_jest.data.demo.fashion_mnist.FashionMNISTCaptions`) as MDS.
 
     Args:
         out: output directory or ``s3://bucket/prefix``.
         split: ``'train'`` or ``'test'``.
         num_samples: first ``num_samples`` images (default all).
-        noise: :class:`~composer_jest.data.fashion_mnist.WebNoise` (default: clean).
+        noise: :class:`~composer_jest.data.demo.fashion_mnist.WebNoise` (default: clean).
         curated: write instead the clean, class-balanced curated subset of this size (reference training).
         seed: seed of the per-example draws.
         root: folder with the IDX files (default: the Debian package's).
@@ -674,7 +674,7 @@ def convert_fashion_mnist(
 
     ``meta`` holds the noise ``kind`` and the ``source`` position of the image in the split.
     """
-    from composer_jest.data.fashion_mnist import FashionMNISTCaptions
+    from composer_jest.data.demo.fashion_mnist import FashionMNISTCaptions
 
     if curated is not None:
         if noise is not None:
@@ -770,7 +770,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary = convert_shapes(args.out, num_samples=args.num_samples, noise=args.noise, seed=args.seed,
                                      image_size=args.image_size, options=options)
         else:
-            from composer_jest.data.fashion_mnist import WebNoise
+            from composer_jest.data.demo.fashion_mnist import WebNoise
 
             noisy = args.mismatched or args.junk or args.near_duplicates
             noise = WebNoise(mismatched=args.mismatched, junk=args.junk, near_duplicate=args.near_duplicates)
