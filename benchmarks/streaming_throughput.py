@@ -43,8 +43,9 @@ from pathlib import Path
 
 import torch
 
+from composer_jest.batch import superbatch_size
 from composer_jest.data.convert import MDSOptions, convert_shapes
-from composer_jest.data.streaming import ImageTextStreamingDataset, build_streaming_dataloader, superbatch_size
+from composer_jest.data.streaming import ImageTextStreamingDataset, build_streaming_dataloader
 from composer_jest.model import CLIPModel
 
 SECTION = '## Streaming throughput'
@@ -82,7 +83,7 @@ def time_loader(remote, local: str, tokenizer, workers: int, batch: int, filter_
                 num_batches: int) -> tuple[float, float, float]:
     """Iterate ``num_batches`` super-batches (cold cache for a remote); (first batch s, samples/s, ms/batch)."""
     start = time.perf_counter()
-    loader = build_streaming_dataloader(remote, local, tokenizer, batch_size=batch, filter_ratio=filter_ratio,
+    loader = build_streaming_dataloader(remote, local, tokenizer, batch_size=superbatch_size(batch, filter_ratio),
                                         num_workers=workers, shuffle_seed=workers)
     it = iter(loader)
     next(it)

@@ -15,6 +15,7 @@ from composer.core import Callback
 from s3_server import moto_server, s3_endpoint, streaming_shm, unreachable_url  # noqa: F401  (pytest fixtures)
 
 from composer_jest import JEST, CLIPModel
+from composer_jest.batch import superbatch_size
 from composer_jest.data.convert import MDSOptions, convert_shapes, write_mds
 from composer_jest.data.demo.shapes import ShapesDataset
 from composer_jest.data.remote import RemoteAccessError
@@ -22,7 +23,6 @@ from composer_jest.data.streaming import (
     ImageTextStreamingDataset,
     ShardError,
     build_streaming_dataloader,
-    superbatch_size,
 )
 
 QUIET = MDSOptions(size_limit=20_000, progress=False)  # ~6 shapes per shard: many shards, so shuffling spans shards
@@ -81,7 +81,7 @@ def test_superbatch_size_rejects_non_integer():
 
 # -- local reading -------------------------------------------------------------------------------------
 def test_local_loader_yields_superbatches(shapes_dir, model, tmp_path):
-    loader = build_streaming_dataloader(None, shapes_dir, model.tokenizer, batch_size=4, filter_ratio=0.5,
+    loader = build_streaming_dataloader(None, shapes_dir, model.tokenizer, batch_size=superbatch_size(4, 0.5),
                                         shuffle_seed=1)
     batches = list(loader)
     assert len(batches) == NUM_SAMPLES // 8
@@ -143,7 +143,7 @@ def test_s3_round_trip_trains_jest(s3_endpoint, model, tmp_path):  # noqa: F811
     assert 'shapes/index.json' in keys and sum(k.endswith('.mds.zstd') for k in keys) > 2
 
     b, f = 4, 0.5
-    loader = build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=b, filter_ratio=f,
+    loader = build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=superbatch_size(b, f),
                                         num_workers=2)
     assert loader.batch_size == 8
     jest = JEST(score='hard_learner', filter_ratio=f, n_chunks=2)
@@ -220,7 +220,7 @@ def test_resume_with_jest_continues_counters(s3_endpoint, model, tmp_path):  # n
     convert_shapes(remote, num_samples=NUM_SAMPLES, noise=0.25, seed=3, options=QUIET)
 
     def loader(b, f):
-        return build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=b, filter_ratio=f,
+        return build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=superbatch_size(b, f),
                                           shuffle_seed=7)
 
     superbatches = _first_batches(loader(8, 0.0), 4)  # the super-batch sequence the JEST runs draw from

@@ -375,8 +375,8 @@ class _Record(Callback):
 
 def _store_run(record: _Record, tmp_path, cache: str, **kwargs) -> _Record:
     model = make_model(seed=1)
-    loader = build_streaming_dataloader('s3://faults/mds', str(tmp_path / cache), model.tokenizer, batch_size=4,
-                                        filter_ratio=0.5, shuffle=False, predownload=8, download_timeout=1,
+    loader = build_streaming_dataloader('s3://faults/mds', str(tmp_path / cache), model.tokenizer, batch_size=8,
+                                        shuffle=False, predownload=8, download_timeout=1,
                                         download_retry=2)
     trainer = Trainer(model=model, train_dataloader=loader, max_duration='6ba', seed=0, device='cpu',
                       optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), callbacks=[record],

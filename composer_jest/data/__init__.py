@@ -20,7 +20,7 @@ _LAZY = {
     'convert_fashion_mnist': 'convert', 'convert_demo': 'convert', 'write_mds': 'convert',
     # reading
     'ImageTextStreamingDataset': 'streaming', 'ShardError': 'streaming', 'build_streaming_dataloader': 'streaming',
-    'superbatch_size': 'streaming', 'RemoteAccessError': 'remote',
+    'RemoteAccessError': 'remote',
     # Fashion-MNIST demo set
     'FashionMNISTCaptions': 'demo.fashion_mnist', 'WebNoise': 'demo.fashion_mnist',
     'fashion_mnist_classnames': 'demo.fashion_mnist',

@@ -27,10 +27,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -41,8 +39,7 @@ from streaming.base.hashing import get_hash
 
 from composer_jest.data.remote import RemoteAccessError, describe_remote_error, download_s3_file, is_remote
 
-__all__ = ['ImageTextStreamingDataset', 'ShardError', 'VerifiedStream', 'build_streaming_dataloader',
-           'superbatch_size']
+__all__ = ['ImageTextStreamingDataset', 'ShardError', 'VerifiedStream', 'build_streaming_dataloader']
 
 _INDEX = 'index.json'
 DOWNLOAD_RETRY = 6  # attempts per file: with 1, 2, 4, 8, 16 s of backoff, an outage of ~30 s is ridden out
@@ -318,32 +315,12 @@ def _to_tensor(value: Any) -> Any:
     return value
 
 
-def superbatch_size(batch_size: int, filter_ratio: float) -> int:
-    """The super-batch ``N = b / (1 - f)`` that JEST filters down to ``b``; raises if not an integer."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f'batch_size must be a positive int (the per-rank train batch), got {batch_size!r}')
-    if not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
-        raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
-    n = batch_size / (1.0 - filter_ratio)
-    if abs(n - round(n)) <= 1e-6:
-        return int(round(n))
-    step = Fraction(1.0 - filter_ratio).limit_denominator(1000).numerator  # b must be a multiple of it
-    lo, hi = math.floor(n), math.ceil(n)
-    raise ValueError(
-        f'batch_size={batch_size} with filter_ratio={filter_ratio} gives a super-batch of {n:.4f}, not an integer. '
-        f'Use a batch_size that is a multiple of {step} (e.g. {step * max(1, round(batch_size / step))}), '
-        f'or filter_ratio={1 - batch_size / hi:.6g} (super-batch {hi})'
-        + (f' or {1 - batch_size / lo:.6g} (super-batch {lo})' if lo > batch_size else '') + '.',
-    )
-
-
 def build_streaming_dataloader(
     remote: Optional[str],
     local: str,
     tokenizer: Callable,
     *,
     batch_size: int,
-    filter_ratio: float = 0.0,
     image_size: int = 32,
     transform: Optional[Callable] = None,
     shuffle: bool = True,
@@ -363,8 +340,8 @@ def build_streaming_dataloader(
         remote: ``s3://bucket/prefix`` of the shards, or ``None`` to read ``local`` directly.
         local: local cache directory (unique per dataset), or the shards' directory.
         tokenizer: the model's tokenizer (``CLIPModel.tokenizer``).
-        batch_size: the per-rank *train* batch ``b`` (what the model trains on after selection).
-        filter_ratio: JEST's ``f``; the loader yields super-batches of ``N = b / (1 - f)`` (must be an integer).
+        batch_size: what each rank's loader yields per step: for JEST, the super-batch
+            ``N = superbatch_size(b, f)`` (:func:`composer_jest.batch.superbatch_size`); without JEST, ``b``.
         image_size: side of the default open_clip eval transform.
         transform: custom PIL -> tensor transform instead.
         shuffle, shuffle_seed: streaming's deterministic shuffle (resumable mid-epoch).
@@ -376,12 +353,15 @@ def build_streaming_dataloader(
         **dataset_kwargs: more :class:`ImageTextStreamingDataset` / ``StreamingDataset`` arguments.
 
     Example:
-        >>> superbatch_size(64, filter_ratio=0.8)  # what each rank's loader yields for b = 64
+        >>> from composer_jest.batch import superbatch_size
+        >>> superbatch_size(64, filter_ratio=0.8)  # what each rank's loader yields to train on b = 64
         320
         >>> # loader = build_streaming_dataloader('s3://bucket/shapes', '/tmp/cache', model.tokenizer,
-        >>> #                                     batch_size=64, filter_ratio=0.8)
+        >>> #                                     batch_size=superbatch_size(64, 0.8))
     """
-    n = superbatch_size(batch_size, filter_ratio)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be a positive int (the per-rank super-batch N), got {batch_size!r}')
+    n = batch_size
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f'num_workers must be an int >= 0, got {num_workers!r}')
     dataset = ImageTextStreamingDataset(
