@@ -93,21 +93,15 @@ def test_reference_is_required_and_checked_at_construction(tmp_path):
     JEST(score='hard_learner')  # no reference needed
 
 
-def test_subbatch_size_and_state_dict_round_trip():
+def test_subbatch_size_and_state_dict_contents():
+    # the restore itself is tested through FIT_START in test_algorithm_boundary.py
     jest = JEST(reference='cached', filter_ratio=0.8, seed=3)
     assert jest.subbatch_size(320) == 64 and jest.subbatch_size(50) == 10
     jest.generator = torch.Generator().manual_seed(123)
-    torch.rand(5, generator=jest.generator)
     jest.examples_seen, jest.examples_trained = 640, 128
     state = jest.state_dict()
-    expected_next = torch.rand(3, generator=jest.generator)
-
-    restored = JEST(reference='cached', filter_ratio=0.8, seed=3)
-    restored.load_state_dict(state)  # before FIT_START: kept pending until the generator exists
-    restored.generator = torch.Generator().manual_seed(0)
-    restored.generator.set_state(restored._pending_rng)
-    assert torch.equal(torch.rand(3, generator=restored.generator), expected_next)
-    assert (restored.examples_seen, restored.examples_trained) == (640, 128)
+    assert torch.equal(state['rng'], jest.generator.get_state())
+    assert (state['examples_seen'], state['examples_trained']) == (640, 128)
 
 
 def test_patch_sizes_are_checked_against_the_model_before_training(tokenizer):

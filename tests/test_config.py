@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import catalogue
@@ -15,17 +16,29 @@ from composer_jest.config import load_config
 YAMLS = sorted((Path(__file__).parent.parent / 'yamls').glob('*.yaml'))
 
 
-def test_there_are_recipes():
-    names = {p.stem for p in YAMLS}
-    assert {'quickstart', 'quickstart_reference'} <= names
+def test_every_recipe_is_documented_in_the_readme():
+    readme = (Path(__file__).parent.parent / 'README.md').read_text()
+    start = readme.index('Recipes:')
+    documented = set(re.findall(r'`(\w+)`', readme[start:readme.index('\n\n', start)]))
+    assert {p.stem for p in YAMLS} <= documented, sorted({p.stem for p in YAMLS} - documented)
 
 
 @pytest.mark.parametrize('path', YAMLS, ids=lambda p: p.stem)
-def test_every_yaml_builds(path):
-    built = dry_run(load_config(path))
-    assert built['model'] is not None and built['optimizer'] is not None
-    if 'jest' in load_config(path).algorithms:
-        assert type(built['algorithms'][0]).__name__ == 'JEST'  # JEST first
+def test_every_yaml_builds_what_it_says(path):
+    cfg = load_config(path)
+    built = dry_run(cfg, world_size=1)
+    assert built['model'].loss_name == cfg.model.loss
+    assert built['optimizer'].param_groups[0]['lr'] == cfg.optimizer.lr
+    assert built['b'] == cfg.global_train_batch_size
+    jest = cfg.algorithms.get('jest')
+    if jest is None:
+        assert built['N'] == built['b'] and not any(type(a).__name__ == 'JEST' for a in built['algorithms'])
+        return
+    algorithm = built['algorithms'][0]
+    assert type(algorithm).__name__ == 'JEST'  # JEST first
+    assert (algorithm.filter_ratio, algorithm.n_chunks, algorithm.score, algorithm.scope) == \
+        (jest.filter_ratio, jest.n_chunks, jest.score, jest.get('scope', 'local'))
+    assert built['N'] == round(built['b'] / (1 - jest.filter_ratio))
 
 
 def test_quickstart_builds_a_trainer_with_jest_first(tmp_path):
