@@ -7,10 +7,12 @@ gloo processes, each holding only its own ``N`` candidates.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -133,33 +135,49 @@ def blockwise_all_cases(rank: int, world: int, all_gather, seed: int) -> list:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> None:
+    """One gloo rank: the world-size-4 draw on all ranks, the world-size-2 draw on ranks 0 and 1."""
     torch.set_num_threads(1)
-    torch_dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    torch_dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
+                                  timeout=datetime.timedelta(seconds=120))
 
-    def all_gather(t):
-        out = [torch.empty_like(t) for _ in range(world)]
-        torch_dist.all_gather(out, t)
-        return out
+    def gatherer(group, size):
+        def all_gather(t):
+            out = [torch.empty_like(t) for _ in range(size)]
+            torch_dist.all_gather(out, t, group=group)
+            return out
+        return all_gather
 
     try:
-        torch.save(blockwise_all_cases(rank, world, all_gather, seed), os.path.join(out_dir, f'rank{rank}.pt'))
+        pair = torch_dist.new_group([0, 1])  # every rank takes part in creating it
+        results = {world: blockwise_all_cases(rank, world, gatherer(None, world), seed + world)}
+        if rank < 2:
+            results[2] = blockwise_all_cases(rank, 2, gatherer(pair, 2), seed + 2)
+        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         torch_dist.destroy_process_group()
 
 
-def run_ranks(world: int, seed: int) -> list[list]:
-    if world == 1:
-        return [blockwise_all_cases(0, 1, None, seed)]
+@pytest.fixture(scope='module')
+def gloo_results() -> dict[int, list[list]]:
+    """Results per world size (1, 2, 4), per rank: four gloo processes spawned once."""
+    world, seed = 4, 11
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, 'init'), tmp, seed), nprocs=world,
-                           start_method='spawn')
-        return [torch.load(os.path.join(tmp, f'rank{r}.pt')) for r in range(world)]
+        context = mp.start_processes(_worker, args=(world, os.path.join(tmp, 'init'), tmp, seed), nprocs=world,
+                                     start_method='spawn', join=False)
+        deadline = time.monotonic() + 300
+        while not context.join(timeout=5):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f'{world} gloo ranks did not finish in 300 s')
+        ranks = [torch.load(os.path.join(tmp, f'rank{r}.pt')) for r in range(world)]
+    return {1: [blockwise_all_cases(0, 1, None, seed + 1)], 2: [r[2] for r in ranks[:2]], 4: [r[4] for r in ranks]}
 
 
 @pytest.mark.parametrize('world', [1, 2, 4])
-def test_blockwise_draws_the_dense_indices_on_every_rank(world):
+def test_blockwise_draws_the_dense_indices_on_every_rank(world, gloo_results):
     seed = 11 + world
-    per_rank = run_ranks(world, seed)
+    per_rank = gloo_results[world]
     learner, reference = global_features(world, seed)
     for case, (selection, loss, score) in enumerate(CASES):
         lf, rf = used(score, learner, reference)
