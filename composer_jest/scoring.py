@@ -83,7 +83,8 @@ class _Comm:
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f'need ints 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}')
         if world_size > 1 and all_gather is None:
-            raise ValueError(f'world_size={world_size} needs an all_gather callable (e.g. composer.utils.dist.all_gather)')
+            raise ValueError(f'world_size={world_size} needs an all_gather callable '
+                             '(e.g. composer.utils.dist.all_gather)')
         self.rank, self.world_size, self._all_gather = rank, world_size, all_gather
 
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
