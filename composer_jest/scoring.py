@@ -241,7 +241,7 @@ class _SigmoidBlocks(_Blockwise):
                 pairs = F.softplus(m.logits(m.xs[block], m.y[block])).sum() - F.softplus(m.diag[block]).sum()
                 off = off + w * pairs
             count += block.numel() * (block.numel() - 1)
-        return torch.stack([self.selected, diag, off, torch.tensor(float(count), device=self.device)])
+        return torch.stack([self.selected, diag, off, torch.full((), float(count), device=self.device)])  # no H2D copy
 
     @staticmethod
     def finalize(totals: torch.Tensor, n_global: int, b_global: int) -> dict[str, torch.Tensor]:
@@ -346,7 +346,7 @@ class _SoftmaxBlocks(_Blockwise):
                 logits = m.logits(m.xs[block], m.y[block])
                 uniform = uniform + w * 0.5 * (logits.logsumexp(1) + logits.logsumexp(0)
                                                - 2 * torch.diagonal(logits)).sum()
-        return torch.stack([selected, uniform, torch.tensor(float(n_blocks), device=self.device)])
+        return torch.stack([selected, uniform, torch.full((), float(n_blocks), device=self.device)])
 
     def finalize(self, totals: torch.Tensor, n_global: int, b_global: int) -> dict[str, torch.Tensor]:
         selected, uniform, n_blocks = totals
