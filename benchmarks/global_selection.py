@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from composer_jest.losses import sigmoid_pair_loss
-from composer_jest.scoring import STAT_BLOCK, jest_select
-from composer_jest.selection import batch_score, chunk_sizes, joint_sample, score_matrix
+from composer_jest.scoring import jest_select, selection_flops
+from composer_jest.selection import batch_score, joint_sample, score_matrix
 
 
 def _rss_kib(field: str) -> int:
@@ -77,20 +77,6 @@ def dense_share(learner: dict, reference: dict, world: int, b_local: int, n_chun
     return idx, float(diag.mean() + (b - 1) * off), float(batch_score(scores, idx) / b)
 
 
-def selection_flops(loss: str, n: int, world: int, b_local: int, n_chunks: int, dim: int, models: int = 2) -> float:
-    """Matmul FLOPs of one rank's blockwise share (2 per multiply-add), both models."""
-    b_g = b_local * world
-    # every chunk: l_kj and l_jk of the N local rows against the chunk's c_g gathered items
-    flops = 4 * n * b_g * dim
-    if loss == 'softmax':  # + as-a-negative terms against the whole chosen set before each later chunk
-        sizes = chunk_sizes(b_local, n_chunks)
-        chosen = [world * sum(sizes[:t + 1]) for t in range(len(sizes) - 1)]
-        flops += 4 * n * sum(chosen) * dim + 2 * n * b_local * dim  # + the uniform-batch statistic blocks
-    else:
-        flops += 2 * n * min(STAT_BLOCK, n) * dim
-    return models * flops
-
-
 def run_one(mode: str, loss: str, world: int, args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -118,8 +104,8 @@ def run_one(mode: str, loss: str, world: int, args) -> dict:
     return {'mode': mode, 'loss': loss, 'ranks': world, 'N_g': world * args.n_local, 'seconds': seconds,
             'extra_peak_bytes': peak - base, 'gather_bytes_received': gather.bytes_received,
             'gather_calls': gather.calls, 'stats': stats,
-            'gflop': selection_flops(loss, args.n_local, world, args.b_local, args.n_chunks, args.dim) / 1e9
-            if mode == 'blockwise' else float('nan')}
+            'gflop': selection_flops(loss, args.n_local, args.b_local, args.dim, n_chunks=args.n_chunks,
+                                     world_size=world) / 1e9 if mode == 'blockwise' else float('nan')}
 
 
 def main() -> None:

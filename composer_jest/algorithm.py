@@ -79,7 +79,8 @@ class JEST(Algorithm):
 
     Logs (per step): ``jest/examples_seen`` and ``jest/examples_trained`` (cumulative, summed over
     ranks like Composer's sample count), ``jest/learnability_superbatch``/``_selected`` (with
-    ``score='learnability'``, the only score that runs both models),
+    ``score='learnability'``, the only score that runs both models; the super-batch figure is estimated from
+    each rank's own super-batch, see :mod:`composer_jest.scoring`),
     ``jest/scoring_time`` (s), ``jest/flops_scoring``/``_train`` (analytic, per rank) and
     ``jest/superbatch/<key>``/``jest/selected/<key>`` for each of ``track_keys``.
 

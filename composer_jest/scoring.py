@@ -49,7 +49,8 @@ from composer_jest.selection import (
     chunk_sizes,
 )
 
-__all__ = ['Features', 'AllGather', 'Selection', 'BLOCK_ELEMENTS', 'STAT_BLOCK', 'conditional_scorer', 'jest_select']
+__all__ = ['Features', 'AllGather', 'Selection', 'BLOCK_ELEMENTS', 'STAT_BLOCK', 'conditional_scorer', 'jest_select',
+           'selection_flops']
 
 # Largest temporary (elements) of one block product: 2**24 float32 = 64 MiB.
 BLOCK_ELEMENTS = 1 << 24
@@ -463,3 +464,26 @@ def jest_select(
     global_indices = torch.cat([part.flatten() for part in everyone.split(sizes, dim=1)])
     stats = scorer.finalize(rows[:, n_select:].sum(0), n * world, n_select * world) if track else {}
     return Selection(picks, global_indices, stats)
+
+
+def selection_flops(loss: str, n: int, b: int, dim: int, *, n_chunks: int = 16, world_size: int = 1,
+                    models: int = 2) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one rank's :func:`jest_select` (joint, statistics included).
+
+    Every chunk costs ``l_kj`` and ``l_jk`` of the ``n`` local rows against its ``c_g`` gathered items,
+    ``4 n b_g d`` per model in all; softmax adds the as-a-negative terms against the whole chosen set
+    before each later chunk and its ``b``-block statistic; sigmoid its ``STAT_BLOCK`` statistic.
+
+    Example:
+        >>> round(selection_flops('sigmoid', 2560, 512, 768, world_size=64) / 1e9)  # GFLOP, one rank of 64
+        517
+    """
+    b_g = b * world_size
+    flops = 4 * n * b_g * dim
+    if loss == 'softmax':
+        sizes = chunk_sizes(b, n_chunks)
+        chosen = [world_size * sum(sizes[:t + 1]) for t in range(len(sizes) - 1)]
+        flops += 4 * n * sum(chosen) * dim + 2 * n * b * dim
+    else:
+        flops += 2 * n * min(STAT_BLOCK, n) * dim
+    return float(models * flops)
