@@ -397,6 +397,9 @@ def conditional_scorer(
     needed = [name for name in ('learner', 'reference')
               if name in dict(SCORE_TERMS[score]) or (track and name in dict(STAT_TERMS))]
     models = {name: _Model.build(given[name], name, loss) for name in needed}
+    sizes = {name: m.xs.shape[0] for name, m in models.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f'learner and reference features must cover the same super-batch, got sizes {sizes}')
     args = (models, score, track, comm, anchor.shape[0], anchor.device)
     if loss == 'sigmoid':
         return _SigmoidBlocks(*args)

@@ -258,5 +258,9 @@ def test_bad_arguments_name_the_field():
         jest_select(learner, reference, 4, selection='greedy', generator=gen)
     with pytest.raises(ValueError, match='needs learner logit_bias'):
         jest_select({**learner, 'logit_bias': None}, reference, 4, generator=gen)
+    short = {**reference, 'image_features': reference['image_features'][:5],
+             'text_features': reference['text_features'][:5]}
+    with pytest.raises(ValueError, match='must cover the same super-batch'):
+        jest_select(learner, short, 4, generator=gen)
     with pytest.raises(ValueError, match='generator must be a seeded torch.Generator'):
         jest_select(learner, reference, 4)
