@@ -91,8 +91,12 @@ def run_one(mode: str, loss: str, world: int, args) -> dict:
         base = _rss_kib('VmRSS') * 1024
     start = time.perf_counter()
     if mode == 'blockwise':
+        if device.type == 'cuda' and args.sync_debug:  # any implicit host<->device sync inside raises
+            torch.cuda.set_sync_debug_mode('error')
         sel = jest_select(learner, reference, args.b_local, loss=loss, n_chunks=args.n_chunks,
                           generator=torch.Generator().manual_seed(0), rank=0, world_size=world, all_gather=gather)
+        if device.type == 'cuda':
+            torch.cuda.set_sync_debug_mode('default')
         stats = {k: float(v) for k, v in sel.stats.items()}
     else:
         _, uniform, selected = dense_share(learner, reference, world, args.b_local, args.n_chunks, gather)
@@ -121,6 +125,8 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--dense-max-ng', type=int, default=20480, help='largest N_g the dense path is run at')
     parser.add_argument('--link-gbps', type=float, default=100.0, help='all-gather bandwidth model, GB/s')
+    parser.add_argument('--sync-debug', action='store_true',
+                        help='CUDA: fail if the blockwise selection makes any implicit host-device sync')
     parser.add_argument('--timeout', type=int, default=1800, help='seconds per configuration')
     parser.add_argument('--one', nargs=3, metavar=('MODE', 'LOSS', 'RANKS'), help=argparse.SUPPRESS)
     args = parser.parse_args()
