@@ -14,6 +14,9 @@ replacement ``∝ exp(c)`` are Gumbel-top-k: ``topk(c + Gumbel noise)``.
 The softmax (InfoNCE) loss does not split into pair terms; its conditional score is supplied by a
 :class:`ConditionalScorer` (see :mod:`composer_jest.losses`) and sampled by the same loop.
 
+``joint_sample`` / ``independent_sample`` on an ``N x N`` matrix are the dense reference; training
+uses :func:`blockwise_sample` with the matrix-free scorers of :mod:`composer_jest.scoring`.
+
 Randomness: one seed per selection is drawn from the caller's (checkpointed, CPU) generator; group
 (rank) ``g`` then draws all of its Gumbel noise, ``[chunks, group_size]``, at once on the scores'
 device from a generator seeded by ``(seed, g)`` (:func:`gumbel_noise`). The dense samplers here and
