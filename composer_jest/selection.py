@@ -275,6 +275,8 @@ def blockwise_sample(
         add_all: also add the last chunk (joint) or the whole draw (independent) with
             ``need_cond=False``, so the scorer has seen the full selected set (statistics of it).
     """
+    _validate_sizes(scorer.num_items, quota, n_chunks, 1)
+    _validate_temperature(temperature)
     seed = draw_seed(generator)
     sizes = chunk_sizes(quota, n_chunks if joint else 1)
     cond = scorer.initial()
