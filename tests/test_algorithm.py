@@ -30,8 +30,8 @@ def test_learnability_prefers_what_the_reference_knows_and_the_learner_does_not(
     learnable = ref_knows & ~learner_knows     # odd pairs in 0..15
     picked, gains = torch.zeros(n), []
     for seed in range(10):
-        idx, stats = jest_select(learner, reference, 8, selection=selection, loss=loss, n_chunks=4,
-                                 generator=torch.Generator().manual_seed(seed))
+        idx, _, stats = jest_select(learner, reference, 8, selection=selection, loss=loss, n_chunks=4,
+                                    generator=torch.Generator().manual_seed(seed))
         assert idx.unique().numel() == 8
         picked[idx] += 1
         gains.append(stats['learnability_selected'] - stats['learnability_superbatch'])
@@ -46,8 +46,8 @@ def test_score_methods_use_the_right_model():
     ref_knows, learner_knows = torch.arange(n) < 8, torch.arange(n) >= 24
     reference, learner = model_features(ref_knows, seed=1), model_features(learner_knows, seed=2)
     g = torch.Generator().manual_seed(0)
-    easy, _ = jest_select(learner, reference, 8, score='easy_reference', generator=g)
-    hard, _ = jest_select(learner, None, 8, score='hard_learner', generator=g)
+    easy = jest_select(learner, reference, 8, score='easy_reference', generator=g).indices
+    hard = jest_select(learner, None, 8, score='hard_learner', generator=g).indices
     assert ref_knows[easy].float().mean() > 0.6          # easy for the reference
     assert (~learner_knows[hard]).float().mean() > 0.9   # hard for the learner: not the ones it knows
 
