@@ -94,3 +94,31 @@ def test_fit_start_caps_the_microbatch_at_the_trained_batch():
     state = _state(model, microbatch=2)  # a smaller microbatch the user asked for is kept
     JEST(score='hard_learner', filter_ratio=0.75).apply(Event.FIT_START, state, _Logger())
     assert state.device_train_microbatch_size == 2
+
+
+def test_global_scope_passes_rank_and_gather_to_the_core(monkeypatch):
+    """Rank 1 of 2 (simulated: the other rank streamed the same super-batch): one global draw over 2N, of which
+    rank 1 keeps the picks in its own half, and the counters count both ranks."""
+    import composer_jest.algorithm as algorithm_module
+
+    gathered = []
+
+    def all_gather(tensor):
+        gathered.append(tuple(tensor.shape))
+        return [tensor.clone(), tensor.clone()]
+
+    fake = SimpleNamespace(get_global_rank=lambda: 1, get_world_size=lambda: 2, all_gather=all_gather)
+    monkeypatch.setattr(algorithm_module, 'dist', fake)
+    model, reference = make_model(seed=0), make_model(seed=1)
+    jest = JEST(reference=reference, filter_ratio=0.5, n_chunks=4, scope='global', seed=3)
+    state = _state(model)
+    jest.apply(Event.FIT_START, state, _Logger())
+    state.batch = _batch(0, model.tokenizer)
+    logger = _Logger()
+    jest.apply(Event.AFTER_DATALOADER, state, logger)
+    assert gathered, 'global scope must gather the chosen chunks'
+    global_picks = jest.last_global_indices
+    assert global_picks.numel() == N and global_picks.unique().numel() == N  # b = 8 per rank, 2 ranks
+    mine = global_picks[global_picks >= N] - N
+    assert torch.equal(jest.last_indices, mine.sort().values) and mine.numel() == N // 2
+    assert logger.metrics[-1]['jest/examples_seen'] == 2 * N
