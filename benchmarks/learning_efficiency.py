@@ -68,8 +68,9 @@ from composer_jest.data.demo.fashion_web import (  # noqa: E402
     LongTail,
     zero_shot_classnames,
 )
-from composer_jest.flops import step_flops, text_forward_flops, vit_forward_flops  # noqa: E402
+from composer_jest.flops import bucketed_text_flops, step_flops, vit_forward_flops  # noqa: E402
 from composer_jest.model import CLIPModel  # noqa: E402
+from composer_jest.text_buckets import caption_lengths, length_histogram  # noqa: E402
 
 warnings.filterwarnings('ignore')
 logging.getLogger('composer').setLevel(logging.ERROR)
@@ -372,7 +373,7 @@ class CurveRecorder(LoggerDestination):
         if not self.jest_active:  # uniform / oracle: every example seen is trained on
             self.seen += self.batch_size
             self.trained += self.batch_size
-            self.flops_train += self.uniform_step_flops(text_tokens(state.batch['text']))
+            self.flops_train += self.uniform_step_flops(text_counts(state.batch['text']))
         step = int(state.timestamp.batch)
         if step % self.every == 0 or step == self.total:
             self._record(state, step)
@@ -406,20 +407,22 @@ def _fit(model: CLIPModel, loader: DataLoader, s: Settings, steps: int, seed: in
     return trainer
 
 
-def text_tokens(text: torch.Tensor) -> int:
-    """Caption positions the text tower encodes for a batch (``CLIPTowers`` trims after the longest EOT)."""
-    return int(text.argmax(dim=-1).max()) + 1
+def text_counts(text: torch.Tensor) -> tuple[int, ...]:
+    """The batch's caption-length histogram: ``CLIPTowers`` encodes captions in length buckets by it."""
+    return tuple(length_histogram(caption_lengths(text), text.shape[1]))
 
 
 def uniform_step_flops(model: CLIPModel, b: int) -> Callable[[int], float]:
-    """FLOPs of a plain step on ``b`` examples, by caption length (JEST's own accounting, no scoring)."""
-    cache: dict[int, float] = {}
+    """FLOPs of a plain step on ``b`` examples, by caption lengths (JEST's own accounting, no scoring)."""
+    cache: dict[tuple[int, ...], float] = {}
 
-    def flops(tokens: int) -> float:
-        if tokens not in cache:
-            cache[tokens] = step_flops(model, superbatch=b, subbatch=b, image_size=32, uses_reference=False,
-                                       uses_learner=False, text_tokens=tokens)['uniform_train']
-        return cache[tokens]
+    def flops(counts: tuple[int, ...]) -> float:
+        if counts not in cache:
+            cache[counts] = step_flops(model, superbatch=b, subbatch=b, image_size=32, uses_reference=False,
+                                       uses_learner=False, text_length_counts=counts,
+                                       text_buckets=model.towers.text_buckets,
+                                       text_bucket_overhead=model.towers.text_bucket_overhead)['uniform_train']
+        return cache[counts]
 
     return flops
 
@@ -432,7 +435,7 @@ def replayed_flops(flops: Callable[[int], float], dataset: TensorPool, batch_siz
         order = torch.as_tensor(list(iter(sampler)))
         for k in range(min(len(order) // batch_size, steps - done)):
             ids = dataset.subset[order[k * batch_size:(k + 1) * batch_size]]
-            total += flops(text_tokens(dataset.text[ids]))
+            total += flops(text_counts(dataset.text[ids]))
             done += 1
     return total
 
@@ -470,7 +473,8 @@ def train_reference(s: Settings, data: dict[str, Any], cache: Path) -> dict[str,
         cached['ref_logit_scale'] = out['logit_scale'].float().reshape(1).expand(n).clone()
         cached['ref_logit_bias'] = out['logit_bias'].float().reshape(1).expand(n).clone()
     clip = model.towers.clip
-    embed_flops = sum(len(chunk) * (vit_forward_flops(clip.visual, 32) + text_forward_flops(clip, text_tokens(chunk)))
+    embed_flops = sum(len(chunk) * vit_forward_flops(clip.visual, 32)
+                      + bucketed_text_flops(clip, text_counts(chunk), towers.text_buckets, towers.text_bucket_overhead)
                       for chunk in pool['text'].split(1000))
     return {
         'towers': towers, 'cached': cached, 'curve': curve, 'final': curve[-1],

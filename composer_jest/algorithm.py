@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,12 @@ from composer_jest.losses import LOSSES
 from composer_jest.reference import ReferenceSpec, load_reference, preload_reference
 from composer_jest.scoring import Features, jest_select
 from composer_jest.selection import SCORE_METHODS, SCORE_TERMS, SELECTION_METHODS
+from composer_jest.text_buckets import (
+    DEFAULT_TEXT_BUCKET_OVERHEAD,
+    DEFAULT_TEXT_BUCKETS,
+    caption_lengths,
+    length_histogram,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,15 @@ class JEST(Algorithm):
         track_keys: numeric batch keys whose mean over the super-batch and the selection is logged
             (e.g. a ``clean`` flag of synthetic data).
         seed: seed of the sampler's generator (offset per rank in ``local`` scope).
+        fast_scoring: score under ``torch.inference_mode`` (no autograd bookkeeping at all; the features
+            are inference tensors, used only by the sampler; an FSDP-wrapped learner scores under
+            ``no_grad``) and, under ``amp_bf16``, hold the frozen live reference in bfloat16 and run it in
+            bf16 end to end (its logit scale and bias stay float32); ``False``: the plain ``no_grad`` +
+            autocast path. Scores agree within bf16 rounding.
+        compile_scoring: ``torch.compile`` the learner's scoring forward (``True``, or a dict of
+            ``torch.compile`` keyword arguments). Off by default: worth it for fixed super-batch shapes
+            on a GPU; compilation takes a while on the first steps, and caption-length buckets
+            (``CLIPTowers.text_buckets``) vary in size from step to step (dynamic shapes).
 
     Logs (per step): ``jest/examples_seen`` and ``jest/examples_trained`` (cumulative, summed over
     ranks like Composer's sample count), ``jest/learnability_superbatch``/``_selected`` (with
@@ -109,6 +124,8 @@ class JEST(Algorithm):
         text_key: str = 'text',
         track_keys: Sequence[str] = (),
         seed: int = 0,
+        fast_scoring: bool = True,
+        compile_scoring: Union[bool, dict] = False,
     ):
         if not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
             raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
@@ -130,6 +147,13 @@ class JEST(Algorithm):
             track_keys = (track_keys,)
         # Loaded now when its architecture is known: a bad file or a mismatch fails here, not at fit start.
         preloaded = preload_reference(reference) if reference != 'cached' else None
+        if not isinstance(fast_scoring, bool):
+            raise ValueError(f'fast_scoring must be True or False, got {fast_scoring!r}')
+        if not isinstance(compile_scoring, (bool, dict)):
+            raise ValueError(
+                f'compile_scoring must be True, False or a dict of torch.compile kwargs, got {compile_scoring!r}')
+        self.fast_scoring, self.compile_scoring = fast_scoring, compile_scoring
+        self._scoring_model: Optional[torch.nn.Module] = None
         self.reference_spec = reference
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
@@ -176,6 +200,8 @@ class JEST(Algorithm):
             self.reference = load_reference(self.reference_spec, default_model=spec)
         if self.reference is not None:
             self.reference.to(state.device._device)
+            if self._reference_in_bf16(state):
+                _cast_towers(self.reference, torch.bfloat16)
         if self.loss is None:
             self.loss = getattr(_unwrap(state.model), 'loss_name', 'sigmoid')
         towers = getattr(_unwrap(state.model), 'towers', None)
@@ -192,18 +218,50 @@ class JEST(Algorithm):
             return self.seed  # every rank must draw the same global selection
         return int(np.random.SeedSequence([self.seed, dist.get_global_rank()]).generate_state(1)[0])
 
+    def _reference_in_bf16(self, state: State) -> bool:
+        """The frozen reference runs in bf16 end to end: fast scoring under the trainer's ``amp_bf16``."""
+        return self.fast_scoring and str(getattr(state.precision, 'value', state.precision)) == 'amp_bf16'
+
+    def _grad_mode(self, learner: bool, state: State):
+        """``inference_mode`` for fast scoring (no autograd bookkeeping; scores never need a gradient), else
+        ``no_grad``. Not for an FSDP-wrapped learner: FSDP keeps the unsharded parameters it gathers in a
+        forward, and gathered in inference mode they would be inference tensors the training forward cannot
+        save for backward. The reference is never wrapped."""
+        if self.fast_scoring and not (learner and state.fsdp_enabled):
+            return torch.inference_mode()
+        return torch.no_grad()
+
+    def _scoring_forward(self, state: State):
+        """The learner's forward used for scoring: the (FSDP-wrapped) model, compiled once if asked."""
+        if not self.compile_scoring:
+            return state.model
+        if self._scoring_model is None:
+            kwargs = self.compile_scoring if isinstance(self.compile_scoring, dict) else {}
+            self._scoring_model = torch.compile(state.model, **kwargs)  # shares the model's parameters
+        return self._scoring_model
+
+    def _score_reference(self, state: State, image: torch.Tensor, text: torch.Tensor) -> Features:
+        if not self._reference_in_bf16(state):
+            return dict(self.reference(image, text))
+        with torch.autocast(image.device.type, enabled=False):  # bf16 weights and activations throughout
+            out = dict(self.reference(image.to(torch.bfloat16), text))
+        return {**out, 'image_features': out['image_features'].float(),
+                'text_features': out['text_features'].float()}
+
     def _features(self, state: State, batch: dict) -> tuple[Optional[Features], Optional[Features]]:
         image, text = batch[self.image_key], batch[self.text_key]
         learner = reference = None
-        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
+        precision = state.precision, state.precision_config
+        with self._grad_mode(learner=True, state=state), get_precision_context(*precision):
             if self.uses_learner:
                 # Eval mode: no dropout noise in the scores, and no multi-resolution split of the super-batch.
                 was_training = state.model.training
                 state.model.eval()
                 try:
-                    learner = dict(state.model(batch, patch_size=self.learner_patch_size))
+                    learner = dict(self._scoring_forward(state)(batch, patch_size=self.learner_patch_size))
                 finally:
                     state.model.train(was_training)
+        with self._grad_mode(learner=False, state=state), get_precision_context(*precision):
             if self.uses_reference:
                 reference = self._cached_reference(batch)
                 if reference is None:
@@ -212,7 +270,7 @@ class JEST(Algorithm):
                             f"reference='cached' but the batch lacks {CACHED_REFERENCE_KEYS}; write them with "
                             '`composer-jest embed-reference`',
                         )
-                    reference = dict(self.reference(image, text))
+                    reference = self._score_reference(state, image, text)
             if learner is None and reference is None:  # uniform: nothing to score
                 learner = dict(image_features=torch.zeros(image.shape[0], 1, device=image.device),
                                text_features=torch.zeros(image.shape[0], 1, device=image.device),
@@ -292,18 +350,22 @@ class JEST(Algorithm):
         """Analytic per-rank FLOPs of scoring vs training this step (cached per batch shape)."""
         cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
         text = batch[self.text_key]
-        # The text towers encode up to the longest caption's EOT (CLIPTowers.encode_text trims the padding).
-        text_tokens = int(text.argmax(dim=-1).max()) + 1 if text.dim() == 2 else None
-        key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]), text_tokens)
+        # The text towers encode each caption in length buckets (CLIPTowers.encode_text): cost them so.
+        counts = tuple(length_histogram(caption_lengths(text), text.shape[1])) if text.dim() == 2 else None
+        key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]), counts)
         if key != self._flops_key:
             model = _unwrap(state.model)
+            towers = getattr(model, 'towers', None)
+            buckets = getattr(towers, 'text_buckets', DEFAULT_TEXT_BUCKETS)
+            overhead = getattr(towers, 'text_bucket_overhead', DEFAULT_TEXT_BUCKET_OVERHEAD)
             try:
                 self._flops = step_flops(
                     model, superbatch=n, subbatch=b, learner_patch_size=self.learner_patch_size,
                     image_size=key[3], reference_cached=cached, reference_clip=self.reference,
                     uses_reference=self.uses_reference, uses_learner=self.uses_learner,
                     low_res_fraction=getattr(model, 'low_res_fraction', 0.0),
-                    low_res_patch_size=getattr(model, 'low_res_patch_size', None), text_tokens=text_tokens)
+                    low_res_patch_size=getattr(model, 'low_res_patch_size', None), text_length_counts=counts,
+                    text_buckets=buckets, text_bucket_overhead=overhead)
             except NotImplementedError:  # non-ViT / non-open_clip towers: no estimate
                 self._flops = None
             self._flops_key = key
@@ -380,3 +442,9 @@ def jest_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algori
 def _unwrap(model):
     return getattr(model, 'module', model)
 
+
+def _cast_towers(towers: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast a frozen reference's weights to ``dtype``, keeping its logit scale and bias in float32."""
+    for name, param in towers.named_parameters():
+        if not name.rsplit('.', 1)[-1].startswith('logit_'):
+            param.data = param.data.to(dtype)

@@ -71,6 +71,7 @@ class TrainConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     loggers: dict[str, Any] = field(default_factory=dict)
     parallelism_config: Optional[dict[str, Any]] = None  # e.g. {fsdp: {...}}; FSDP2 with FSDP_VERSION=2
+    compile_config: Optional[dict[str, Any]] = None  # torch.compile kwargs ({} = defaults); null: eager
     save_folder: Optional[str] = None
     save_interval: str = '1ep'
     save_filename: str = 'ep{epoch}-ba{batch}-rank{rank}.pt'

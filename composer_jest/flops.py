@@ -22,11 +22,13 @@ The numbers are read off the modules (``visual.conv1``, ``transformer.width``, `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional, Union
 
 from torch import nn
 
 from composer_jest.scoring import selection_flops
+from composer_jest.text_buckets import DEFAULT_TEXT_BUCKET_OVERHEAD, DEFAULT_TEXT_BUCKETS, bucket_plan
 
 __all__ = [
     'transformer_flops',
@@ -34,6 +36,7 @@ __all__ = [
     'text_forward_flops',
     'patch_resize_flops',
     'logits_flops',
+    'bucketed_text_flops',
     'step_flops',
 ]
 
@@ -225,6 +228,25 @@ def text_forward_flops(text_tower_or_clip: nn.Module, tokens: Optional[int] = No
     return float(flops)
 
 
+def bucketed_text_flops(text_tower_or_clip: nn.Module, length_counts: Sequence[int],
+                        text_buckets: int = DEFAULT_TEXT_BUCKETS,
+                        text_bucket_overhead: float = DEFAULT_TEXT_BUCKET_OVERHEAD) -> float:
+    """Forward FLOPs of encoding a batch of captions in length buckets, as ``CLIPTowers.encode_text`` does.
+
+    Args:
+        text_tower_or_clip: as for :func:`text_forward_flops`.
+        length_counts: ``counts[ℓ]`` captions needing ``ℓ`` positions (through their end-of-text token), e.g.
+            ``text_buckets.length_histogram(text_buckets.caption_lengths(tokens), context)``.
+        text_buckets: the most buckets (``CLIPTowers.text_buckets``); ``1`` = one trim to the longest caption.
+        text_bucket_overhead: ``CLIPTowers.text_bucket_overhead`` (positions one more bucket must save).
+
+    Returns:
+        ``Σ_g n_g · text_forward_flops(L_g)`` over :func:`composer_jest.text_buckets.bucket_plan`.
+    """
+    return float(sum(n * text_forward_flops(text_tower_or_clip, length)
+                     for length, n in bucket_plan(length_counts, text_buckets, text_bucket_overhead)))
+
+
 def _proj_dim(visual: nn.Module) -> int:
     # ``output_dim`` is a plain int, still right when FSDP has flattened or sharded ``proj``.
     dim = getattr(visual, 'output_dim', None)
@@ -258,6 +280,9 @@ def step_flops(
     uses_reference: bool = True,
     uses_learner: bool = True,
     text_tokens: Optional[int] = None,
+    text_length_counts: Optional[Sequence[int]] = None,
+    text_buckets: int = DEFAULT_TEXT_BUCKETS,
+    text_bucket_overhead: float = DEFAULT_TEXT_BUCKET_OVERHEAD,
 ) -> dict[str, float]:
     """Analytic FLOPs of one JEST step (one rank's super-batch), split by where they go.
 
@@ -277,8 +302,14 @@ def step_flops(
             the image tower only; pass ``False`` to reproduce it.
         uses_reference: ``False`` for scores without a reference (``hard_learner``): no reference cost.
         uses_learner: ``False`` for scores without the learner (``easy_reference``): no learner scoring.
-        text_tokens: caption positions encoded (the longest caption's EOT + 1, as ``CLIPTowers`` trims
-            the padding); ``None``: the full context length.
+        text_tokens: caption positions encoded for every caption; ``None``: the full context length
+            (or ``text_length_counts``).
+        text_length_counts: the super-batch's caption-length histogram (``counts[ℓ]``, see
+            :func:`bucketed_text_flops`): captions are then costed as ``CLIPTowers.encode_text`` runs them, in
+            length buckets. Scoring encodes the ``N`` captions of the histogram; the trained ``b`` are costed
+            as a batch with the super-batch's length distribution (the histogram scaled by ``b / N``: fewer
+            captions get fewer buckets when a bucket has an overhead). Exclusive with ``text_tokens``.
+        text_buckets, text_bucket_overhead: the bucket plan's settings (``CLIPTowers``'s attributes).
 
     Returns:
         Dict of FLOPs: ``train`` (≈ 3x the sub-batch forward, incl. the ``b x b`` loss logits),
@@ -307,6 +338,8 @@ def step_flops(
         raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
     if low_res_fraction > 0 and low_res_patch_size is None:
         raise ValueError('low_res_fraction > 0 needs low_res_patch_size')
+    if text_tokens is not None and text_length_counts is not None:
+        raise ValueError('pass text_tokens (one length for every caption) or text_length_counts, not both')
     learner = _unwrap_clip(clip)
     reference = _unwrap_clip(reference_clip) if reference_clip is not None else learner
     visual = learner.visual
@@ -314,26 +347,34 @@ def step_flops(
     def image(model: nn.Module, patch: Optional[int]) -> float:
         return vit_forward_flops(model.visual, image_size, patch)
 
-    def text(model: nn.Module) -> float:
-        return text_forward_flops(model, text_tokens) if include_text else 0.0
+    def text(model: nn.Module, batch: int) -> float:
+        """Forward FLOPs per caption of a ``batch`` of captions (bucketed when the lengths are given)."""
+        if not include_text:
+            return 0.0
+        if text_length_counts is not None:
+            # A batch of another size: the expected histogram, the super-batch's scaled to it (fractional counts).
+            total = max(sum(text_length_counts), 1)
+            counts = text_length_counts if batch == total else [c * batch / total for c in text_length_counts]
+            return bucketed_text_flops(model, counts, text_buckets, text_bucket_overhead) / batch
+        return text_forward_flops(model, text_tokens)
 
     d = _embed_dim(learner)
     n_low = int(round(low_res_fraction * subbatch)) if low_res_fraction > 0 else 0
     # Training: forward of n_low low-res + (b - n_low) native images, b captions, the b x b logits;
     # backward ≈ 2x forward. The FlexiViT kernel resize runs once per forward (and its backward).
     train_forward = (n_low * image(learner, low_res_patch_size) + (subbatch - n_low) * image(learner, None)
-                     + subbatch * text(learner) + logits_flops(subbatch, d))
+                     + subbatch * text(learner, subbatch) + logits_flops(subbatch, d))
     if n_low:
         train_forward += patch_resize_flops(visual, low_res_patch_size)
     train = 3.0 * train_forward
-    uniform_train = 3.0 * (subbatch * (image(learner, None) + text(learner)) + logits_flops(subbatch, d))
+    uniform_train = 3.0 * (subbatch * (image(learner, None) + text(learner, subbatch)) + logits_flops(subbatch, d))
 
     learner_scoring = 0.0
     if uses_learner:
-        learner_scoring = (superbatch * (image(learner, learner_patch_size) + text(learner))
+        learner_scoring = (superbatch * (image(learner, learner_patch_size) + text(learner, superbatch))
                            + patch_resize_flops(visual, learner_patch_size))
     live_reference = uses_reference and not reference_cached
-    reference_scoring = superbatch * (image(reference, None) + text(reference)) if live_reference else 0.0
+    reference_scoring = superbatch * (image(reference, None) + text(reference, superbatch)) if live_reference else 0.0
     # Selection (blockwise, local scope, sigmoid): each chunk's logits against the N candidates, per scoring
     # model (a cached reference still needs its logits); see composer_jest.scoring.selection_flops.
     n_models = int(uses_learner) + int(uses_reference)

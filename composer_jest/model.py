@@ -24,6 +24,13 @@ from torchmetrics import Metric
 
 from composer_jest.flexi import check_patch_size
 from composer_jest.losses import LOSSES
+from composer_jest.text_buckets import (
+    DEFAULT_TEXT_BUCKET_OVERHEAD,
+    DEFAULT_TEXT_BUCKETS,
+    bucket_plan,
+    caption_lengths,
+    length_histogram,
+)
 
 __all__ = ['CLIPTowers', 'CLIPModel', 'ZeroShotAccuracy', 'RetrievalRecall', 'build_clip', 'model_config_dir']
 
@@ -84,7 +91,14 @@ class CLIPTowers(nn.Module):
 
     Every returned tensor owns its storage: none aliases a parameter or buffer (FSDP frees the unsharded
     parameters after the forward, so an alias read later is a use-after-free on CUDA).
+
+    Captions are encoded in length buckets (``text_buckets``, ``text_bucket_overhead``; see ``encode_text``).
     """
+
+    # Most length buckets ``encode_text`` splits a batch of captions into (1: one trim to the longest caption),
+    # and what one more bucket (one more text-transformer call) must save, in encoded positions.
+    text_buckets: int = DEFAULT_TEXT_BUCKETS
+    text_bucket_overhead: int = DEFAULT_TEXT_BUCKET_OVERHEAD
 
     def __init__(self, clip: nn.Module):
         super().__init__()
@@ -100,21 +114,46 @@ class CLIPTowers(nn.Module):
         return F.normalize(features, dim=-1)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """open_clip's ``encode_text``, with the padding after the longest caption cut off when exact.
+        """open_clip's ``encode_text``, in caption-length buckets when that is exact.
 
         With a causal mask and EOT (argmax) pooling, no token after a caption's EOT reaches its pooled
-        output, so encoding only the first ``max(EOT position) + 1`` tokens gives the same features at a
-        cost that scales with the longest caption in the batch instead of the context length.
+        output (:mod:`composer_jest.text_buckets`). The captions are grouped by length into at most
+        ``text_buckets`` buckets (the plan minimising encoded positions + ``text_bucket_overhead`` per extra
+        bucket) and each bucket runs the transformer up to its own longest caption, so a caption costs close
+        to its own length instead of the batch maximum or the context length. The token and positional
+        embeddings are looked up once for the whole batch (one embedding gradient, not one per bucket). The
+        features (and gradients) equal the untrimmed ones, in the input order. Reading the length histogram
+        is one host copy per call.
         """
         clip = self.clip
-        trimmable = (isinstance(clip, open_clip.CLIP) and getattr(clip, 'text_pool_type', None) == 'argmax'
-                     and getattr(clip, 'attn_mask', None) is not None)
-        length = int(text.argmax(dim=-1).max()) + 1 if trimmable else text.shape[1]
-        if length >= text.shape[1]:
+        if not self._text_trimmable():
             return clip.encode_text(text)
-        text = text[:, :length]
+        lengths = caption_lengths(text)
+        plan = bucket_plan(length_histogram(lengths, text.shape[1]), self.text_buckets, self.text_bucket_overhead)
+        if not plan:  # no captions
+            return clip.encode_text(text)
+        text = text[:, :plan[-1][0]]  # no bucket needs a position after the longest caption's EOT
         cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:text.shape[1]].to(cast_dtype)
+        if len(plan) == 1:
+            return self._encode_text_embedded(x, text)
+        order = torch.argsort(lengths, stable=True)  # bucket g = the next n_g captions in length order
+        parts = [self._encode_text_embedded(x.index_select(0, idx)[:, :length], text.index_select(0, idx)[:, :length])
+                 for idx, (length, _) in zip(order.split([n for _, n in plan]), plan)]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return torch.cat(parts).index_select(0, inverse)
+
+    def _text_trimmable(self) -> bool:
+        """Whether the text tower is open_clip's inline causal, EOT-pooled one (the trim is then exact)."""
+        clip = self.clip
+        return (isinstance(clip, open_clip.CLIP) and getattr(clip, 'text_pool_type', None) == 'argmax'
+                and getattr(clip, 'attn_mask', None) is not None)
+
+    def _encode_text_embedded(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The rest of ``clip.encode_text`` on embedded tokens ``x`` ``[B, L, w]`` of ids ``text`` ``[B, L]``."""
+        clip = self.clip
+        length = text.shape[1]
         x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
         x = text_global_pool(x, text, 'argmax')
         projection = clip.text_projection

@@ -55,6 +55,7 @@ def _register_builtins() -> None:
     from composer_jest.algorithm import JEST
     from composer_jest.callbacks import SelectionLog
     from composer_jest.data.sources import mds_source, shapes_source
+    from composer_jest.optim import FusedDecoupledAdamW
 
     algorithms.register('jest', func=JEST)
     callbacks.register('selection_log', func=SelectionLog)
@@ -65,6 +66,7 @@ def _register_builtins() -> None:
     _register_composer(loggers, composer_loggers, LoggerDestination, strip='_logger')
     optimizers.register('decoupled_adamw', func=composer_optim.DecoupledAdamW)
     optimizers.register('decoupled_sgdw', func=composer_optim.DecoupledSGDW)
+    optimizers.register('fused_decoupled_adamw', func=FusedDecoupledAdamW)
     optimizers.register('adamw', func=torch.optim.AdamW)
     optimizers.register('sgd', func=torch.optim.SGD)
     for name, cls in (

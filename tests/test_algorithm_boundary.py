@@ -30,7 +30,7 @@ class _Logger:
 def _state(model, microbatch: int = N) -> SimpleNamespace:
     return SimpleNamespace(model=model, device=DeviceCPU(), precision='fp32', precision_config=None,
                            dataloader=SimpleNamespace(batch_size=N), device_train_microbatch_size=microbatch,
-                           batch=None)
+                           batch=None, fsdp_enabled=False)
 
 
 def _batch(step: int, tokenizer) -> dict:

@@ -61,6 +61,16 @@ def test_quickstart_builds_a_trainer_with_jest_first(tmp_path):
     assert trainer.state.train_dataloader.batch_size == 64  # super-batch = 32 / (1 - 0.5)
 
 
+def test_compile_config_reaches_composer(tmp_path):
+    # Composer compiles the model's forward (training and JEST's scoring both call it); 'eager' traces only.
+    cfg = load_config('yamls/quickstart_reference.yaml', [f'save_folder={tmp_path}', 'max_duration=1ba',
+                                                          'compile_config.backend=eager'])
+    forward = build_trainer(cfg).state.model.forward
+    assert getattr(forward, '_torchdynamo_orig_callable', None) is not None
+    plain = build_trainer(load_config('yamls/quickstart_reference.yaml', [f'save_folder={tmp_path}'])).state.model
+    assert getattr(plain.forward, '_torchdynamo_orig_callable', None) is None
+
+
 def test_overrides_and_variables():
     cfg = load_config('yamls/quickstart.yaml', ['variables.filter_ratio=0.75', 'max_duration=7ba'])
     assert cfg.algorithms.jest.filter_ratio == 0.75 and cfg.max_duration == '7ba'

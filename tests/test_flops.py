@@ -18,6 +18,7 @@ from composer_jest.flops import (
     vit_forward_flops,
 )
 from composer_jest.model import CLIPModel
+from composer_jest.text_buckets import caption_lengths, length_histogram
 
 TINY = dict(
     embed_dim=32,
@@ -99,7 +100,10 @@ def test_train_flops_match_flop_counter_with_multires():
         model.loss(model(batch), batch).backward()
 
     brute = counted(step)
-    est = step_flops(model, superbatch=8, subbatch=8, low_res_fraction=0.5, low_res_patch_size=16)
+    # Random token ids put each caption's EOT (the argmax) anywhere: the towers encode them in length buckets.
+    counts = length_histogram(caption_lengths(batch['text']), 16)
+    est = step_flops(model, superbatch=8, subbatch=8, low_res_fraction=0.5, low_res_patch_size=16,
+                     text_length_counts=counts)
     # The backward skips the input gradient of the patch embedding, so the brute count is a bit below 3x.
     assert brute == pytest.approx(est['train'], rel=0.1)
     # Multi-resolution makes training cheaper than the full-resolution step on the same batch.

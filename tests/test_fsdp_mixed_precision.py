@@ -114,7 +114,8 @@ def _jest_steps(rank: int, scope: str, fsdp: bool, steps: int = 2) -> list[dict]
         fully_shard(master, mp_policy=policy)
     jest = JEST(reference=reference, filter_ratio=0.5, n_chunks=4, scope=scope, seed=3)
     state = SimpleNamespace(model=master, device=DeviceCPU(), precision='amp_bf16', precision_config=None,
-                            dataloader=SimpleNamespace(batch_size=16), device_train_microbatch_size=16, batch=None)
+                            dataloader=SimpleNamespace(batch_size=16), device_train_microbatch_size=16, batch=None,
+                            fsdp_enabled=fsdp)
     jest.apply(Event.FIT_START, state, _Logger())
     # Adam is invariant to the gradient's scale: FSDP2 over gloo sums gradients where NCCL averages them
     # (torch 2.7 passes ReduceOp.AVG, which gloo's reduce-scatter treats as a sum), and a factor of

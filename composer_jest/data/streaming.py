@@ -361,6 +361,9 @@ def build_streaming_dataloader(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f'batch_size must be a positive int (the per-rank super-batch N), got {batch_size!r}')
+    if 'filter_ratio' in dataset_kwargs:
+        raise TypeError('build_streaming_dataloader takes the super-batch itself: '
+                        'batch_size=composer_jest.batch.superbatch_size(b, filter_ratio), not filter_ratio=')
     n = batch_size
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f'num_workers must be an int >= 0, got {num_workers!r}')
