@@ -1,7 +1,7 @@
 """Learning-efficiency benchmark: does JEST reach a uniform baseline's accuracy with fewer examples and FLOPs?
 
 One command trains every configuration of the table below on the heterogeneous Fashion-MNIST web pool
-(:mod:`composer_jest.data.fashion_web`) with Composer's ``Trainer`` and ``JEST`` exactly as a user would
+(:mod:`composer_jest.data.demo.fashion_web`) with Composer's ``Trainer`` and ``JEST`` exactly as a user would
 (``algorithms=[JEST(...)], algorithm_passes=[jest_first]``), records learning curves against examples trained
 on, examples seen and analytic FLOPs, and writes tables and plots under ``benchmarks/results/``.
 
@@ -60,8 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from composer_jest.algorithm import CACHED_REFERENCE_KEYS, JEST, jest_first  # noqa: E402
-from composer_jest.data.fashion_mnist import WebNoise  # noqa: E402
-from composer_jest.data.fashion_web import (  # noqa: E402
+from composer_jest.data.demo.fashion_mnist import WebNoise  # noqa: E402
+from composer_jest.data.demo.fashion_web import (  # noqa: E402
     ZERO_SHOT_TEMPLATES,
     Attributes,
     FashionWebCaptions,

@@ -33,7 +33,7 @@ follows (``--analytic-only`` prints only that); ``--text-tower-only N`` times on
 forward on ``N`` captions for several bucket settings.
 
 Then the joint sampler alone (``joint_sample`` on a random ``N x N`` matrix, ``n_select = 0.2 N``, 16 chunks)
-and ``jest_select`` (pair losses of both models + sampler + statistics) for several ``N``.
+and ``jest_select`` (blockwise scores of both models + sampler + statistics) for several ``N``.
 
 Examples::
 
@@ -69,11 +69,11 @@ from composer.loggers import Logger
 from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
-from composer_jest import jest_select
 from composer_jest.algorithm import CACHED_REFERENCE_KEYS, JEST
 from composer_jest.flops import bucketed_text_flops, step_flops
 from composer_jest.model import CLIPModel
 from composer_jest.optim import FusedDecoupledAdamW
+from composer_jest.scoring import jest_select
 from composer_jest.selection import joint_sample
 from composer_jest.text_buckets import (
     DEFAULT_TEXT_BUCKET_OVERHEAD,
@@ -343,10 +343,9 @@ def report_profile(profiler: cProfile.Profile, result: Result) -> None:
     watched = [
         ('JEST selection (AFTER_DATALOADER), total', lambda f, n: n == '_select' and 'composer_jest' in f),
         ('  learner scoring forward (+ live reference)', lambda f, n: n == '_features' and 'composer_jest' in f),
-        ('  jest_select: pair losses, sampler, stats', lambda f, n: n == 'jest_select'),
-        ('    sigmoid_pair_loss (all calls)', lambda f, n: n == 'sigmoid_pair_loss'),
-        ('    _learnability_stats (logged statistics only)', lambda f, n: n == '_learnability_stats'),
-        ('    joint_sample', lambda f, n: n == 'joint_sample'),
+        ('  jest_select: blockwise scores, sampler, stats', lambda f, n: n == 'jest_select'),
+        ('    blockwise_sample (draw + conditional updates)', lambda f, n: n == 'blockwise_sample'),
+        ('    stat_partials (logged statistics only)', lambda f, n: n == 'stat_partials'),
         ('  subset_batch (gather the sub-batch)', lambda f, n: n == 'subset_batch'),
         ('FlexiViT kernel resize (all calls)', lambda f, n: n == 'resize_patch_embed'),
         ('autograd backward (run_backward)', lambda f, n: 'run_backward' in n),
@@ -382,8 +381,8 @@ def time_sampler(
 ) -> list[dict[str, Any]]:
     """Median time of ``joint_sample`` (N x N random scores) and of the whole ``jest_select`` per N.
 
-    ``jest_select`` (learner and reference pair losses, learnability, sampler, logged statistics) holds several
-    ``N x N`` float32 temporaries; it is skipped above ``select_max_n``.
+    ``jest_select`` (blockwise learner and reference scores, sampler, logged statistics; no ``N x N``
+    temporary) is skipped above ``select_max_n``.
     """
     rows = []
     for n in sizes:

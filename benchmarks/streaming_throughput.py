@@ -9,6 +9,10 @@ preprocessing and tokenization, shuffled, from a cold cache (S3: every shard is 
 Reported: time to the first super-batch (worker start-up, index download), then steady-state samples/s and
 ms per super-batch.
 
+Opening a dataset checks the size and hash of every shard file already on disk (``verify_local``, see
+:class:`~composer_jest.data.streaming.VerifiedStream`): its cost is timed separately, for the local
+directory and for the warm S3 cache, as the time to construct the dataset with and without the check.
+
 For comparison, the quickstart model's training step: ``CLIPModel('jest-tiny')`` forward + backward + AdamW
 at batch 64 (median over steps after warm-up).
 
@@ -39,8 +43,9 @@ from pathlib import Path
 
 import torch
 
+from composer_jest.batch import superbatch_size
 from composer_jest.data.convert import MDSOptions, convert_shapes
-from composer_jest.data.streaming import build_streaming_dataloader, superbatch_size
+from composer_jest.data.streaming import ImageTextStreamingDataset, build_streaming_dataloader
 from composer_jest.model import CLIPModel
 
 SECTION = '## Streaming throughput'
@@ -78,7 +83,7 @@ def time_loader(remote, local: str, tokenizer, workers: int, batch: int, filter_
                 num_batches: int) -> tuple[float, float, float]:
     """Iterate ``num_batches`` super-batches (cold cache for a remote); (first batch s, samples/s, ms/batch)."""
     start = time.perf_counter()
-    loader = build_streaming_dataloader(remote, local, tokenizer, batch_size=batch, filter_ratio=filter_ratio,
+    loader = build_streaming_dataloader(remote, local, tokenizer, batch_size=superbatch_size(batch, filter_ratio),
                                         num_workers=workers, shuffle_seed=workers)
     it = iter(loader)
     next(it)
@@ -90,6 +95,32 @@ def time_loader(remote, local: str, tokenizer, workers: int, batch: int, filter_
     elapsed = time.perf_counter() - t0
     del it, loader
     return first, num_batches * n / elapsed, 1000 * elapsed / num_batches
+
+
+def time_open(remote, local: str, tokenizer, verify: bool, repeats: int = 3) -> float:
+    """Best-of-``repeats`` seconds to construct the dataset over ``local`` (shards already on disk)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dataset = ImageTextStreamingDataset(remote=remote, local=local, tokenizer=tokenizer, batch_size=1,
+                                            verify_local=verify)
+        times.append(time.perf_counter() - t0)
+        del dataset
+    return min(times)
+
+
+def shard_bytes(local: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(local) for n in names if '.mds' in n)
+
+
+def verify_table(rows: list[tuple[str, int, float, float]]) -> str:
+    lines = ['| shards on disk | MB | open, no check (s) | open, size + xxh64 check (s) | check cost (s) | MB/s |',
+             '|---|---:|---:|---:|---:|---:|']
+    for name, size, plain, verified in rows:
+        cost = verified - plain
+        lines.append(f'| {name} | {size / 1e6:.1f} | {plain:.3f} | {verified:.3f} | {cost:.3f} | '
+                     f'{size / 1e6 / cost if cost > 0 else float("inf"):,.0f} |')
+    return '\n'.join(lines)
 
 
 def train_step_ms(batch: int, steps: int) -> float:
@@ -107,6 +138,15 @@ def train_step_ms(batch: int, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[2:])
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
 
 
 def machine() -> str:
@@ -181,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         needed = (args.num_batches + 1) * n
         if needed > args.num_samples:
             parser.error(f'--num-samples must be >= (num_batches + 1) * N = {needed}')
-        results = []
+        results, caches = [], []
         for workers in (int(w) for w in args.workers.split(',')):
             for source, rem in (('local dir', None), ('S3 (moto_server, 127.0.0.1)', remote)):
                 # a local source is read in place; a remote one through a fresh (cold) cache directory
@@ -189,9 +229,15 @@ def main(argv: list[str] | None = None) -> int:
                 first, rate, ms = time_loader(rem, local, tokenizer, workers, args.batch_size, args.filter_ratio,
                                               args.num_batches)
                 results.append(Result(source, workers, first, rate, ms))
+                caches += [local] if rem is not None else []
                 print(f'{source} workers={workers}: {rate:,.0f} samples/s, {ms:.1f} ms/super-batch, '
                       f'first {first:.2f}s', file=sys.stderr)
         step_ms = train_step_ms(args.step_batch, steps=8)
+        verify_rows = []
+        for name, rem, local in (('local dir', None, local_dir), ('S3 cache (after one run)', remote, caches[-1])):
+            plain, verified = (time_open(rem, local, tokenizer, verify) for verify in (False, True))
+            verify_rows.append((name, shard_bytes(local), plain, verified))
+            print(f'open {name}: {plain:.3f}s without the check, {verified:.3f}s with it', file=sys.stderr)
     finally:
         if moto is not None:
             moto.terminate()
@@ -207,12 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         '`build_streaming_dataloader` (decode, open_clip preprocessing, tokenization, streaming shuffle), '
         f'from a cold cache; {args.num_batches} super-batches timed after the first.', '',
         f'- machine: {machine()}',
-        f'- date: {datetime.date.today().isoformat()}',
+        f'- date: {datetime.date.today().isoformat()}, commit {commit()}',
         f'- command: `{command.strip()}`', '',
         md, '',
         'With workers, loading overlaps the training step (it is hidden while ms / super-batch stays below the '
         'step); workers and training share the cores, so on a 2-core machine more than 2 workers oversubscribe. '
         'The S3 endpoint is a `moto_server` on the same machine: its request handling uses the same cores.', '',
+        'Opening the dataset checks every shard file already on disk (size, then the xxh64 recorded in '
+        '`index.json`; a damaged cached file is fetched again, a damaged local one is an error). Its cost, once '
+        'per dataset construction (best of 3):', '',
+        verify_table(verify_rows), '',
     ])
     print(body)
     print(json.dumps([r.__dict__ for r in results] + [{'train_step_ms': step_ms}]), file=sys.stderr)

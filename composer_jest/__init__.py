@@ -1,9 +1,10 @@
 """composer_jest: JEST (multimodal contrastive learning with joint example selection) for Composer."""
 
-from composer_jest.algorithm import JEST, jest_first, jest_select
+from composer_jest.algorithm import JEST, jest_first
 from composer_jest.losses import SoftmaxScorer, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.model import CLIPModel, CLIPTowers, build_clip
 from composer_jest.reference import load_reference
+from composer_jest.scoring import Features, Selection, jest_select
 from composer_jest.selection import independent_sample, joint_sample, score_matrix
 
 __version__ = '0.1.0'
@@ -12,6 +13,8 @@ __all__ = [
     'JEST',
     'CLIPModel',
     'CLIPTowers',
+    'Features',
+    'Selection',
     'SoftmaxScorer',
     'build_clip',
     'independent_sample',

@@ -18,16 +18,10 @@ from composer.utils import dist
 
 from composer_jest.flexi import check_patch_size
 from composer_jest.flops import step_flops
-from composer_jest.losses import LOSSES, SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
-from composer_jest.reference import ReferenceSpec, load_reference, validate_reference
-from composer_jest.selection import (
-    SCORE_METHODS,
-    SELECTION_METHODS,
-    PairScorer,
-    independent_sample,
-    joint_sample,
-    score_matrix,
-)
+from composer_jest.losses import LOSSES
+from composer_jest.reference import ReferenceSpec, load_reference, preload_reference
+from composer_jest.scoring import Features, jest_select
+from composer_jest.selection import SCORE_METHODS, SCORE_TERMS, SELECTION_METHODS
 from composer_jest.text_buckets import (
     DEFAULT_TEXT_BUCKET_OVERHEAD,
     DEFAULT_TEXT_BUCKETS,
@@ -37,123 +31,14 @@ from composer_jest.text_buckets import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['JEST', 'jest_first', 'jest_select', 'subset_batch', 'SCOPES', 'CACHED_REFERENCE_KEYS']
+__all__ = ['JEST', 'jest_first', 'subset_batch', 'SCOPES', 'CACHED_REFERENCE_KEYS']
 
 SCOPES = ('local', 'global')
 # Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
 CACHED_REFERENCE_KEYS = ('ref_image_features', 'ref_text_features', 'ref_logit_scale', 'ref_logit_bias')
-Features = dict  # {'image_features', 'text_features', 'logit_scale', 'logit_bias'}
-
-
-def jest_select(
-    learner: Optional[Features],
-    reference: Optional[Features],
-    n_select: int,
-    *,
-    score: str = 'learnability',
-    selection: str = 'joint',
-    loss: str = 'sigmoid',
-    n_chunks: int = 16,
-    generator: Optional[torch.Generator] = None,
-    n_groups: int = 1,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Score a super-batch from learner and reference features and draw ``n_select`` indices.
-
-    Pure function (no Composer state): features in, indices and statistics out.
-
-    Args:
-        learner, reference: dicts with normalised ``image_features``/``text_features`` ``[N, d]``,
-            ``logit_scale`` and ``logit_bias``; either may be ``None`` if ``score`` does not use it.
-        n_select: sub-batch size.
-        score, selection, loss, n_chunks, temperature: see :class:`JEST`.
-        generator: seeded source of randomness.
-        n_groups: per-group quotas (global selection across ranks), see :func:`joint_sample`.
-
-    Returns:
-        ``(indices, stats)``; ``stats`` holds the per-example learnability of the selected batch and
-        of a uniformly drawn batch of the same size (when both models are given).
-
-    Example:
-        >>> import torch, torch.nn.functional as F
-        >>> f = lambda: {'image_features': F.normalize(torch.randn(16, 8), dim=-1),
-        ...              'text_features': F.normalize(torch.randn(16, 8), dim=-1),
-        ...              'logit_scale': torch.tensor(10.), 'logit_bias': torch.tensor(-10.)}
-        >>> idx, stats = jest_select(f(), f(), 4, n_chunks=2, generator=torch.Generator().manual_seed(0))
-        >>> idx.shape
-        torch.Size([4])
-    """
-    for name, value, allowed in (('score', score, SCORE_METHODS), ('selection', selection, SELECTION_METHODS),
-                                 ('loss', loss, LOSSES)):
-        if value not in allowed:
-            raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
-    learner_loss = reference_loss = None
-    if loss == 'sigmoid':
-        learner_loss = sigmoid_pair_loss(**learner) if learner is not None else None
-        reference_loss = sigmoid_pair_loss(**reference) if reference is not None else None
-        scores = score_matrix(score, learner_loss, reference_loss)
-    else:
-        scores = _softmax_scorer(learner, reference, score)
-
-    if selection == 'joint':
-        idx = joint_sample(scores, n_select, n_chunks, generator, n_groups=n_groups, temperature=temperature)
-    else:
-        if isinstance(scores, SoftmaxScorer):  # per-example: each example's loss gain within the super-batch
-            scores = torch.diag(_softmax_per_example(learner, reference, score))
-        idx = independent_sample(scores, n_select, generator, n_groups=n_groups, temperature=temperature)
-
-    stats = {}
-    if learner is not None and reference is not None:
-        pair = learner_loss - reference_loss if loss == 'sigmoid' else None
-        stats = _learnability_stats(learner, reference, idx, loss, pair=pair)
-    return idx, stats
-
-
-def _softmax_terms(learner, reference, score) -> list[tuple[torch.Tensor, float]]:
-    terms = []
-    if score in ('learnability', 'hard_learner'):
-        terms.append((pair_logits(learner['image_features'], learner['text_features'], learner['logit_scale']), 1.0))
-    if score in ('learnability', 'easy_reference'):
-        terms.append((pair_logits(reference['image_features'], reference['text_features'],
-                                  reference['logit_scale']), -1.0))
-    return terms
-
-
-def _softmax_scorer(learner, reference, score):
-    if score == 'uniform':
-        n = (learner or reference)['image_features'].shape[0]
-        return PairScorer(torch.zeros(n, n, device=(learner or reference)['image_features'].device))
-    return SoftmaxScorer(_softmax_terms(learner, reference, score))
-
-
-def _softmax_per_example(learner, reference, score) -> torch.Tensor:
-    total = 0
-    for logits, w in _softmax_terms(learner, reference, score):
-        diag = torch.diagonal(logits)
-        total = total + w * 0.5 * (logits.logsumexp(1) + logits.logsumexp(0) - 2 * diag)
-    return total
-
-
-def _learnability_stats(learner: Features, reference: Features, idx: torch.Tensor, loss: str,
-                        pair: Optional[torch.Tensor] = None) -> dict[str, float]:
-    """Per-example learnability ``s(B) / b`` of the selected batch vs a uniform draw of the same size."""
-    b = idx.numel()
-    if loss == 'sigmoid':
-        s = pair if pair is not None else sigmoid_pair_loss(**learner) - sigmoid_pair_loss(**reference)
-        n = s.shape[0]
-        diag = torch.diagonal(s)
-        # E[s(B)] / b for a uniform b-subset: mean diagonal + (b - 1) * mean off-diagonal entry.
-        off_mean = (s.sum() - diag.sum()) / max(n * (n - 1), 1)
-        uniform = diag.mean() + (b - 1) * off_mean
-        selected = s[idx][:, idx].sum() / b
-    else:
-        ll = pair_logits(learner['image_features'], learner['text_features'], learner['logit_scale'])
-        lr = pair_logits(reference['image_features'], reference['text_features'], reference['logit_scale'])
-        # The loader shuffles, so consecutive b-blocks of the super-batch are uniform draws: average them.
-        blocks = torch.arange(ll.shape[0] // b * b, device=ll.device).view(-1, b)
-        uniform = sum(softmax_set_loss(ll, blk) - softmax_set_loss(lr, blk) for blk in blocks) / (len(blocks) * b)
-        selected = (softmax_set_loss(ll, idx) - softmax_set_loss(lr, idx)) / b
-    return {'learnability_superbatch': float(uniform), 'learnability_selected': float(selected)}
+# Constructor arguments recorded in checkpoints; a resumed run whose settings differ is warned.
+_SETTINGS = ('filter_ratio', 'n_chunks', 'score', 'selection', 'loss', 'learner_patch_size', 'scope', 'temperature',
+             'seed')
 
 
 def subset_batch(batch: Any, indices: torch.Tensor, num_samples: int) -> Any:
@@ -191,8 +76,10 @@ class JEST(Algorithm):
         selection: ``joint`` | ``independent`` (per-example prioritisation baseline).
         loss: ``sigmoid`` | ``softmax`` scoring loss; ``None`` follows the model's ``loss_name``.
         learner_patch_size: score the learner at this patch size (FlexiViT); ``None`` = native.
-        scope: ``local`` (each rank selects from its own super-batch) or ``global`` (all ranks gather
-            embeddings, draw the same global selection, and each keeps its quota of its own examples).
+        scope: ``local`` (each rank selects from its own super-batch) or ``global`` (one selection over all
+            ranks' super-batches: each rank draws its quota of its own examples, scoring them against the
+            chosen chunks all-gathered after each chunk; no rank builds an ``N x N`` matrix, see
+            :mod:`composer_jest.scoring`).
         temperature: sample sub-batches ``∝ exp(s(B) / temperature)``.
         image_key, text_key: batch keys.
         track_keys: numeric batch keys whose mean over the super-batch and the selection is logged
@@ -210,7 +97,8 @@ class JEST(Algorithm):
 
     Logs (per step): ``jest/examples_seen`` and ``jest/examples_trained`` (cumulative, summed over
     ranks like Composer's sample count), ``jest/learnability_superbatch``/``_selected`` (with
-    ``score='learnability'``, the only score that runs both models),
+    ``score='learnability'``, the only score that runs both models; the super-batch figure is estimated from
+    each rank's own super-batch, see :mod:`composer_jest.scoring`),
     ``jest/scoring_time`` (s), ``jest/flops_scoring``/``_train`` (analytic, per rank) and
     ``jest/superbatch/<key>``/``jest/selected/<key>`` for each of ``track_keys``.
 
@@ -257,8 +145,8 @@ class JEST(Algorithm):
             raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
         if isinstance(track_keys, str):  # a bare string would be split into its characters
             track_keys = (track_keys,)
-        if reference != 'cached':
-            validate_reference(reference)
+        # Loaded now when its architecture is known: a bad file or a mismatch fails here, not at fit start.
+        preloaded = preload_reference(reference) if reference != 'cached' else None
         if not isinstance(fast_scoring, bool):
             raise ValueError(f'fast_scoring must be True or False, got {fast_scoring!r}')
         if not isinstance(compile_scoring, (bool, dict)):
@@ -270,7 +158,7 @@ class JEST(Algorithm):
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
         self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
-        self.reference = None
+        self.reference = preloaded
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
@@ -281,11 +169,11 @@ class JEST(Algorithm):
 
     @property
     def uses_reference(self) -> bool:
-        return self.score in ('learnability', 'easy_reference')
+        return 'reference' in dict(SCORE_TERMS[self.score])
 
     @property
     def uses_learner(self) -> bool:
-        return self.score in ('learnability', 'hard_learner')
+        return 'learner' in dict(SCORE_TERMS[self.score])
 
     def subbatch_size(self, superbatch_size: int) -> int:
         """``b = round(N (1 - f))``, at least 1."""
@@ -412,23 +300,26 @@ class JEST(Algorithm):
         b = self.subbatch_size(n)
         start = time.perf_counter()
         learner, reference = self._features(state, batch)
-        n_groups, offset = 1, 0
-        if self.scope == 'global' and dist.get_world_size() > 1:
-            learner, reference = _gather(learner), _gather(reference)
-            n_groups, offset = dist.get_world_size(), dist.get_global_rank() * n
-        idx, stats = jest_select(
-            learner, reference, b * n_groups, score=self.score, selection=self.selection,
-            loss=self.loss, n_chunks=self.n_chunks, generator=self.generator, n_groups=n_groups,
-            temperature=self.temperature,
+        # Global scope: every rank scores only its own candidates against all-gathered chosen chunks.
+        rank, world = (dist.get_global_rank(), dist.get_world_size()) if self.scope == 'global' else (0, 1)
+        # One device-side flag for NaN/inf in any score input, read after the step's single sync below: the
+        # sampler itself never syncs, and top-k over NaN would draw silently.
+        finite = _all_finite(learner, reference)
+        selected = jest_select(
+            learner, reference, b, score=self.score, selection=self.selection, loss=self.loss,
+            n_chunks=self.n_chunks, generator=self.generator, temperature=self.temperature,
+            rank=rank, world_size=world, all_gather=dist.all_gather,
         )
-        self.last_global_indices = idx
+        self.last_global_indices = selected.global_indices
         # Keep the loader's (random) order: draw order is biased (early chunks favour high diagonal scores),
         # and multi-resolution training encodes the first part of the batch at low resolution.
-        local = (idx[(idx >= offset) & (idx < offset + n)] - offset).sort().values
+        local = selected.indices.sort().values
         if local.device.type == 'cuda':
             torch.cuda.synchronize()
         scoring_time = time.perf_counter() - start
-        metrics = {f'jest/{k}': v for k, v in stats.items()}
+        if not bool(finite):
+            self._name_non_finite(batch, learner, reference, int(state.timestamp.batch))
+        metrics = {f'jest/{k}': float(v) for k, v in selected.stats.items()}
         metrics.update(self._flop_metrics(state, batch, n, b))
         for key in self.track_keys:
             values = torch.as_tensor(batch[key]).float()
@@ -445,6 +336,15 @@ class JEST(Algorithm):
             'jest/scoring_time': scoring_time,
         })
         logger.log_metrics(metrics)
+
+    def _name_non_finite(self, batch: dict, learner: Optional[Features], reference: Optional[Features],
+                         step: int) -> None:
+        """Raise naming which input (batch, learner, reference or cached columns) holds NaN/inf, and the step."""
+        _check_finite({'image': batch[self.image_key]}, 'input batch', step)
+        _check_finite(learner, f'learner scoring (learner_patch_size={self.learner_patch_size})', step)
+        cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
+        _check_finite(reference, f'cached reference columns {CACHED_REFERENCE_KEYS}' if cached
+                      else f'reference model ({_describe(self.reference_spec)})', step)
 
     def _flop_metrics(self, state: State, batch: dict, n: int, b: int) -> dict[str, float]:
         """Analytic per-rank FLOPs of scoring vs training this step (cached per batch shape)."""
@@ -476,14 +376,25 @@ class JEST(Algorithm):
                 'jest/flops_train': f['train']}
 
     # -- checkpointing ------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The selection settings a checkpoint records (a resumed run warns if its own differ)."""
+        return {name: getattr(self, name) for name in _SETTINGS}
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd.update(examples_seen=self.examples_seen, examples_trained=self.examples_trained)
+        sd.update(examples_seen=self.examples_seen, examples_trained=self.examples_trained, settings=self.settings())
         if self.generator is not None:
             sd['rng'] = self.generator.get_state()
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, now = state.get('settings', {}), self.settings()
+        changed = [f'{k}: {saved[k]!r} -> {now[k]!r}' for k in _SETTINGS
+                   if k in saved and now[k] is not None and saved[k] != now[k]]
+        if changed:
+            warnings.warn('resuming JEST with settings that differ from the checkpoint\'s (checkpoint -> now): '
+                          + '; '.join(changed) + '. The run continues with the new settings.', UserWarning,
+                          stacklevel=2)
         self.examples_seen = state.get('examples_seen', 0)
         self.examples_trained = state.get('examples_trained', 0)
         if 'rng' in state:
@@ -491,6 +402,31 @@ class JEST(Algorithm):
                 self.generator.set_state(state['rng'])
             else:
                 self._pending_rng = state['rng']
+
+
+def _all_finite(*features: Optional[Features]) -> torch.Tensor:
+    """A device bool: no NaN/inf in any floating tensor of the given feature dicts (no host sync)."""
+    flags = [torch.isfinite(v).all() for f in features if f is not None for v in f.values()
+             if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return torch.stack([f.to(flags[0].device) for f in flags]).all() if flags else torch.tensor(True)
+
+
+def _check_finite(features: Optional[Features], source: str, step: int) -> None:
+    """Raise :class:`FloatingPointError` naming ``source``, ``step`` and the keys if any tensor is NaN or inf."""
+    if features is None:
+        return
+    bad = [k for k, v in features.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(
+            f'non-finite values (NaN or inf) in {bad} from the {source} at step {step}: the scores cannot be '
+            'computed. A learner that diverged needs a lower learning rate or gradient clipping; a reference or '
+            'cached columns with NaN/inf need to be re-made (check the checkpoint / re-run embed-reference).',
+        )
+
+
+def _describe(spec: Any) -> str:
+    return f'a {type(spec).__name__} module' if isinstance(spec, torch.nn.Module) else repr(spec)
 
 
 def jest_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algorithm]:
@@ -512,12 +448,3 @@ def _cast_towers(towers: torch.nn.Module, dtype: torch.dtype) -> None:
     for name, param in towers.named_parameters():
         if not name.rsplit('.', 1)[-1].startswith('logit_'):
             param.data = param.data.to(dtype)
-
-
-def _gather(features: Optional[Features]) -> Optional[Features]:
-    if features is None:
-        return None
-    out = dict(features)
-    for key in ('image_features', 'text_features'):
-        out[key] = torch.cat(dist.all_gather(features[key].contiguous()))
-    return out

@@ -14,9 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-__all__ = ['ModelConfig', 'DataConfig', 'TrainConfig', 'load_config', 'DATA_SOURCES']
-
-DATA_SOURCES = ('shapes', 'mds')
+__all__ = ['ModelConfig', 'DataConfig', 'TrainConfig', 'load_config']
 
 
 @dataclass
@@ -32,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = 'shapes'  # shapes (procedural, built in) | mds (streaming shards, local or s3://)
+    source: str = 'shapes'  # a registered data source: shapes (procedural demo) | mds (shards, local or s3://)
     # shapes
     num_samples: int = 4096
     noise: float = 0.0
@@ -110,12 +108,13 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
 
 
 def _check(cfg: DictConfig) -> None:
+    from composer_jest import registry  # noqa: PLC0415  (imports Composer: only once a config is checked)
+
     for name in ('train_loader', 'eval_loader'):
         loader = cfg.get(name)
         if loader is None:
             continue
-        if loader.source not in DATA_SOURCES:
-            raise ValueError(f'{name}.source must be one of {DATA_SOURCES}, got {loader.source!r}')
+        registry.get(registry.data_sources, loader.source, 'data source', f'{name}.source')
         if loader.source == 'mds' and not (loader.remote or loader.local):
             raise ValueError(f'{name}: source=mds needs remote (e.g. s3://bucket/path) and/or local')
     if cfg.global_train_batch_size < 1:

@@ -27,6 +27,7 @@ from typing import Optional, Union
 
 from torch import nn
 
+from composer_jest.scoring import selection_flops
 from composer_jest.text_buckets import DEFAULT_TEXT_BUCKET_OVERHEAD, DEFAULT_TEXT_BUCKETS, bucket_plan
 
 __all__ = [
@@ -313,8 +314,8 @@ def step_flops(
     Returns:
         Dict of FLOPs: ``train`` (≈ 3x the sub-batch forward, incl. the ``b x b`` loss logits),
         ``learner_scoring`` (no-grad forward of the ``N`` super-batch at ``learner_patch_size``),
-        ``reference_scoring`` (0 when cached or unused), ``selection`` (the ``N x N`` logits of each
-        scoring model + the joint sampler's conditional-score updates, ``2·N·b``), ``total`` (their
+        ``reference_scoring`` (0 when cached or unused), ``selection`` (the blockwise conditional
+        updates, ``4·N·b·d`` per scoring model, local scope: ``scoring.selection_flops``), ``total`` (their
         sum), ``uniform_train`` (a plain step on ``b`` examples at full resolution) and ``ratio``
         (``total / uniform_train``). For a step without selection use ``uniform_train`` (or ``train`` for
         uniform multi-resolution training).
@@ -374,10 +375,10 @@ def step_flops(
                            + patch_resize_flops(visual, learner_patch_size))
     live_reference = uses_reference and not reference_cached
     reference_scoring = superbatch * (image(reference, None) + text(reference, superbatch)) if live_reference else 0.0
-    # Selection: one N x N logit matrix per scoring model (a cached reference still needs its logits),
-    # then the sampler adds S[:, chunk].sum(1) + S[chunk, :].sum(0): ~2·N adds per selected example.
+    # Selection (blockwise, local scope, sigmoid): each chunk's logits against the N candidates, per scoring
+    # model (a cached reference still needs its logits); see composer_jest.scoring.selection_flops.
     n_models = int(uses_learner) + int(uses_reference)
-    selection = n_models * logits_flops(superbatch, d) + 2.0 * superbatch * subbatch
+    selection = selection_flops('sigmoid', superbatch, subbatch, d, models=n_models)
     total = train + learner_scoring + reference_scoring + selection
     return {
         'train': float(train),

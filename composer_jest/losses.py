@@ -2,7 +2,8 @@
 
 Training losses are open_clip's (``SigLipLoss`` / ``ClipLoss``); this module only exposes what
 selection needs and open_clip does not: the loss *per pair* (sigmoid) and the exact change of the
-softmax loss when one example joins a set.
+softmax loss when one example joins a set. These build ``N x N`` matrices: they are the dense
+references (and small-N tools); training selects with the blockwise :mod:`composer_jest.scoring`.
 """
 
 from __future__ import annotations

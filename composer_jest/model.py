@@ -88,6 +88,10 @@ class CLIPTowers(nn.Module):
     input), ``logit_scale`` (the scale itself, ``exp`` of the parameter) and ``logit_bias``.
     ``patch_size`` encodes the image at another patch size (FlexiViT) for cheap scoring; the first
     ``low_res`` images of the batch can be encoded at ``low_res_patch_size`` (multi-resolution).
+
+    Every returned tensor owns its storage: none aliases a parameter or buffer (FSDP frees the unsharded
+    parameters after the forward, so an alias read later is a use-after-free on CUDA).
+
     Captions are encoded in length buckets (``text_buckets``, ``text_bucket_overhead``; see ``encode_text``).
     """
 
@@ -177,11 +181,14 @@ class CLIPTowers(nn.Module):
         if text is not None:
             text_features = F.normalize(self.encode_text(text), dim=-1)
         bias = getattr(self.clip, 'logit_bias', None)
+        # Nothing returned here may alias a parameter: under FSDP mixed precision a parameter seen inside the
+        # forward is the unsharded low-precision copy, whose storage FSDP frees right after the forward.
+        # ``exp`` already allocates; the bias is cloned (still differentiable, so it trains).
         return {
             'image_features': image_features,
             'text_features': text_features,
             'logit_scale': self.clip.logit_scale.exp(),
-            'logit_bias': bias,
+            'logit_bias': bias.clone() if bias is not None else None,
         }
 
 
@@ -374,8 +381,11 @@ def _cat(x: Union[torch.Tensor, list]) -> torch.Tensor:
 
 def checkpoint_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """open_clip-style weights (``visual.*``, ``transformer.*``…) from a Composer checkpoint of
-    :class:`CLIPModel` (``state.model``) or a plain open_clip ``state_dict``."""
-    obj = torch.load(path, map_location='cpu', weights_only=False)
+    :class:`CLIPModel` (``state.model``) or a plain open_clip ``state_dict``, loaded with ``weights_only=True``
+    (:func:`composer_jest.checkpoint.load_checkpoint`: a file holding other Python objects is refused)."""
+    from composer_jest.checkpoint import load_checkpoint  # safe: tensors and Composer metadata only
+
+    obj = load_checkpoint(path)
     if isinstance(obj, dict) and 'state' in obj and 'model' in obj['state']:
         sd = obj['state']['model']
     elif isinstance(obj, dict) and 'state_dict' in obj:

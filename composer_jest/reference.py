@@ -4,6 +4,11 @@ A reference is given as a module, a checkpoint path (a Composer checkpoint of
 :class:`~composer_jest.model.CLIPModel` or a plain open_clip ``state_dict``), or a dict
 ``{'model': name-or-config, 'checkpoint': path}``. With a bare path the architecture defaults to the
 learner's, so a learner checkpoint trained with this package is directly usable as a reference.
+
+Checkpoints are loaded with ``weights_only=True`` (:mod:`composer_jest.checkpoint`): a file holding other
+Python objects is refused, naming the file. :func:`preload_reference` runs at ``JEST`` construction: a
+missing or non-checkpoint file fails there, and so does a checkpoint of another architecture when the
+architecture is given (``{'model', 'checkpoint'}``), naming the path and the mismatched keys.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import copy
 import os
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from composer_jest.model import CLIPModel, CLIPTowers, ModelSpec, build_clip, checkpoint_state_dict
 
-__all__ = ['ReferenceSpec', 'validate_reference', 'load_reference']
+__all__ = ['ReferenceSpec', 'validate_reference', 'preload_reference', 'load_reference', 'load_weights']
 
 ReferenceSpec = Union[nn.Module, str, os.PathLike, dict]
 
@@ -68,6 +74,45 @@ def load_reference(spec: ReferenceSpec, default_model: Optional[ModelSpec] = Non
             )
         clip = build_clip(model)
         if path is not None:
-            clip.load_state_dict(checkpoint_state_dict(path))
+            load_weights(clip, path, model)
         towers = CLIPTowers(clip)
     return towers.eval().requires_grad_(False)
+
+
+def preload_reference(spec: Optional[ReferenceSpec]) -> Optional[CLIPTowers]:
+    """Check a reference at construction; load it now when its architecture is known.
+
+    A dict spec ``{'model', 'checkpoint'}`` is loaded (so an architecture mismatch fails here); a bare
+    checkpoint path is read once to check that it is a checkpoint that loads safely (its architecture is
+    the learner's, known at fit start); a module is left for fit start. Returns the towers or ``None``.
+    """
+    validate_reference(spec)
+    if isinstance(spec, dict):
+        return load_reference(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        checkpoint_state_dict(spec)
+    return None
+
+
+def load_weights(clip: nn.Module, path: Union[str, os.PathLike], model: Optional[ModelSpec] = None) -> None:
+    """Load a checkpoint's weights into ``clip``; a mismatch names the file and the keys at fault."""
+    state = checkpoint_state_dict(path)
+    expected = clip.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}'
+              for k in sorted(set(state) & set(expected))
+              if getattr(state[k], 'shape', None) != expected[k].shape]
+    if missing or unexpected or shapes:
+        name = model if isinstance(model, str) else type(clip).__name__
+        parts = [f'{label} ({len(keys)}): {keys[:5]}' + (' ...' if len(keys) > 5 else '')
+                 for label, keys in (('shape mismatches', shapes), ('missing keys', missing),
+                                     ('unexpected keys', unexpected)) if keys]
+        raise ValueError(f'checkpoint {str(path)!r} does not fit the architecture {name!r}: ' + '; '.join(parts)
+                         + '. Pass the architecture it was trained with: reference=dict(model=..., checkpoint=...)')
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f'checkpoint {str(path)!r} has NaN or inf weights in {nonfinite[:5]}'
+                         + (f' and {len(nonfinite) - 5} more tensors' if len(nonfinite) > 5 else '')
+                         + ': it comes from a diverged run; use an earlier checkpoint')
+    clip.load_state_dict(state)

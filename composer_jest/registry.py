@@ -25,13 +25,16 @@ from composer import optim as composer_optim
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 
-__all__ = ['algorithms', 'callbacks', 'loggers', 'optimizers', 'schedulers', 'build', 'check_kwargs', 'has', 'names']
+__all__ = ['algorithms', 'callbacks', 'loggers', 'optimizers', 'schedulers', 'data_sources', 'build', 'build_section',
+           'check_kwargs', 'has', 'names']
 
 algorithms = catalogue.create('composer_jest', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_jest', 'callbacks', entry_points=True)
 loggers = catalogue.create('composer_jest', 'loggers', entry_points=True)
 optimizers = catalogue.create('composer_jest', 'optimizers', entry_points=True)
 schedulers = catalogue.create('composer_jest', 'schedulers', entry_points=True)
+# `train_loader.source` / `eval_loader.source`: (cfg, model, batch_size, train) -> DataLoader
+data_sources = catalogue.create('composer_jest', 'data_sources', entry_points=True)
 
 
 def _module_name(cls: type, strip: str = '') -> str:
@@ -51,10 +54,13 @@ def _register_composer(registry: catalogue.Registry, module: Any, base: type, st
 def _register_builtins() -> None:
     from composer_jest.algorithm import JEST
     from composer_jest.callbacks import SelectionLog
+    from composer_jest.data.sources import mds_source, shapes_source
     from composer_jest.optim import FusedDecoupledAdamW
 
     algorithms.register('jest', func=JEST)
     callbacks.register('selection_log', func=SelectionLog)
+    data_sources.register('shapes', func=shapes_source)
+    data_sources.register('mds', func=mds_source)
     _register_composer(algorithms, composer_algorithms, Algorithm)
     _register_composer(callbacks, composer_callbacks, Callback)
     _register_composer(loggers, composer_loggers, LoggerDestination, strip='_logger')
@@ -85,13 +91,39 @@ def has(registry: catalogue.Registry, name: str) -> bool:
     return name in registry.get_all()
 
 
-def build(registry: catalogue.Registry, name: str, kind: str, *args, **kwargs) -> Any:
-    """Build ``name`` from ``registry``; an unknown name fails with the list of valid ones."""
+def get(registry: catalogue.Registry, name: str, kind: str, where: str = '') -> Any:
+    """The factory registered as ``name``; an unknown name fails with the list of valid ones."""
     if not has(registry, name):
-        raise ValueError(f'unknown {kind} {name!r}; registered {kind}s: {names(registry)}')
-    factory = registry.get(name)
+        prefix = f'{where}: ' if where else ''
+        raise ValueError(f'{prefix}unknown {kind} {name!r}; registered {kind}s: {names(registry)}')
+    return registry.get(name)
+
+
+def build(registry: catalogue.Registry, name: str, kind: str, *args, **kwargs) -> Any:
+    """Build ``name`` from ``registry`` (e.g. a yaml ``optimizer: {name: ..., **kwargs}``).
+
+    Unknown names and unknown keyword arguments fail before anything is built, naming the valid ones.
+    """
+    factory = get(registry, name, kind)
     check_kwargs(factory, kwargs, f'{kind} {name!r}')
     return factory(*args, **kwargs)
+
+
+def build_section(registry: catalogue.Registry, kind: str, section: dict | None, where: str) -> list:
+    """Build every entry of a yaml section ``{name: kwargs, ...}`` (``algorithms:``, ``callbacks:``...).
+
+    Errors name the entry: ``where.name``.
+    """
+    out = []
+    for name, kwargs in (section or {}).items():
+        kwargs = dict(kwargs or {})
+        factory = get(registry, name, kind, where)
+        check_kwargs(factory, kwargs, f'{where}.{name}')
+        try:
+            out.append(factory(**kwargs))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f'{where}.{name}: {e}') from e
+    return out
 
 
 def check_kwargs(factory: Any, kwargs: dict, where: str) -> None:

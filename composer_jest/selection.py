@@ -13,6 +13,15 @@ replacement ``∝ exp(c)`` are Gumbel-top-k: ``topk(c + Gumbel noise)``.
 
 The softmax (InfoNCE) loss does not split into pair terms; its conditional score is supplied by a
 :class:`ConditionalScorer` (see :mod:`composer_jest.losses`) and sampled by the same loop.
+
+``joint_sample`` / ``independent_sample`` on an ``N x N`` matrix are the dense reference; training
+uses :func:`blockwise_sample` with the matrix-free scorers of :mod:`composer_jest.scoring`.
+
+Randomness: one seed per selection is drawn from the caller's (checkpointed, CPU) generator; group
+(rank) ``g`` then draws all of its Gumbel noise, ``[chunks, group_size]``, at once on the scores'
+device from a generator seeded by ``(seed, g)`` (:func:`gumbel_noise`). The dense samplers here and
+the blockwise one (:func:`blockwise_sample`, where each rank holds only its own group) therefore
+draw the same indices for the same generator state, and no noise crosses host and device per chunk.
 """
 
 from __future__ import annotations
@@ -21,21 +30,34 @@ import math
 from collections.abc import Sequence
 from typing import Optional, Protocol
 
+import numpy as np
 import torch
 
 __all__ = [
+    'SCORE_TERMS',
     'SCORE_METHODS',
     'SELECTION_METHODS',
     'ConditionalScorer',
+    'BlockScorer',
     'PairScorer',
     'score_matrix',
     'joint_sample',
     'independent_sample',
     'chunk_sizes',
     'batch_score',
+    'blockwise_sample',
+    'draw_seed',
+    'gumbel_noise',
 ]
 
-SCORE_METHODS = ('learnability', 'easy_reference', 'hard_learner', 'uniform')
+# Which model's loss each score uses, and with which sign: S = sum_m w_m L_m (uniform: S = 0).
+SCORE_TERMS: dict[str, tuple[tuple[str, float], ...]] = {
+    'learnability': (('learner', 1.0), ('reference', -1.0)),
+    'easy_reference': (('reference', -1.0),),
+    'hard_learner': (('learner', 1.0),),
+    'uniform': (),
+}
+SCORE_METHODS = tuple(SCORE_TERMS)
 SELECTION_METHODS = ('joint', 'independent')
 
 
@@ -59,22 +81,16 @@ def score_matrix(
     """
     if score not in SCORE_METHODS:
         raise ValueError(f'score must be one of {SCORE_METHODS}, got {score!r}')
-    needs_learner = score in ('learnability', 'hard_learner')
-    needs_reference = score in ('learnability', 'easy_reference')
-    if needs_learner and learner_loss is None:
-        raise ValueError(f'score={score!r} needs learner_loss')
-    if needs_reference and reference_loss is None:
-        raise ValueError(f'score={score!r} needs reference_loss')
-    if score == 'learnability':
-        return learner_loss - reference_loss
-    if score == 'hard_learner':
-        return learner_loss
-    if score == 'easy_reference':
-        return -reference_loss
-    ref = learner_loss if learner_loss is not None else reference_loss
-    if ref is None:
-        raise ValueError("score='uniform' needs at least one loss matrix to take its size from")
-    return torch.zeros_like(ref)
+    losses = {'learner': learner_loss, 'reference': reference_loss}
+    for model, _ in SCORE_TERMS[score]:
+        if losses[model] is None:
+            raise ValueError(f'score={score!r} needs {model}_loss')
+    if not SCORE_TERMS[score]:
+        ref = learner_loss if learner_loss is not None else reference_loss
+        if ref is None:
+            raise ValueError("score='uniform' needs at least one loss matrix to take its size from")
+        return torch.zeros_like(ref)
+    return sum(w * losses[model] for model, w in SCORE_TERMS[score])
 
 
 def batch_score(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -141,21 +157,45 @@ def _validate_sizes(n: int, n_select: int, n_chunks: int, n_groups: int) -> None
         )
 
 
-def _gumbel(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    # -log(-log U), U ~ Uniform(0, 1); drawn on the generator's device, then moved.
-    gen_device = generator.device if generator is not None else torch.device('cpu')
-    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float64)
-    u = u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
-    return (-torch.log(-torch.log(u))).to(device)
+def draw_seed(generator: Optional[torch.Generator]) -> int:
+    """The one value a selection draws from the caller's generator (its checkpointed state is the replay key)."""
+    if not isinstance(generator, torch.Generator):
+        # no silent fallback to torch's global RNG: selections must replay from a checkpointed generator
+        raise ValueError(f'generator must be a seeded torch.Generator, got {generator!r}')
+    # a CPU generator (as JEST's): int() reads host memory, no device sync
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
 
-def _gumbel_topk(logits: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``k`` indices drawn without replacement ``∝ exp(logits)``; ``-inf`` entries are never drawn."""
-    # Shift by the max: the draw is invariant to it and exp never overflows downstream.
-    finite = torch.isfinite(logits)
-    shifted = logits.double() - logits[finite].max().double()
-    perturbed = shifted + _gumbel(logits.shape, generator, logits.device)
-    return torch.topk(perturbed, k).indices
+def gumbel_noise(seed: int, group: int, shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log U)`` for one group (rank), float32, drawn at once on ``device``.
+
+    Depends only on ``(seed, group, shape, device type)``: any process can draw its own group's noise
+    without drawing anyone else's.
+
+    Example:
+        >>> a = gumbel_noise(7, 1, (2, 5), 'cpu')
+        >>> torch.equal(a, gumbel_noise(7, 1, (2, 5), 'cpu')), torch.equal(a, gumbel_noise(7, 0, (2, 5), 'cpu'))
+        (True, False)
+    """
+    mixed = int(np.random.SeedSequence([seed, group]).generate_state(1, np.uint64)[0])
+    gen = torch.Generator(device=device)
+    gen.manual_seed(mixed)
+    u = torch.rand(tuple(shape), generator=gen, device=device).clamp_(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(u))
+
+
+def _draw_chunk(cond: torch.Tensor, chosen: torch.Tensor, noise: torch.Tensor, size: int,
+                temperature: float) -> torch.Tensor:
+    """Gumbel-top-k along the last dim: ``size`` unchosen items drawn without replacement ``∝ exp(cond / T)``.
+
+    Shared by the dense and the blockwise sampler, so both do the same float arithmetic. ``topk`` is
+    invariant to a shift of the logits, so no max is subtracted (a max over the finite entries would
+    sync the device); chosen items are ``-inf`` and never drawn. Marks the drawn items in ``chosen``.
+    """
+    logits = (cond / temperature).masked_fill(chosen, -math.inf) + noise
+    new = torch.topk(logits, size, dim=-1).indices
+    chosen.scatter_(-1, new, True)
+    return new
 
 
 def _chunked_sample(
@@ -167,24 +207,90 @@ def _chunked_sample(
     temperature: float,
     joint: bool,
 ) -> torch.Tensor:
-    if not isinstance(generator, torch.Generator):
-        # no silent fallback to torch's global RNG: selections must replay from a checkpointed generator
-        raise ValueError(f'generator must be a seeded torch.Generator, got {generator!r}')
+    seed = draw_seed(generator)
     n = scorer.num_items
     group_size, quota = n // n_groups, n_select // n_groups
+    sizes = chunk_sizes(quota, n_chunks)
     cond = scorer.initial()
-    chosen = torch.zeros(n, dtype=torch.bool, device=cond.device)
+    # [chunks, groups, group_size]: group g's noise is what rank g draws alone in blockwise_sample
+    noise = torch.stack([gumbel_noise(seed, g, (len(sizes), group_size), cond.device) for g in range(n_groups)], 1)
+    chosen = torch.zeros(n_groups, group_size, dtype=torch.bool, device=cond.device)
+    offsets = torch.arange(n_groups, device=cond.device)[:, None] * group_size
     picked: list[torch.Tensor] = []
-    for size in chunk_sizes(quota, n_chunks):
-        logits = (cond / temperature).masked_fill(chosen, -math.inf).view(n_groups, group_size)
+    for t, size in enumerate(sizes):
         # Per-group quota: every group (rank) gets its share of every chunk.
-        new = torch.cat([
-            _gumbel_topk(logits[g], size, generator) + g * group_size for g in range(n_groups)
-        ])
-        chosen[new] = True
+        new = (_draw_chunk(cond.view(n_groups, group_size), chosen, noise[t], size, temperature) + offsets).flatten()
         picked.append(new)
-        if joint:
+        if joint and t < len(sizes) - 1:
             cond = scorer.add(new)
+    return torch.cat(picked)
+
+
+class BlockScorer(Protocol):
+    """What :func:`blockwise_sample` needs: conditional scores of *this rank's* candidates only.
+
+    ``add`` receives this rank's newly chosen (local) indices; a distributed scorer exchanges what it
+    needs about every rank's new chunk itself (e.g. an all-gather of their embeddings).
+    """
+
+    num_items: int
+
+    def initial(self) -> torch.Tensor:
+        """``c_k`` of the local candidates given the empty set, shape ``[N_local]``."""
+
+    def add(self, new: torch.Tensor, need_cond: bool) -> Optional[torch.Tensor]:
+        """Add every rank's new chunk (``new``: this rank's part); the updated ``c`` if ``need_cond``.
+
+        ``need_cond=False`` (after the last chunk, or the whole independent draw at once): only the
+        scorer's own statistics of the chosen set are updated; it may gather ``new`` in pieces.
+        """
+
+
+def blockwise_sample(
+    scorer: BlockScorer,
+    quota: int,
+    n_chunks: int,
+    generator: Optional[torch.Generator],
+    *,
+    group: int = 0,
+    temperature: float = 1.0,
+    joint: bool = True,
+    add_all: bool = False,
+) -> torch.Tensor:
+    """This rank's share of a joint (or independent) draw: ``quota`` local indices, in draw order.
+
+    The same draw as :func:`joint_sample` / :func:`independent_sample` with ``n_groups`` = world size,
+    restricted to group ``group``, when every rank passes a generator in the same state: the rank draws
+    only its own group's noise (:func:`gumbel_noise`) and its own quota, and learns about the other
+    ranks' choices only through ``scorer.add``.
+
+    Args:
+        scorer: conditional scores of the local candidates.
+        quota: items this rank draws (``n_select / world_size``).
+        n_chunks: chunks of the joint draw (ignored by ``joint=False``: one chunk).
+        generator: the seeded generator, in the same state on every rank (one value is drawn).
+        group: this rank's index.
+        temperature: draw ``∝ exp(c / temperature)``.
+        joint: condition each chunk on the chosen set; ``False`` draws once ``∝ exp(c_k)``.
+        add_all: also add the last chunk (joint) or the whole draw (independent) with
+            ``need_cond=False``, so the scorer has seen the full selected set (statistics of it).
+    """
+    _validate_sizes(scorer.num_items, quota, n_chunks, 1)
+    _validate_temperature(temperature)
+    seed = draw_seed(generator)
+    sizes = chunk_sizes(quota, n_chunks if joint else 1)
+    cond = scorer.initial()
+    noise = gumbel_noise(seed, group, (len(sizes), scorer.num_items), cond.device)
+    chosen = torch.zeros(scorer.num_items, dtype=torch.bool, device=cond.device)
+    picked: list[torch.Tensor] = []
+    for t, size in enumerate(sizes):
+        new = _draw_chunk(cond, chosen, noise[t], size, temperature)
+        picked.append(new)
+        last = t == len(sizes) - 1
+        if joint and (add_all or not last):
+            cond = scorer.add(new, need_cond=not last)
+    if add_all and not joint:
+        scorer.add(picked[0], need_cond=False)
     return torch.cat(picked)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Optional
@@ -15,6 +16,10 @@ from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
 from composer_jest import CLIPModel
 from composer_jest.data import shape_classnames, shapes_dataloader
 
+# One torch thread per process (and per launched rank): on a 2-core machine with a busy neighbour, torch's
+# default of one thread per core oversubscribes and multiplies the suite's time.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+torch.set_num_threads(1)
 warnings.filterwarnings('ignore', message='No pretrained weights loaded')
 CLASS_TEMPLATES = ('a {name}', 'a picture of a {name}')
 

@@ -30,8 +30,8 @@ def test_learnability_prefers_what_the_reference_knows_and_the_learner_does_not(
     learnable = ref_knows & ~learner_knows     # odd pairs in 0..15
     picked, gains = torch.zeros(n), []
     for seed in range(10):
-        idx, stats = jest_select(learner, reference, 8, selection=selection, loss=loss, n_chunks=4,
-                                 generator=torch.Generator().manual_seed(seed))
+        idx, _, stats = jest_select(learner, reference, 8, selection=selection, loss=loss, n_chunks=4,
+                                    generator=torch.Generator().manual_seed(seed))
         assert idx.unique().numel() == 8
         picked[idx] += 1
         gains.append(stats['learnability_selected'] - stats['learnability_superbatch'])
@@ -46,8 +46,8 @@ def test_score_methods_use_the_right_model():
     ref_knows, learner_knows = torch.arange(n) < 8, torch.arange(n) >= 24
     reference, learner = model_features(ref_knows, seed=1), model_features(learner_knows, seed=2)
     g = torch.Generator().manual_seed(0)
-    easy, _ = jest_select(learner, reference, 8, score='easy_reference', generator=g)
-    hard, _ = jest_select(learner, None, 8, score='hard_learner', generator=g)
+    easy = jest_select(learner, reference, 8, score='easy_reference', generator=g).indices
+    hard = jest_select(learner, None, 8, score='hard_learner', generator=g).indices
     assert ref_knows[easy].float().mean() > 0.6          # easy for the reference
     assert (~learner_knows[hard]).float().mean() > 0.9   # hard for the learner: not the ones it knows
 
@@ -93,21 +93,15 @@ def test_reference_is_required_and_checked_at_construction(tmp_path):
     JEST(score='hard_learner')  # no reference needed
 
 
-def test_subbatch_size_and_state_dict_round_trip():
+def test_subbatch_size_and_state_dict_contents():
+    # the restore itself is tested through FIT_START in test_algorithm_boundary.py
     jest = JEST(reference='cached', filter_ratio=0.8, seed=3)
     assert jest.subbatch_size(320) == 64 and jest.subbatch_size(50) == 10
     jest.generator = torch.Generator().manual_seed(123)
-    torch.rand(5, generator=jest.generator)
     jest.examples_seen, jest.examples_trained = 640, 128
     state = jest.state_dict()
-    expected_next = torch.rand(3, generator=jest.generator)
-
-    restored = JEST(reference='cached', filter_ratio=0.8, seed=3)
-    restored.load_state_dict(state)  # before FIT_START: kept pending until the generator exists
-    restored.generator = torch.Generator().manual_seed(0)
-    restored.generator.set_state(restored._pending_rng)
-    assert torch.equal(torch.rand(3, generator=restored.generator), expected_next)
-    assert (restored.examples_seen, restored.examples_trained) == (640, 128)
+    assert torch.equal(state['rng'], jest.generator.get_state())
+    assert (state['examples_seen'], state['examples_trained']) == (640, 128)
 
 
 def test_patch_sizes_are_checked_against_the_model_before_training(tokenizer):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import catalogue
 import pytest
 import torch
 
@@ -14,17 +16,29 @@ from composer_jest.config import load_config
 YAMLS = sorted((Path(__file__).parent.parent / 'yamls').glob('*.yaml'))
 
 
-def test_there_are_recipes():
-    names = {p.stem for p in YAMLS}
-    assert {'quickstart', 'quickstart_reference'} <= names
+def test_every_recipe_is_documented_in_the_readme():
+    readme = (Path(__file__).parent.parent / 'README.md').read_text()
+    start = readme.index('Recipes:')
+    documented = set(re.findall(r'`(\w+)`', readme[start:readme.index('\n\n', start)]))
+    assert {p.stem for p in YAMLS} <= documented, sorted({p.stem for p in YAMLS} - documented)
 
 
 @pytest.mark.parametrize('path', YAMLS, ids=lambda p: p.stem)
-def test_every_yaml_builds(path):
-    built = dry_run(load_config(path))
-    assert built['model'] is not None and built['optimizer'] is not None
-    if 'jest' in load_config(path).algorithms:
-        assert type(built['algorithms'][0]).__name__ == 'JEST'  # JEST first
+def test_every_yaml_builds_what_it_says(path):
+    cfg = load_config(path)
+    built = dry_run(cfg, world_size=1)
+    assert built['model'].loss_name == cfg.model.loss
+    assert built['optimizer'].param_groups[0]['lr'] == cfg.optimizer.lr
+    assert built['b'] == cfg.global_train_batch_size
+    jest = cfg.algorithms.get('jest')
+    if jest is None:
+        assert built['N'] == built['b'] and not any(type(a).__name__ == 'JEST' for a in built['algorithms'])
+        return
+    algorithm = built['algorithms'][0]
+    assert type(algorithm).__name__ == 'JEST'  # JEST first
+    assert (algorithm.filter_ratio, algorithm.n_chunks, algorithm.score, algorithm.scope) == \
+        (jest.filter_ratio, jest.n_chunks, jest.score, jest.get('scope', 'local'))
+    assert built['N'] == round(built['b'] / (1 - jest.filter_ratio))
 
 
 def test_quickstart_builds_a_trainer_with_jest_first(tmp_path):
@@ -68,7 +82,8 @@ def test_overrides_and_variables():
         (['modle.name=x'], "'modle'"),
         (['model.losss=sigmoid'], "'model.losss'"),
         (['train_loader.sorce=mds'], "'train_loader.sorce'"),
-        (['train_loader.source=webdataset'], r"train_loader.source must be one of \('shapes', 'mds'\)"),
+        (['train_loader.source=webdataset'],
+         r"train_loader.source: unknown data source 'webdataset'; registered data sources: \['mds', 'shapes'\]"),
         (['global_train_batch_size=abc'], 'global_train_batch_size'),
         (['precision=bf16'], r"precision must be one of \['fp32', 'amp_fp16', 'amp_bf16', 'amp_fp8'\]"),
         (['max_duration=100steps'], "max_duration must be a Composer time string such as '100ba'"),
@@ -163,3 +178,30 @@ def test_components_from_other_packages_come_in_through_entry_points(monkeypatch
     built = dry_run(load_config('yamls/quickstart.yaml', ['algorithms.smooth_labels.smoothing=0.1']))['algorithms']
     assert [type(a).__name__ for a in built][0] == 'JEST'
     assert [a.smoothing for a in built if type(a).__name__ == 'LabelSmoothing'] == [0.1]
+
+
+def test_a_data_source_registered_by_another_package_builds_from_yaml():
+    """A yaml names data sources through the registry like algorithms: the loader gets N, never f."""
+    calls = []
+
+    def my_source(cfg, model, batch_size, train):
+        calls.append((cfg.source, batch_size, train))
+        return [{'image': torch.zeros(batch_size, 3, 32, 32), 'text': torch.zeros(batch_size, 16, dtype=torch.long)}]
+
+    registry.data_sources.register('my_source', func=my_source)
+    try:
+        cfg = load_config('yamls/quickstart.yaml', ['train_loader.source=my_source', 'eval_loader=null',
+                                                    'algorithms.jest.reference=cached', 'max_duration=1ba'])
+        build_trainer(cfg)
+    finally:
+        catalogue._remove((*registry.data_sources.namespace, 'my_source'))
+    assert calls == [('my_source', 64, True)]  # global_train_batch_size 32 at f = 0.5: a super-batch of 64
+
+
+def test_dry_run_names_a_reference_that_does_not_exist_yet(tmp_path):
+    missing = tmp_path / 'not-yet.pt'
+    cfg = load_config('yamls/quickstart.yaml', [f'algorithms.jest.reference={missing}'])
+    with pytest.warns(UserWarning, match=f"algorithms.jest.reference '{missing}' does not exist yet"):
+        dry_run(cfg)
+    with pytest.raises(ValueError, match='does not exist'):  # a real build refuses it
+        build_trainer(cfg)

@@ -13,7 +13,7 @@ import pytest
 from s3_server import streaming_shm  # noqa: F401  (pytest fixture)
 
 from composer_jest.data.convert import MDSOptions, convert_fashion_mnist
-from composer_jest.data.fashion_mnist import (
+from composer_jest.data.demo.fashion_mnist import (
     CLASSNAMES,
     FashionMNISTCaptions,
     WebNoise,

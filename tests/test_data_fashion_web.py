@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from composer_jest.data.fashion_mnist import CLASSNAMES, WebNoise, fashion_mnist_root
-from composer_jest.data.fashion_web import (
+from composer_jest.data.demo.fashion_mnist import CLASSNAMES, WebNoise, fashion_mnist_root
+from composer_jest.data.demo.fashion_web import (
     CORNERS,
     Attributes,
     FashionWebCaptions,

@@ -3,6 +3,7 @@ mid-epoch resumption, and loud failures (unreachable endpoint, wrong credentials
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -14,14 +15,14 @@ from composer.core import Callback
 from s3_server import moto_server, s3_endpoint, streaming_shm, unreachable_url  # noqa: F401  (pytest fixtures)
 
 from composer_jest import JEST, CLIPModel
+from composer_jest.batch import superbatch_size
 from composer_jest.data.convert import MDSOptions, convert_shapes, write_mds
+from composer_jest.data.demo.shapes import ShapesDataset
 from composer_jest.data.remote import RemoteAccessError
-from composer_jest.data.shapes import ShapesDataset
 from composer_jest.data.streaming import (
     ImageTextStreamingDataset,
     ShardError,
     build_streaming_dataloader,
-    superbatch_size,
 )
 
 QUIET = MDSOptions(size_limit=20_000, progress=False)  # ~6 shapes per shard: many shards, so shuffling spans shards
@@ -80,7 +81,7 @@ def test_superbatch_size_rejects_non_integer():
 
 # -- local reading -------------------------------------------------------------------------------------
 def test_local_loader_yields_superbatches(shapes_dir, model, tmp_path):
-    loader = build_streaming_dataloader(None, shapes_dir, model.tokenizer, batch_size=4, filter_ratio=0.5,
+    loader = build_streaming_dataloader(None, shapes_dir, model.tokenizer, batch_size=superbatch_size(4, 0.5),
                                         shuffle_seed=1)
     batches = list(loader)
     assert len(batches) == NUM_SAMPLES // 8
@@ -142,7 +143,7 @@ def test_s3_round_trip_trains_jest(s3_endpoint, model, tmp_path):  # noqa: F811
     assert 'shapes/index.json' in keys and sum(k.endswith('.mds.zstd') for k in keys) > 2
 
     b, f = 4, 0.5
-    loader = build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=b, filter_ratio=f,
+    loader = build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=superbatch_size(b, f),
                                         num_workers=2)
     assert loader.batch_size == 8
     jest = JEST(score='hard_learner', filter_ratio=f, n_chunks=2)
@@ -172,7 +173,7 @@ def test_s3_cache_limit_evicts_shards(s3_endpoint, model, tmp_path):  # noqa: F8
     loader = build_streaming_dataloader(remote, local, model.tokenizer, batch_size=8, cache_limit=limit)
     seen = torch.cat([batch['index'] for batch in loader]).tolist()
     assert sorted(seen) == list(range(NUM_SAMPLES))
-    cached = [name for name in os.listdir(local) if name.startswith('shard.')]
+    cached = [name for _, _, names in os.walk(local) for name in names if name.startswith('shard.')]
     assert 0 < len(cached) < num_shards and loader.dataset.cache_usage <= limit
     del loader
 
@@ -219,7 +220,7 @@ def test_resume_with_jest_continues_counters(s3_endpoint, model, tmp_path):  # n
     convert_shapes(remote, num_samples=NUM_SAMPLES, noise=0.25, seed=3, options=QUIET)
 
     def loader(b, f):
-        return build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=b, filter_ratio=f,
+        return build_streaming_dataloader(remote, _cache(tmp_path), model.tokenizer, batch_size=superbatch_size(b, f),
                                           shuffle_seed=7)
 
     superbatches = _first_batches(loader(8, 0.0), 4)  # the super-batch sequence the JEST runs draw from
@@ -269,7 +270,8 @@ def test_corrupted_shard_names_the_shard(s3_endpoint, model, tmp_path, num_worke
     remote = f's3://{s3_endpoint.bucket}/shapes'
     convert_shapes(remote, num_samples=48, options=QUIET)
     client = s3_endpoint.client()
-    key = 'shapes/shard.00003.mds.zstd'
+    index = json.loads(client.get_object(Bucket=s3_endpoint.bucket, Key='shapes/index.json')['Body'].read())
+    key = 'shapes/' + index['shards'][3]['zip_data']['basename']  # under the conversion's generation prefix
     data = bytearray(client.get_object(Bucket=s3_endpoint.bucket, Key=key)['Body'].read())
     data[len(data) // 2] ^= 0xFF
     client.put_object(Bucket=s3_endpoint.bucket, Key=key, Body=bytes(data))
@@ -290,8 +292,5 @@ def test_corrupted_local_shard_names_the_shard(tmp_path, model, streaming_shm): 
     data = bytearray(open(path, 'rb').read())
     data[-5] ^= 0xFF
     open(path, 'wb').write(bytes(data))
-    loader = build_streaming_dataloader(None, out, model.tokenizer, batch_size=4, shuffle=False)
-    with pytest.raises(ShardError, match=r'shard\.00001\.mds\.zstd.*corrupted'):
-        for _ in loader:
-            pass
-    del loader
+    with pytest.raises(ShardError, match=r'shard\.00001\.mds\.zstd.*corrupted'):  # when opened, before training
+        build_streaming_dataloader(None, out, model.tokenizer, batch_size=4, shuffle=False)

@@ -19,7 +19,14 @@ def test_the_examples_are_found():
     assert {'composer_jest.algorithm', 'composer_jest.selection', 'composer_jest.losses'} <= set(MODULES)
 
 
+def _runs_code(example: doctest.Example) -> bool:
+    return any(line.strip() and not line.strip().startswith('#') for line in example.source.splitlines())
+
+
 @pytest.mark.parametrize('name', MODULES)
 def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, verbose=False)
+    module = importlib.import_module(name)
+    examples = [e for t in doctest.DocTestFinder().find(module) for e in t.examples]
+    assert any(_runs_code(e) for e in examples), f'{name}: its examples are all comments'
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.attempted > 0 and result.failed == 0, result

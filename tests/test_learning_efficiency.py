@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from composer_jest.data.fashion_mnist import fashion_mnist_root
+from composer_jest.data.demo.fashion_mnist import fashion_mnist_root
 
 SCRIPT = Path(__file__).resolve().parent.parent / 'benchmarks' / 'learning_efficiency.py'
 

@@ -103,7 +103,7 @@ def test_native_scoring_by_jest_does_not_split(model, batch):
     """JEST scoring at the native patch size (learner_patch_size=None) must see the whole super-batch at full
     resolution: the multi-resolution split is for the trained batch only (JEST scores in eval mode)."""
     jest = JEST(score='hard_learner', learner_patch_size=None, loss='sigmoid')
-    state = types.SimpleNamespace(model=model, precision='fp32', precision_config=None)
+    state = types.SimpleNamespace(model=model, precision='fp32', precision_config=None, fsdp_enabled=False)
     calls, handle = record_token_counts(model)
     learner, _ = jest._features(state, batch)
     handle.remove()

@@ -1,13 +1,17 @@
-"""Data: built-in demo sets, conversion to MDS shards, and streaming super-batches from them.
+"""Data: the path a user's data takes (convert → MDS shards → stream super-batches), and demo sets.
+
+``convert.py`` (folder, webdataset → MDS), ``remote.py`` (S3 access), ``streaming.py`` (verified shards →
+super-batches) are the real path; ``demo/`` holds the built-in generated sets (shapes, Fashion-MNIST captions and
+its web-like variant) used by the quickstart, the tests and the benchmarks.
 
 The conversion and streaming names are imported lazily (on first use): ``import streaming`` pulls in
-``transformers`` and takes seconds, which ``composer_jest.data.shapes`` users should not pay.
+``transformers`` and takes seconds, which ``composer_jest.data.demo.shapes`` users should not pay.
 """
 
 from importlib import import_module
 from typing import Any
 
-from composer_jest.data.shapes import ShapesDataset, shape_classnames, shapes_dataloader
+from composer_jest.data.demo.shapes import ShapesDataset, shape_classnames, shapes_dataloader
 
 _LAZY = {
     # conversion (`composer-jest convert`)
@@ -16,11 +20,12 @@ _LAZY = {
     'convert_fashion_mnist': 'convert', 'convert_demo': 'convert', 'write_mds': 'convert',
     # reading
     'ImageTextStreamingDataset': 'streaming', 'ShardError': 'streaming', 'build_streaming_dataloader': 'streaming',
-    'superbatch_size': 'streaming', 'RemoteAccessError': 'remote',
+    'RemoteAccessError': 'remote',
     # Fashion-MNIST demo set
-    'FashionMNISTCaptions': 'fashion_mnist', 'WebNoise': 'fashion_mnist', 'fashion_mnist_classnames': 'fashion_mnist',
+    'FashionMNISTCaptions': 'demo.fashion_mnist', 'WebNoise': 'demo.fashion_mnist',
+    'fashion_mnist_classnames': 'demo.fashion_mnist',
     # its web-like variant with a long tail, attributes and a curated subset (learning-efficiency benchmark)
-    'FashionWebCaptions': 'fashion_web', 'LongTail': 'fashion_web', 'Attributes': 'fashion_web',
+    'FashionWebCaptions': 'demo.fashion_web', 'LongTail': 'demo.fashion_web', 'Attributes': 'demo.fashion_web',
 }
 
 __all__ = ['ShapesDataset', 'shape_classnames', 'shapes_dataloader', *_LAZY]

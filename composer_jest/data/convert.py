@@ -9,8 +9,15 @@ original file), ``caption`` (str), ``index`` (int, ``0..n-1`` over written sampl
 optional ``label``/``clean`` (int) and ``meta`` (json: any other fields of the source). Bad input —
 unreadable image, empty caption, missing column — raises :class:`BadSampleError` naming the file/key,
 unless ``skip_bad`` is set: then the sample is skipped and counted in the returned
-:class:`ConvertSummary` (also written as ``convert_summary.json`` next to the shards). A failed
-conversion never leaves a readable ``index.json`` behind, so a dataset is never silently short.
+:class:`ConvertSummary` (also written as ``convert_summary.json`` next to the shards), which also counts
+empty captions and captions longer than the text context (optionally rejected).
+
+Conversions are atomic: a dataset is written to a staging place and replaces the one at ``out`` only
+after it is complete. Locally the staging directory (a sibling of ``out``) is renamed into place; on
+``s3://`` the shards go under a fresh ``out/<generation>/`` prefix, ``out/index.json`` (pointing at
+them) is written last, in one PUT, and the previous dataset's objects are deleted only after it. A
+failed ``--overwrite`` therefore leaves the previous dataset readable, and a failed conversion never
+leaves a readable ``index.json`` describing a partial one.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import shutil
 import sys
 import tarfile
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,12 +50,14 @@ from composer_jest.data.remote import (
     is_remote,
     list_s3_objects,
     open_s3_object,
+    s3_client,
+    split_s3_url,
 )
 
 __all__ = [
-    'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'ConversionError', 'ConvertSummary', 'MDSOptions',
-    'convert_folder', 'convert_webdataset', 'convert_shapes', 'convert_fashion_mnist', 'convert_demo', 'write_mds',
-    'main',
+    'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary',
+    'MDSOptions', 'convert_folder', 'convert_webdataset', 'convert_shapes', 'convert_fashion_mnist', 'convert_demo',
+    'write_mds', 'main',
 ]
 
 IMAGE_ENCODINGS = ('jpeg', 'png', 'bytes')
@@ -55,6 +66,8 @@ IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 CAPTION_EXTENSIONS = ('txt', 'caption')
 SUMMARY_FILE = 'convert_summary.json'
 _MAX_LISTED_SKIPS = 20
+EMPTY_CAPTION = 'empty caption'  # the reason of a bad sample counted in ConvertSummary.empty_captions
+_GENERATION_PREFIX = 'v-'  # s3:// shards of one conversion live under out/v-<time>-<id>/
 
 
 class ConversionError(ValueError):
@@ -97,10 +110,17 @@ class ConvertSummary:
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)  # 'key: reason', the first few
     columns: dict[str, str] = field(default_factory=dict)
+    empty_captions: int = 0  # samples with an empty caption (bad: skipped with skip_bad, else an error)
+    long_captions: int = 0  # captions over caption_context tokens (truncated when trained on, or rejected)
+    caption_context: Optional[int] = None
     seconds: float = 0.0
 
     def __str__(self) -> str:
         lines = [f'wrote {self.written} samples to {self.out} in {self.seconds:.1f}s; skipped {self.skipped} bad']
+        if self.empty_captions:
+            lines.append(f'  {self.empty_captions} empty caption(s)')
+        if self.long_captions:
+            lines.append(f'  {self.long_captions} caption(s) longer than {self.caption_context} tokens')
         lines += [f'  skipped {s}' for s in self.skipped_examples]
         if self.skipped > len(self.skipped_examples):
             lines.append(f'  ... and {self.skipped - len(self.skipped_examples)} more')
@@ -109,6 +129,32 @@ class ConvertSummary:
 
 # A source yields (key, load) pairs: `load()` returns the sample dict or raises BadSampleError.
 Record = tuple[str, Callable[[], dict]]
+
+
+@dataclass
+class CaptionCheck:
+    """How captions are measured: ``context`` tokens (open_clip's CLIP BPE, start and end tokens included;
+    ``None``: not measured) and whether longer captions are bad samples (``reject_long``) or only counted."""
+
+    context: Optional[int] = 77
+    reject_long: bool = False
+
+    def is_long(self, caption: str) -> bool:
+        if self.context is None:
+            return False
+        return len(_bpe().encode(caption)) + 2 > self.context
+
+
+def _bpe() -> Any:
+    global _BPE
+    if _BPE is None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        _BPE = SimpleTokenizer()
+    return _BPE
+
+
+_BPE: Any = None
 
 
 # -- the writer ------------------------------------------------------------------------------------------
@@ -120,8 +166,12 @@ def write_mds(
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
     total: Optional[int] = None,
+    captions: Optional[CaptionCheck] = None,
 ) -> ConvertSummary:
     """Write samples to MDS at ``out`` (a directory or ``s3://bucket/prefix``), numbering them ``index``.
+
+    The dataset replaces the one at ``out`` (with ``overwrite``) only once it is complete (see the module
+    docstring); a failure leaves ``out`` as it was.
 
     Args:
         records: ``(key, load)`` pairs; ``load()`` returns a dict with ``image`` and ``caption`` (and any of
@@ -131,31 +181,31 @@ def write_mds(
         skip_bad: skip and count bad samples instead of raising.
         options: :class:`MDSOptions`.
         total: number of records, for the progress bar.
+        captions: how over-long captions are counted or rejected (default: counted at 77 tokens).
     """
     from streaming import MDSWriter
     from tqdm import tqdm
 
     options = options or MDSOptions()
+    captions = captions or CaptionCheck()
     out = str(out)
     columns = {**columns, 'index': 'int'}
     _check_output(out, options.overwrite)
     start = time.perf_counter()
-    local_existed = not is_remote(out) and os.path.isdir(out)
-    try:
-        writer = MDSWriter(out=out, columns=columns, compression=options.compression,
-                           hashes=sorted(options.hashes), size_limit=options.size_limit,
-                           exist_ok=options.overwrite, progress_bar=False)
-    except FileExistsError as e:
-        raise FileExistsError(f'{e}; pass overwrite=True / --overwrite to replace it') from None
-    summary = ConvertSummary(out=out, written=0, columns=columns)
+    staging = _staging(out)
+    writer = MDSWriter(out=staging, columns=columns, compression=options.compression,
+                       hashes=sorted(options.hashes), size_limit=options.size_limit,
+                       exist_ok=staging == out and options.overwrite, progress_bar=False)
+    summary = ConvertSummary(out=out, written=0, columns=columns, caption_context=captions.context)
     try:
         with tqdm(total=total, desc=f'convert -> {out}', unit=' samples', disable=not options.progress,
                   file=sys.stderr) as bar:
             for key, load in records:
                 bar.update(1)
                 try:
-                    sample = _check_sample(key, load(), columns)
+                    sample = _check_sample(key, load(), columns, captions, summary)
                 except BadSampleError as e:
+                    summary.empty_captions += e.reason.startswith(EMPTY_CAPTION)
                     if not skip_bad:
                         raise
                     summary.skipped += 1
@@ -168,10 +218,12 @@ def write_mds(
         if summary.written == 0:
             raise ConversionError(f'no samples written to {out} ({summary.skipped} skipped as bad)')
         summary.seconds = time.perf_counter() - start
-        _write_summary(writer, summary)
+        if not out.startswith('s3://'):
+            _write_summary(writer, summary)
         writer.finish()
+        _publish(out, staging, summary)
     except BaseException as e:
-        _abort(writer, out, local_existed)
+        _abort(writer, out, staging)
         if isinstance(e, (ConversionError, KeyboardInterrupt)):
             raise
         err = describe_remote_error(e, out, 'write') if is_remote(out) else None
@@ -185,21 +237,91 @@ def write_mds(
 
 
 def _check_output(out: str, overwrite: bool) -> None:
-    if out.startswith('s3://') and check_s3_prefix(out, for_write=True):
-        if not overwrite:
-            raise FileExistsError(f'{out} already holds an MDS dataset (index.json); pass overwrite=True / --overwrite')
-        # New shards replace old ones under the same names: drop the old index first, so that a failed
-        # overwrite leaves no index describing a mix of old and new shards.
-        delete_s3_object(f'{out.rstrip("/")}/index.json')
+    hint = 'pass overwrite=True / --overwrite to replace it'
+    if out.startswith('s3://'):
+        if check_s3_prefix(out, for_write=True) and not overwrite:
+            raise FileExistsError(f'{out} already holds an MDS dataset (index.json); {hint}')
+    elif not is_remote(out) and os.path.exists(out):
+        if not os.path.isdir(out):
+            raise FileExistsError(f'{out} exists and is not a directory')
+        if os.listdir(out) and not overwrite:
+            raise FileExistsError(f'{out} exists and is not empty; {hint}')
 
 
-def _check_sample(key: str, sample: dict, columns: dict[str, str]) -> dict:
+def _staging(out: str) -> str:
+    """Where the dataset is written before it replaces ``out``: a sibling directory, or ``out/<generation>``."""
+    generation = f'{time.strftime("%Y%m%d-%H%M%S")}-{uuid.uuid4().hex[:8]}'
+    if out.startswith('s3://'):
+        return f'{out.rstrip("/")}/{_GENERATION_PREFIX}{generation}'
+    if is_remote(out):  # other object stores: written in place (not atomic)
+        return out
+    path = Path(out).absolute()
+    return str(path.with_name(f'.{path.name}.partial-{generation}'))
+
+
+def _publish(out: str, staging: str, summary: ConvertSummary) -> None:
+    """Make the complete dataset at ``staging`` the one at ``out`` (the commit point of a conversion)."""
+    if staging == out:
+        return
+    if not out.startswith('s3://'):
+        old = None
+        if os.path.lexists(out):
+            old = _staging(out).replace('.partial-', '.old-')
+            os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    client = s3_client()
+    bucket, prefix = split_s3_url(out)
+    key = lambda name: f'{prefix.rstrip("/")}/{name}' if prefix.strip('/') else name  # noqa: E731
+    generation = staging.rstrip('/').rsplit('/', 1)[-1]
+    index = json.loads(client.get_object(Bucket=bucket, Key=key(f'{generation}/index.json'))['Body'].read())
+    for shard in index['shards']:
+        for part in ('raw_data', 'zip_data'):
+            if shard.get(part):
+                shard[part]['basename'] = f'{generation}/{shard[part]["basename"]}'
+    old = _s3_json(client, bucket, key('index.json'))
+    summary_json = json.dumps({k: v for k, v in asdict(summary).items() if k != 'seconds'}, indent=1)
+    client.put_object(Bucket=bucket, Key=key(SUMMARY_FILE), Body=summary_json.encode())
+    client.put_object(Bucket=bucket, Key=key('index.json'), Body=json.dumps(index).encode())  # the commit
+    keep = {p['basename'] for shard in index['shards'] for p in (shard['raw_data'], shard.get('zip_data')) if p}
+    stale = {p['basename'] for shard in (old or {}).get('shards', [])
+             for p in (shard.get('raw_data'), shard.get('zip_data')) if p} - keep
+    for name in sorted(stale) + [f'{generation}/index.json']:
+        try:
+            client.delete_object(Bucket=bucket, Key=key(name))
+        except Exception as e:  # the new dataset is in place: a leftover object is only wasted space
+            warnings.warn(f'could not delete the old object s3://{bucket}/{key(name)} ({type(e).__name__})',
+                          UserWarning, stacklevel=2)
+
+
+def _s3_json(client: Any, bucket: str, key: str) -> Optional[dict]:
+    try:
+        return json.loads(client.get_object(Bucket=bucket, Key=key)['Body'].read())
+    except client.exceptions.NoSuchKey:
+        return None
+    except ValueError:  # a corrupt old index: nothing of it can be read (or deleted by name)
+        return None
+
+
+def _check_sample(key: str, sample: dict, columns: dict[str, str], captions: CaptionCheck,
+                  summary: ConvertSummary) -> dict:
     caption = sample.get('caption')
     if not isinstance(caption, str) or not caption.strip():
-        raise BadSampleError(key, 'empty caption')
+        raise BadSampleError(key, EMPTY_CAPTION)
     if sample.get('image') is None:
         raise BadSampleError(key, 'no image')
     sample['caption'] = caption.strip()
+    if captions.is_long(sample['caption']):
+        summary.long_captions += 1
+        if captions.reject_long:
+            raise BadSampleError(key, f'caption longer than {captions.context} tokens (reject_long is set)')
     unknown = set(sample) - set(columns)
     if unknown:  # a programming error in a source, not bad data
         raise ValueError(f'{key}: sample fields {sorted(unknown)} are not among the columns {sorted(columns)}')
@@ -214,16 +336,17 @@ def _write_summary(writer: Any, summary: ConvertSummary) -> None:
         writer.cloud_writer.upload_file(SUMMARY_FILE)
 
 
-def _abort(writer: Any, out: str, local_existed: bool) -> None:
-    """Drop a failed conversion's local files (an index.json is written only by ``finish``)."""
+def _abort(writer: Any, out: str, staging: str) -> None:
+    """Drop a failed conversion's staged files; ``out`` is untouched (unless written in place)."""
     writer.cancel_future_jobs()
-    local = writer.local
-    if writer.remote or not local_existed:
-        shutil.rmtree(local, ignore_errors=True)
-    else:
-        for name in os.listdir(local):
-            path = os.path.join(local, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    if writer.remote or staging != out:
+        shutil.rmtree(writer.local, ignore_errors=True)
+    if staging.startswith('s3://') and staging != out:
+        try:
+            for url in list_s3_objects(staging.rstrip('/') + '/'):
+                delete_s3_object(url)
+        except Exception:  # the store may be what failed: the staged objects are unreferenced, only wasted space
+            warnings.warn(f'could not delete the partial conversion at {staging}', UserWarning, stacklevel=2)
 
 
 # -- images ------------------------------------------------------------------------------------------------
@@ -268,8 +391,10 @@ def convert_folder(
     caption_column: str = 'caption',
     label_column: Optional[str] = None,
     image_encoding: str = 'jpeg',
+    encoding: str = 'utf-8',
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
+    captions_check: Optional[CaptionCheck] = None,
 ) -> ConvertSummary:
     """Convert an image folder described by a CSV or JSONL captions file.
 
@@ -281,7 +406,9 @@ def convert_folder(
         label_column: optional integer class label field (written as ``label``).
         image_encoding: ``'jpeg'`` (JPEG files copied as is, others converted), ``'png'`` or ``'bytes'``
             (the original file, any format PIL reads).
+        encoding: text encoding of the captions file (e.g. ``'latin-1'``, ``'utf-8-sig'``).
         skip_bad, options: see :func:`write_mds`.
+        captions_check: caption length counting/rejection (:class:`CaptionCheck`).
 
     Other fields of a row go to the ``meta`` json column.
     """
@@ -294,9 +421,9 @@ def convert_folder(
         raise FileNotFoundError(f'images folder not found: {images_dir}')
     suffix = captions.suffix.lower()
     if suffix == '.csv':
-        rows, total = _csv_rows(captions, image_column, caption_column, label_column)
+        rows, total = _csv_rows(captions, encoding, image_column, caption_column, label_column)
     elif suffix in ('.jsonl', '.json'):
-        rows, total = _jsonl_rows(captions)
+        rows, total = _jsonl_rows(captions, encoding)
     else:
         raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
     fields = (image_column, caption_column, label_column)
@@ -316,7 +443,7 @@ def convert_folder(
             raw = path.read_bytes() if image_encoding == 'bytes' else None
             caption = row[caption_column]
             if not isinstance(caption, str) or not caption.strip():
-                raise BadSampleError(f'{row_key} ({path})', f'empty caption in column {caption_column!r}')
+                raise BadSampleError(f'{row_key} ({path})', f'{EMPTY_CAPTION} in column {caption_column!r}')
             sample = {'image': _encode_image(image, raw, image_encoding), 'caption': caption,
                       'meta': {k: v for k, v in row.items() if k not in fields}}
             if label_column is not None:
@@ -327,7 +454,8 @@ def convert_folder(
     columns = {'image': image_encoding, 'caption': 'str', 'meta': 'json'}
     if label_column is not None:
         columns['label'] = 'int'
-    return write_mds((record(k, r) for k, r in rows), out, columns, skip_bad=skip_bad, options=options, total=total)
+    return write_mds((record(k, r) for k, r in rows), out, columns, skip_bad=skip_bad, options=options, total=total,
+                     captions=captions_check)
 
 
 def _int_field(key: str, row: dict, name: str) -> int:
@@ -339,21 +467,34 @@ def _int_field(key: str, row: dict, name: str) -> int:
         raise BadSampleError(key, f'column {name!r} is not an integer: {row[name]!r}') from None
 
 
-def _csv_rows(path: Path, *required: Optional[str]) -> tuple[Iterator[tuple[str, Any]], int]:
-    with open(path, newline='', encoding='utf-8') as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c is not None and c not in header]
-        if missing:  # every row would be bad: not skippable
-            raise ConversionError(f'{path}: missing column(s) {missing}; the header has {header}')
-        rows = list(reader)
+def _read_text(path: Path, encoding: str) -> str:
+    """The whole file decoded; a decoding error names the file, the line and the ``encoding`` option."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except LookupError:
+        raise ValueError(f'unknown text encoding {encoding!r} (e.g. utf-8, utf-8-sig, latin-1, cp1252)') from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise ConversionError(
+            f'{path}:{line}: not valid {encoding} text (byte {data[e.start:e.start + 1]!r} at offset {e.start}); '
+            'pass the file\'s encoding: encoding=... / --encoding latin-1 (or cp1252, utf-16...)',
+        ) from None
+
+
+def _csv_rows(path: Path, encoding: str, *required: Optional[str]) -> tuple[Iterator[tuple[str, Any]], int]:
+    reader = csv.DictReader(io.StringIO(_read_text(path, encoding), newline=''))
+    header = reader.fieldnames or []
+    missing = [c for c in required if c is not None and c not in header]
+    if missing:  # every row would be bad: not skippable
+        raise ConversionError(f'{path}: missing column(s) {missing}; the header has {header}')
+    rows = list(reader)
     # csv line numbers: header is line 1
     return ((f'{path}:{i + 2}', row) for i, row in enumerate(rows)), len(rows)
 
 
-def _jsonl_rows(path: Path) -> tuple[Iterator[tuple[str, Any]], int]:
-    with open(path, encoding='utf-8') as f:
-        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+def _jsonl_rows(path: Path, encoding: str) -> tuple[Iterator[tuple[str, Any]], int]:
+    lines = [(i + 1, line) for i, line in enumerate(_read_text(path, encoding).splitlines()) if line.strip()]
 
     def rows() -> Iterator[tuple[str, Any]]:
         for lineno, line in lines:
@@ -427,6 +568,7 @@ def convert_webdataset(
     image_encoding: str = 'bytes',
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
+    captions_check: Optional[CaptionCheck] = None,
 ) -> ConvertSummary:
     """Convert webdataset tar shards (``key.jpg`` + ``key.txt`` [+ ``key.json``], as img2dataset writes).
 
@@ -435,6 +577,7 @@ def convert_webdataset(
         out: output directory or ``s3://bucket/prefix``.
         image_encoding: ``'bytes'`` (default: the original image bytes, no re-encoding), ``'jpeg'`` or ``'png'``.
         skip_bad, options: see :func:`write_mds`.
+        captions_check: caption length counting/rejection (:class:`CaptionCheck`).
 
     ``key.json`` goes to the ``meta`` column (plus ``key`` and ``shard``).
     """
@@ -447,7 +590,7 @@ def convert_webdataset(
                 yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding)
 
     columns = {'image': image_encoding, 'caption': 'str', 'meta': 'json'}
-    return write_mds(records(), out, columns, skip_bad=skip_bad, options=options)
+    return write_mds(records(), out, columns, skip_bad=skip_bad, options=options, captions=captions_check)
 
 
 def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_encoding: str) -> Callable[[], dict]:
@@ -498,8 +641,8 @@ def convert_shapes(
     image_size: int = 32,
     options: Optional[MDSOptions] = None,
 ) -> ConvertSummary:
-    """Write the procedural shapes set (:class:`~composer_jest.data.shapes.ShapesDataset`) as PNG MDS shards."""
-    from composer_jest.data.shapes import ShapesDataset
+    """Write the procedural shapes set (:class:`~composer_jest.data.demo.shapes.ShapesDataset`) as PNG MDS shards."""
+    from composer_jest.data.demo.shapes import ShapesDataset
 
     dataset = ShapesDataset(num_samples, noise=noise, seed=seed, image_size=image_size)
     columns = {'image': 'png', 'caption': 'str', 'label': 'int', 'clean': 'int'}
@@ -517,13 +660,13 @@ def convert_fashion_mnist(
     root: Optional[str] = None,
     options: Optional[MDSOptions] = None,
 ) -> ConvertSummary:
-    """Write Fashion-MNIST captions (:class:`~composer_jest.data.fashion_mnist.FashionMNISTCaptions`) as MDS.
+    """Write Fashion-MNIST captions (:class:`~composer_jest.data.demo.fashion_mnist.FashionMNISTCaptions`) as MDS.
 
     Args:
         out: output directory or ``s3://bucket/prefix``.
         split: ``'train'`` or ``'test'``.
         num_samples: first ``num_samples`` images (default all).
-        noise: :class:`~composer_jest.data.fashion_mnist.WebNoise` (default: clean).
+        noise: :class:`~composer_jest.data.demo.fashion_mnist.WebNoise` (default: clean).
         curated: write instead the clean, class-balanced curated subset of this size (reference training).
         seed: seed of the per-example draws.
         root: folder with the IDX files (default: the Debian package's).
@@ -531,7 +674,7 @@ def convert_fashion_mnist(
 
     ``meta`` holds the noise ``kind`` and the ``source`` position of the image in the split.
     """
-    from composer_jest.data.fashion_mnist import FashionMNISTCaptions
+    from composer_jest.data.demo.fashion_mnist import FashionMNISTCaptions
 
     if curated is not None:
         if noise is not None:
@@ -567,6 +710,10 @@ def _parser() -> argparse.ArgumentParser:
     bad = argparse.ArgumentParser(add_help=False)
     bad.add_argument('--skip-bad', action='store_true',
                      help='skip bad samples (unreadable image, empty caption, missing field) and count them')
+    bad.add_argument('--caption-context', type=int, default=77,
+                     help='count captions longer than this many CLIP BPE tokens (0: do not measure)')
+    bad.add_argument('--reject-long-captions', action='store_true',
+                     help='treat captions longer than --caption-context as bad samples')
 
     parser = argparse.ArgumentParser(prog='composer-jest convert', description='Convert image-caption data to MDS.')
     sub = parser.add_subparsers(dest='source', required=True)
@@ -577,6 +724,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--caption-column', default='caption')
     p.add_argument('--label-column', default=None)
     p.add_argument('--image-encoding', default='jpeg', choices=IMAGE_ENCODINGS)
+    p.add_argument('--encoding', default='utf-8', help='text encoding of the captions file (e.g. latin-1)')
     p = sub.add_parser('webdataset', parents=[common, bad], help='webdataset tar shards (local or s3://)')
     p.add_argument('shards', nargs='+', help='tar files, folders, globs, s3:// objects or prefixes')
     p.add_argument('--image-encoding', default='bytes', choices=IMAGE_ENCODINGS)
@@ -606,19 +754,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         hashes=sorted(h for h in args.hashes.split(',') if h), size_limit=args.size_limit,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
+    check = None
+    if args.source in ('folder', 'webdataset'):
+        check = CaptionCheck(context=args.caption_context or None, reject_long=args.reject_long_captions)
     try:
         if args.source == 'folder':
             summary = convert_folder(args.captions, args.out, images_dir=args.images, image_column=args.image_column,
                                      caption_column=args.caption_column, label_column=args.label_column,
-                                     image_encoding=args.image_encoding, skip_bad=args.skip_bad, options=options)
+                                     image_encoding=args.image_encoding, encoding=args.encoding,
+                                     skip_bad=args.skip_bad, options=options, captions_check=check)
         elif args.source == 'webdataset':
             summary = convert_webdataset(args.shards, args.out, image_encoding=args.image_encoding,
-                                         skip_bad=args.skip_bad, options=options)
+                                         skip_bad=args.skip_bad, options=options, captions_check=check)
         elif args.source == 'shapes':
             summary = convert_shapes(args.out, num_samples=args.num_samples, noise=args.noise, seed=args.seed,
                                      image_size=args.image_size, options=options)
         else:
-            from composer_jest.data.fashion_mnist import WebNoise
+            from composer_jest.data.demo.fashion_mnist import WebNoise
 
             noisy = args.mismatched or args.junk or args.near_duplicates
             noise = WebNoise(mismatched=args.mismatched, junk=args.junk, near_duplicate=args.near_duplicates)

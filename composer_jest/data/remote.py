@@ -1,5 +1,10 @@
 """Object-store helpers shared by conversion and reading: one clear error for S3 failures.
 
+Downloads of shards from ``s3://`` (:func:`download_s3_file`) bound every attempt by a timeout on connecting
+and on each read (a frozen endpoint fails the attempt instead of waiting forever), retry transient failures
+(unreachable or frozen endpoint, 5xx, throttling) with exponential backoff, logging what they wait for,
+and end in one :class:`RemoteAccessError` naming the object, the endpoint and the attempts.
+
 Credentials come only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_PROFILE``…,
 as boto3 resolves them); a custom endpoint (MinIO, moto, R2…) from ``S3_ENDPOINT_URL``, the variable
 mosaicml-streaming reads too. Error messages name the remote and the endpoint, never a credential.
@@ -7,12 +12,17 @@ mosaicml-streaming reads too. Error messages name the remote and the endpoint, n
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import time
 import urllib.parse
 from typing import Any, Optional
 
 __all__ = ['RemoteAccessError', 'is_remote', 'split_s3_url', 's3_client', 'describe_remote_error',
-           'check_s3_prefix', 'list_s3_objects', 'open_s3_object', 'delete_s3_object', 'redact']
+           'check_s3_prefix', 'list_s3_objects', 'open_s3_object', 'delete_s3_object', 'download_s3_file', 'redact']
+
+log = logging.getLogger(__name__)
 
 # botocore error codes that mean "your credentials are wrong or not allowed here".
 _AUTH_CODES = {'403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken',
@@ -38,12 +48,13 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip('/')
 
 
-def s3_client(connect_timeout: float = 10.0, max_attempts: int = 3) -> Any:
+def s3_client(connect_timeout: float = 10.0, max_attempts: int = 3, read_timeout: float = 60.0) -> Any:
     """A boto3 S3 client configured from the environment, like streaming's own (``S3_ENDPOINT_URL``)."""
     import boto3
     from botocore.config import Config
 
-    config = Config(connect_timeout=connect_timeout, retries={'max_attempts': max_attempts, 'mode': 'standard'})
+    config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                    retries={'max_attempts': max_attempts, 'mode': 'standard'})
     return boto3.session.Session().client('s3', config=config, endpoint_url=os.environ.get('S3_ENDPOINT_URL'))
 
 
@@ -183,3 +194,81 @@ def delete_s3_object(url: str) -> None:
         if err is None:
             raise
         raise err from None
+
+
+# Failures worth another attempt: the endpoint is down, frozen, overloaded or throttling.
+_TRANSIENT_CODES = {'500', '502', '503', '504', 'InternalError', 'ServiceUnavailable', 'SlowDown', 'RequestTimeout',
+                    'Throttling', 'ThrottlingException', 'RequestTimeTooSkewed'}
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    if isinstance(exc, ClientError):
+        return _status(exc) in _TRANSIENT_CODES
+    return isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError, OSError))
+
+
+_CLIENTS: dict[tuple, Any] = {}
+
+
+def _download_client(timeout: float) -> Any:
+    """One client per process, endpoint, credentials and timeout (creating one costs ~1 s; clients are
+    thread-safe)."""
+    import hashlib
+
+    identity = '\0'.join(os.environ.get(k, '') for k in (*_SECRET_ENV, 'AWS_PROFILE', 'AWS_DEFAULT_REGION'))
+    key = (os.getpid(), os.environ.get('S3_ENDPOINT_URL'), timeout, hashlib.sha256(identity.encode()).hexdigest())
+    if key not in _CLIENTS:
+        _CLIENTS[key] = s3_client(connect_timeout=timeout, read_timeout=timeout, max_attempts=1)
+    return _CLIENTS[key]
+
+
+def download_s3_file(url: str, local: str, *, attempts: int = 6, timeout: float = 30.0,
+                     backoff: float = 1.0) -> None:
+    """Download ``url`` to ``local`` (atomically: a temporary file renamed into place).
+
+    Each attempt may take at most ``timeout`` seconds to connect and ``timeout`` seconds per read (a
+    frozen endpoint fails the attempt). Transient failures are retried up to ``attempts`` times in all,
+    sleeping ``backoff * 2**k`` seconds (plus up to 10% jitter) after the k-th failure, with a warning that
+    names the object and the endpoint. So a store that comes back within
+    ``backoff * (2**(attempts - 1) - 1)`` seconds is waited for; one that does not fails after at most about
+    ``attempts * 2 * timeout`` seconds of waiting plus the backoff. Credentials and missing objects fail at once.
+
+    Raises:
+        RemoteAccessError: naming ``url``, the endpoint, the number of attempts and the last failure.
+    """
+    bucket, key = split_s3_url(url)
+    start = time.monotonic()
+    tmp = f'{local}.tmp{os.getpid()}'
+    os.makedirs(os.path.dirname(local) or '.', exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        try:
+            client = _download_client(timeout)
+            body = client.get_object(Bucket=bucket, Key=key)['Body']
+            with open(tmp, 'wb') as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    f.write(chunk)
+            os.replace(tmp, local)
+            if attempt > 1:
+                log.warning('downloaded %s after %d attempts (%.1fs)', url, attempt, time.monotonic() - start)
+            return
+        except Exception as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if not _is_transient(e):
+                err = describe_remote_error(e, url, 'download')
+                if err is None:
+                    raise
+                raise err from None
+            if attempt == attempts:
+                raise RemoteAccessError(redact(
+                    f'cannot download {url}: the S3 endpoint {_endpoint()} did not answer in {attempts} attempts over '
+                    f'{time.monotonic() - start:.0f}s (timeout {timeout:g}s per connect/read; last failure: '
+                    f'{type(e).__name__}: {e}). Check S3_ENDPOINT_URL and the store; raise download_retry / '
+                    'download_timeout to wait longer.',
+                )) from None
+            wait = backoff * 2 ** (attempt - 1) * (1 + 0.1 * random.random())
+            log.warning(redact(f'waiting for {url} from the S3 endpoint {_endpoint()}: attempt {attempt}/{attempts} '
+                               f'failed ({type(e).__name__}); retrying in {wait:.1f}s'))
+            time.sleep(wait)

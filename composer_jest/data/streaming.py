@@ -11,28 +11,127 @@ Two things streaming leaves vague are made loud here: object-store failures (unr
 wrong credentials, missing bucket) surface as one :class:`~composer_jest.data.remote.RemoteAccessError`
 naming the remote and ``S3_ENDPOINT_URL``; a corrupted shard raises :class:`ShardError` naming the shard
 (streaming's background download thread would otherwise end the epoch early, silently).
+
+streaming checks a shard's hash only when it downloads it; a shard already on disk (a local dataset, or
+the cache of a remote one) is trusted as it is. :class:`VerifiedStream` checks the size and the
+recorded hash of every shard file it finds on disk when the dataset is opened, before any sample is
+read: a damaged cached file is deleted and fetched again from the remote (and checked on download); a
+damaged file of a local-only dataset raises one :class:`ShardError` naming the shard. A cached
+``index.json`` that does not parse is fetched again from the remote. The cost is one read and hash of
+the files on disk per dataset construction (``benchmarks/streaming_throughput.py`` measures it;
+``verify_local=False`` skips it).
 """
 
 from __future__ import annotations
 
 import io
-import math
+import json
+import logging
+import os
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
-from streaming import StreamingDataLoader, StreamingDataset
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.hashing import get_hash
 
-from composer_jest.data.remote import RemoteAccessError, describe_remote_error, is_remote
+from composer_jest.data.remote import RemoteAccessError, describe_remote_error, download_s3_file, is_remote
 
-__all__ = ['ImageTextStreamingDataset', 'ShardError', 'build_streaming_dataloader', 'superbatch_size']
+__all__ = ['ImageTextStreamingDataset', 'ShardError', 'VerifiedStream', 'build_streaming_dataloader']
+
+_INDEX = 'index.json'
+DOWNLOAD_RETRY = 6  # attempts per file: with 1, 2, 4, 8, 16 s of backoff, an outage of ~30 s is ridden out
+DOWNLOAD_TIMEOUT = 30.0  # seconds per connect and per read of one attempt
 
 
 class ShardError(RuntimeError):
     """A shard could not be downloaded, verified or decoded; the message names the shard file."""
+
+
+class _OneShardError(logging.Filter):
+    """streaming re-raises a download thread's error in a future's callback, which ``concurrent.futures``
+    logs with a traceback per failed thread; the same :class:`ShardError` is raised once in the reading
+    thread, so these copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ShardError))
+
+
+logging.getLogger('concurrent.futures').addFilter(_OneShardError())
+
+
+class VerifiedStream(Stream):
+    """A :class:`streaming.Stream` that checks the shard files it finds on disk before trusting them.
+
+    streaming validates a hash only on download. Here every shard file already present in ``local``
+    (the cache, or a local-only dataset) is checked when the dataset is set up: its size, then its
+    recorded hash (``validate_hash`` if set, else ``xxh64`` if recorded, else any recorded one). A bad file
+    is deleted when there is a remote (streaming then downloads and verifies it again when needed);
+    without a remote it raises :class:`ShardError` naming the shard. A cached ``index.json`` that does not
+    parse is deleted and downloaded again.
+
+    Files of an ``s3://`` remote are downloaded by :func:`~composer_jest.data.remote.download_s3_file`:
+    ``download_retry`` attempts in all, each bounded by ``download_timeout`` seconds per connect and per
+    read, with exponential backoff and a warning naming what it waits for (streaming's own S3 client
+    multiplies its read timeout by botocore's internal retries, so a frozen endpoint stalls for minutes
+    without a word). ``index.json``, fetched when the dataset is opened, gets at most 2 attempts: a failure
+    there is most likely a wrong endpoint or bucket, and is reported at once.
+    """
+
+    def _download_file(self, from_basename: str, to_basename: Optional[str] = None) -> str:
+        if not str(self.remote or '').startswith('s3://'):
+            return super()._download_file(from_basename, to_basename)
+        remote = '/'.join([self.remote.rstrip('/')] + [p.strip('/') for p in (self.split, from_basename) if p])
+        local = os.path.join(self.local, self.split or '', to_basename or from_basename)
+        # The index is fetched when the dataset is opened: a failure there is most likely a wrong endpoint or
+        # bucket, reported after one retry; shards, fetched mid-run, ride out an outage.
+        attempts = min(2, self.download_retry) if from_basename == _INDEX else self.download_retry
+        download_s3_file(remote, local, attempts=max(1, attempts), timeout=self.download_timeout)
+        return local
+
+    def get_shards(self, world: Any, allow_unsafe_types: bool) -> list:
+        filename = os.path.join(self.local, self.split or '', _INDEX)
+        if world.is_local_leader and os.path.isfile(filename):
+            try:
+                with open(filename) as f:
+                    json.load(f)
+            except ValueError as e:
+                if not self.remote:
+                    raise ShardError(f'{filename} is corrupted (not valid JSON: {e}); re-convert the dataset') from None
+                os.remove(filename)  # a stale or damaged cached copy: streaming fetches the remote's again
+        return super().get_shards(world, allow_unsafe_types)
+
+    def set_up_local(self, shards: list, cache_usage_per_shard: Any) -> None:
+        for shard in shards:
+            for raw, zipped in shard.file_pairs:
+                for info in (raw, zipped):
+                    path = os.path.join(self.local, self.split or '', info.basename) if info else None
+                    if path is None or not os.path.isfile(path):
+                        continue
+                    problem = self._problem(path, info)
+                    if problem is None:
+                        continue
+                    if not self.remote or self.remote == self.local:
+                        raise ShardError(f'shard {info.basename} of {self.local} is corrupted: {problem}; '
+                                         're-convert the dataset')
+                    os.remove(path)  # fetched again (and verified) from the remote when it is needed
+        super().set_up_local(shards, cache_usage_per_shard)
+
+    def _problem(self, path: str, info: Any) -> Optional[str]:
+        """Why the file at ``path`` does not match its index entry, or ``None`` if it does."""
+        size = os.path.getsize(path)
+        if size != info.bytes:
+            return f'{size} bytes on disk, {info.bytes} in index.json (truncated?)'
+        hashes = info.hashes or {}
+        algo = self.validate_hash if self.validate_hash in hashes else (
+            'xxh64' if 'xxh64' in hashes else next(iter(sorted(hashes)), None))
+        if algo is None:
+            return None
+        with open(path, 'rb') as f:
+            digest = get_hash(algo, f.read())
+        return None if digest == hashes[algo] else f'its {algo} hash does not match index.json'
 
 
 class ImageTextStreamingDataset(StreamingDataset):
@@ -54,8 +153,13 @@ class ImageTextStreamingDataset(StreamingDataset):
         keep_caption: also yield the caption string as ``caption``.
         validate_hash: hash checked on every downloaded shard; ``'auto'`` picks ``xxh64`` (or the first hash
             the index records), ``None`` disables the check.
+        verify_local: check the size and hash of the shard files already on disk when the dataset is opened
+            (:class:`VerifiedStream`): a damaged cached file is fetched again, a damaged local-only one is an
+            error. Ignored when ``streams`` are passed.
         **kwargs: :class:`~streaming.StreamingDataset` arguments (``shuffle``, ``shuffle_seed``, ``batch_size``,
-            ``cache_limit``, ``predownload``, ``epoch_size``, ``download_timeout``…).
+            ``cache_limit``, ``predownload``, ``epoch_size``…). ``download_retry`` (attempts per file, default
+            6) and ``download_timeout`` (seconds per connect / read of an attempt, default 30) bound how long a
+            failing object store is waited for (see :class:`VerifiedStream`).
     """
 
     def __init__(
@@ -71,6 +175,7 @@ class ImageTextStreamingDataset(StreamingDataset):
         extra_columns: Optional[Sequence[str]] = None,
         keep_caption: bool = False,
         validate_hash: Optional[str] = 'auto',
+        verify_local: bool = True,
         **kwargs: Any,
     ):
         if tokenizer is None:
@@ -84,8 +189,12 @@ class ImageTextStreamingDataset(StreamingDataset):
         self.remote_name = remote or local
         self._shard_failure: Optional[ShardError] = None
         try:
-            super().__init__(remote=remote, local=local,
-                             validate_hash=None if validate_hash == 'auto' else validate_hash, **kwargs)
+            kwargs.setdefault('download_retry', DOWNLOAD_RETRY)
+            kwargs.setdefault('download_timeout', DOWNLOAD_TIMEOUT)
+            location = {'remote': remote, 'local': local}
+            if verify_local and 'streams' not in kwargs:
+                location = {'streams': [VerifiedStream(remote=remote, local=local)]}
+            super().__init__(**location, validate_hash=None if validate_hash == 'auto' else validate_hash, **kwargs)
         except Exception as e:
             err = describe_remote_error(e, str(remote), 'read') if is_remote(remote) else None
             if err is not None:
@@ -169,7 +278,7 @@ class ImageTextStreamingDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
             where = self._shard_label(shard_id)
-            remote_err = describe_remote_error(e, where, 'download')
+            remote_err = e if isinstance(e, RemoteAccessError) else describe_remote_error(e, where, 'download')
             if isinstance(remote_err, RemoteAccessError):
                 failure = ShardError(str(remote_err))
             elif 'Checksum failure' in str(e):
@@ -206,32 +315,12 @@ def _to_tensor(value: Any) -> Any:
     return value
 
 
-def superbatch_size(batch_size: int, filter_ratio: float) -> int:
-    """The super-batch ``N = b / (1 - f)`` that JEST filters down to ``b``; raises if not an integer."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f'batch_size must be a positive int (the per-rank train batch), got {batch_size!r}')
-    if not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
-        raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
-    n = batch_size / (1.0 - filter_ratio)
-    if abs(n - round(n)) <= 1e-6:
-        return int(round(n))
-    step = Fraction(1.0 - filter_ratio).limit_denominator(1000).numerator  # b must be a multiple of it
-    lo, hi = math.floor(n), math.ceil(n)
-    raise ValueError(
-        f'batch_size={batch_size} with filter_ratio={filter_ratio} gives a super-batch of {n:.4f}, not an integer. '
-        f'Use a batch_size that is a multiple of {step} (e.g. {step * max(1, round(batch_size / step))}), '
-        f'or filter_ratio={1 - batch_size / hi:.6g} (super-batch {hi})'
-        + (f' or {1 - batch_size / lo:.6g} (super-batch {lo})' if lo > batch_size else '') + '.',
-    )
-
-
 def build_streaming_dataloader(
     remote: Optional[str],
     local: str,
     tokenizer: Callable,
     *,
     batch_size: int,
-    filter_ratio: float = 0.0,
     image_size: int = 32,
     transform: Optional[Callable] = None,
     shuffle: bool = True,
@@ -251,8 +340,8 @@ def build_streaming_dataloader(
         remote: ``s3://bucket/prefix`` of the shards, or ``None`` to read ``local`` directly.
         local: local cache directory (unique per dataset), or the shards' directory.
         tokenizer: the model's tokenizer (``CLIPModel.tokenizer``).
-        batch_size: the per-rank *train* batch ``b`` (what the model trains on after selection).
-        filter_ratio: JEST's ``f``; the loader yields super-batches of ``N = b / (1 - f)`` (must be an integer).
+        batch_size: what each rank's loader yields per step: for JEST, the super-batch
+            ``N = superbatch_size(b, f)`` (:func:`composer_jest.batch.superbatch_size`); without JEST, ``b``.
         image_size: side of the default open_clip eval transform.
         transform: custom PIL -> tensor transform instead.
         shuffle, shuffle_seed: streaming's deterministic shuffle (resumable mid-epoch).
@@ -264,12 +353,18 @@ def build_streaming_dataloader(
         **dataset_kwargs: more :class:`ImageTextStreamingDataset` / ``StreamingDataset`` arguments.
 
     Example:
-        >>> superbatch_size(64, filter_ratio=0.8)  # what each rank's loader yields for b = 64
+        >>> from composer_jest.batch import superbatch_size
+        >>> superbatch_size(64, filter_ratio=0.8)  # what each rank's loader yields to train on b = 64
         320
         >>> # loader = build_streaming_dataloader('s3://bucket/shapes', '/tmp/cache', model.tokenizer,
-        >>> #                                     batch_size=64, filter_ratio=0.8)
+        >>> #                                     batch_size=superbatch_size(64, 0.8))
     """
-    n = superbatch_size(batch_size, filter_ratio)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be a positive int (the per-rank super-batch N), got {batch_size!r}')
+    if 'filter_ratio' in dataset_kwargs:
+        raise TypeError('build_streaming_dataloader takes the super-batch itself: '
+                        'batch_size=composer_jest.batch.superbatch_size(b, filter_ratio), not filter_ratio=')
+    n = batch_size
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f'num_workers must be an int >= 0, got {num_workers!r}')
     dataset = ImageTextStreamingDataset(

@@ -3,7 +3,7 @@
 A pool whose only defect is wrong captions caps any filter's speed-up at ``1 / clean fraction``. This pool
 adds the other kinds of heterogeneity that web image–text data has, each behind a knob:
 
-- **noise** (:class:`~composer_jest.data.fashion_mnist.WebNoise`): mismatched captions (another item,
+- **noise** (:class:`~composer_jest.data.demo.fashion_mnist.WebNoise`): mismatched captions (another item,
   other attributes) and junk alt-text;
 - **a long tail** (:class:`LongTail`): a few classes are rare in the pool, and near duplicates are
   copies of a few "popular" images of the *common* classes (redundant, correctly captioned);
@@ -30,7 +30,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
-from composer_jest.data.fashion_mnist import (
+from composer_jest.data.demo.fashion_mnist import (
     CLASSNAMES,
     JUNK_TEXTS,
     FashionMNISTCaptions,
@@ -177,7 +177,7 @@ class FashionWebCaptions(FashionMNISTCaptions):
         attributes: rendered attribute probabilities.
         seed: seed of every per-example draw.
         indices: candidate positions in the split (default: all).
-        root, transform, tokenizer: as :class:`~composer_jest.data.fashion_mnist.FashionMNISTCaptions`.
+        root, transform, tokenizer: as :class:`~composer_jest.data.demo.fashion_mnist.FashionMNISTCaptions`.
 
     :meth:`example` adds ``attributes`` (:class:`ItemAttributes`), ``canonical`` (the caption an exact,
     fully detailed description would be), ``rare`` and ``duplicate`` flags to the base keys.
