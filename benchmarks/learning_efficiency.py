@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from composer_jest.algorithm import CACHED_REFERENCE_KEYS, JEST, jest_first  # noqa: E402
+from composer_jest.algorithm import JEST, jest_first  # noqa: E402
+from composer_jest.batch import CACHED_REFERENCE_KEYS  # noqa: E402
 from composer_jest.data.demo.fashion_mnist import WebNoise  # noqa: E402
 from composer_jest.data.demo.fashion_web import (  # noqa: E402
     ZERO_SHOT_TEMPLATES,

@@ -69,7 +69,8 @@ from composer.loggers import Logger
 from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
-from composer_jest.algorithm import CACHED_REFERENCE_KEYS, JEST
+from composer_jest.algorithm import JEST
+from composer_jest.batch import CACHED_REFERENCE_KEYS
 from composer_jest.flops import bucketed_text_flops, step_flops
 from composer_jest.model import CLIPModel
 from composer_jest.optim import FusedDecoupledAdamW

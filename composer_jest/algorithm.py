@@ -16,42 +16,25 @@ from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_jest.flexi import check_patch_size
-from composer_jest.flops import step_flops
+from composer_jest.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, subset_batch
+from composer_jest.contract import scoring_model
 from composer_jest.losses import LOSSES
 from composer_jest.reference import ReferenceSpec, load_reference, preload_reference
 from composer_jest.scoring import Features, jest_select
 from composer_jest.selection import SCORE_METHODS, SCORE_TERMS, SELECTION_METHODS
 from composer_jest.text_buckets import (
-    DEFAULT_TEXT_BUCKET_OVERHEAD,
-    DEFAULT_TEXT_BUCKETS,
     caption_lengths,
     length_histogram,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ['JEST', 'jest_first', 'subset_batch', 'SCOPES', 'CACHED_REFERENCE_KEYS']
+__all__ = ['JEST', 'jest_first', 'SCOPES']
 
 SCOPES = ('local', 'global')
-# Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
-CACHED_REFERENCE_KEYS = ('ref_image_features', 'ref_text_features', 'ref_logit_scale', 'ref_logit_bias')
 # Constructor arguments recorded in checkpoints; a resumed run whose settings differ is warned.
 _SETTINGS = ('filter_ratio', 'n_chunks', 'score', 'selection', 'loss', 'learner_patch_size', 'scope', 'temperature',
              'seed')
-
-
-def subset_batch(batch: Any, indices: torch.Tensor, num_samples: int) -> Any:
-    """Index every per-sample entry (dim 0 of size ``num_samples``) of a dict/list/tuple batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch[indices.to(batch.device)] if batch.shape[:1] == (num_samples,) else batch
-    if isinstance(batch, dict):
-        return {k: subset_batch(v, indices, num_samples) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        if len(batch) == num_samples and not any(isinstance(v, torch.Tensor) for v in batch):
-            return type(batch)(batch[i] for i in indices.tolist())  # per-sample python values
-        return type(batch)(subset_batch(v, indices, num_samples) for v in batch)
-    return batch
 
 
 class JEST(Algorithm):
@@ -120,8 +103,8 @@ class JEST(Algorithm):
         learner_patch_size: Optional[int] = None,
         scope: str = 'local',
         temperature: float = 1.0,
-        image_key: str = 'image',
-        text_key: str = 'text',
+        image_key: str = IMAGE_KEY,
+        text_key: str = TEXT_KEY,
         track_keys: Sequence[str] = (),
         seed: int = 0,
         fast_scoring: bool = True,
@@ -195,18 +178,17 @@ class JEST(Algorithm):
             if self._pending_rng is not None:
                 self.generator.set_state(self._pending_rng)
                 self._pending_rng = None
+        model = scoring_model(state.model)
         if self.reference is None and self.uses_reference and self.reference_spec != 'cached':
-            spec = getattr(_unwrap(state.model), 'model_spec', None)
-            self.reference = load_reference(self.reference_spec, default_model=spec)
+            self.reference = load_reference(self.reference_spec, default_model=model.spec)
         if self.reference is not None:
             self.reference.to(state.device._device)
             if self._reference_in_bf16(state):
                 _cast_towers(self.reference, torch.bfloat16)
         if self.loss is None:
-            self.loss = getattr(_unwrap(state.model), 'loss_name', 'sigmoid')
-        towers = getattr(_unwrap(state.model), 'towers', None)
-        if towers is not None and self.uses_learner:
-            check_patch_size(towers.clip.visual, self.learner_patch_size, 'learner_patch_size')
+            self.loss = model.loss_name
+        if self.uses_learner:
+            model.check_scoring_patch_size(self.learner_patch_size)
         # The trained batch is the sub-batch: never split it further unless asked to.
         batch_size = getattr(state.dataloader, 'batch_size', None)
         mb = state.device_train_microbatch_size
@@ -232,12 +214,13 @@ class JEST(Algorithm):
         return torch.no_grad()
 
     def _scoring_forward(self, state: State):
-        """The learner's forward used for scoring: the (FSDP-wrapped) model, compiled once if asked."""
+        """The learner's ``score_features`` (the model contract), compiled once if asked."""
+        score = scoring_model(state.model).score_features
         if not self.compile_scoring:
-            return state.model
+            return score
         if self._scoring_model is None:
             kwargs = self.compile_scoring if isinstance(self.compile_scoring, dict) else {}
-            self._scoring_model = torch.compile(state.model, **kwargs)  # shares the model's parameters
+            self._scoring_model = torch.compile(score, **kwargs)  # shares the model's parameters
         return self._scoring_model
 
     def _score_reference(self, state: State, image: torch.Tensor, text: torch.Tensor) -> Features:
@@ -253,14 +236,8 @@ class JEST(Algorithm):
         learner = reference = None
         precision = state.precision, state.precision_config
         with self._grad_mode(learner=True, state=state), get_precision_context(*precision):
-            if self.uses_learner:
-                # Eval mode: no dropout noise in the scores, and no multi-resolution split of the super-batch.
-                was_training = state.model.training
-                state.model.eval()
-                try:
-                    learner = dict(self._scoring_forward(state)(batch, patch_size=self.learner_patch_size))
-                finally:
-                    state.model.train(was_training)
+            if self.uses_learner:  # eval semantics: the contract's promise
+                learner = dict(self._scoring_forward(state)(batch, self.learner_patch_size))
         with self._grad_mode(learner=False, state=state), get_precision_context(*precision):
             if self.uses_reference:
                 reference = self._cached_reference(batch)
@@ -354,20 +331,10 @@ class JEST(Algorithm):
         counts = tuple(length_histogram(caption_lengths(text), text.shape[1])) if text.dim() == 2 else None
         key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]), counts)
         if key != self._flops_key:
-            model = _unwrap(state.model)
-            towers = getattr(model, 'towers', None)
-            buckets = getattr(towers, 'text_buckets', DEFAULT_TEXT_BUCKETS)
-            overhead = getattr(towers, 'text_bucket_overhead', DEFAULT_TEXT_BUCKET_OVERHEAD)
-            try:
-                self._flops = step_flops(
-                    model, superbatch=n, subbatch=b, learner_patch_size=self.learner_patch_size,
-                    image_size=key[3], reference_cached=cached, reference_clip=self.reference,
-                    uses_reference=self.uses_reference, uses_learner=self.uses_learner,
-                    low_res_fraction=getattr(model, 'low_res_fraction', 0.0),
-                    low_res_patch_size=getattr(model, 'low_res_patch_size', None), text_length_counts=counts,
-                    text_buckets=buckets, text_bucket_overhead=overhead)
-            except NotImplementedError:  # non-ViT / non-open_clip towers: no estimate
-                self._flops = None
+            self._flops = scoring_model(state.model).step_flops(
+                superbatch=n, subbatch=b, learner_patch_size=self.learner_patch_size, image_size=key[3],
+                reference_cached=cached, reference_clip=self.reference, uses_reference=self.uses_reference,
+                uses_learner=self.uses_learner, text_length_counts=counts)
             self._flops_key = key
         if self._flops is None:
             return {}
@@ -439,8 +406,6 @@ def jest_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algori
     return sort_to_front(algorithms, JEST)
 
 
-def _unwrap(model):
-    return getattr(model, 'module', model)
 
 
 def _cast_towers(towers: torch.nn.Module, dtype: torch.dtype) -> None:

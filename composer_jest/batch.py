@@ -1,4 +1,8 @@
-"""The super-batch / sub-batch relation, in one place.
+"""The batch schema and the super-batch / sub-batch relation, in one place.
+
+Keys of the batches the data path yields and the model and JEST read: :data:`IMAGE_KEY`, :data:`TEXT_KEY`,
+:data:`INDEX_KEY` (a stable example id), :data:`LABEL_KEY` (zero-shot evaluation), and the cached reference
+columns :data:`CACHED_REFERENCE_KEYS` that ``composer-jest embed-reference`` writes.
 
 JEST streams a super-batch of ``N`` examples per rank and trains on ``b`` of them, with filter ratio
 ``f = 1 - b / N``. The config says ``b`` (``global_train_batch_size``) and ``f``; the loader is told ``N``
@@ -10,8 +14,16 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
-__all__ = ['superbatch_size', 'subbatch_size']
+import torch
+
+__all__ = ['IMAGE_KEY', 'TEXT_KEY', 'INDEX_KEY', 'LABEL_KEY', 'CACHED_REFERENCE_KEYS', 'superbatch_size',
+           'subbatch_size', 'subset_batch']
+
+IMAGE_KEY, TEXT_KEY, INDEX_KEY, LABEL_KEY = 'image', 'text', 'index', 'label'
+# Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
+CACHED_REFERENCE_KEYS = ('ref_image_features', 'ref_text_features', 'ref_logit_scale', 'ref_logit_bias')
 
 
 def _check_filter_ratio(filter_ratio: float) -> None:
@@ -55,3 +67,16 @@ def subbatch_size(superbatch: int, filter_ratio: float) -> int:
     """
     _check_filter_ratio(filter_ratio)
     return max(1, int(round(superbatch * (1.0 - filter_ratio))))
+
+
+def subset_batch(batch: Any, indices: torch.Tensor, num_samples: int) -> Any:
+    """Index every per-sample entry (dim 0 of size ``num_samples``) of a dict/list/tuple batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[indices.to(batch.device)] if batch.shape[:1] == (num_samples,) else batch
+    if isinstance(batch, dict):
+        return {k: subset_batch(v, indices, num_samples) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == num_samples and not any(isinstance(v, torch.Tensor) for v in batch):
+            return type(batch)(batch[i] for i in indices.tolist())  # per-sample python values
+        return type(batch)(subset_batch(v, indices, num_samples) for v in batch)
+    return batch

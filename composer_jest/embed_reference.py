@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from streaming import MDSWriter, StreamingDataset
 
-from composer_jest.algorithm import CACHED_REFERENCE_KEYS
+from composer_jest.batch import CACHED_REFERENCE_KEYS
 from composer_jest.model import eval_image_transform, tokenizer_for
 from composer_jest.reference import load_reference
 

@@ -22,6 +22,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torchmetrics import Metric
 
+from composer_jest.batch import IMAGE_KEY, LABEL_KEY, TEXT_KEY
 from composer_jest.flexi import check_patch_size
 from composer_jest.losses import LOSSES
 from composer_jest.text_buckets import (
@@ -223,8 +224,8 @@ class CLIPModel(ComposerModel):
         loss: str = 'sigmoid',
         classnames: Optional[Sequence[str]] = None,
         class_templates: Sequence[str] = ('a {name}',),
-        image_key: str = 'image',
-        text_key: str = 'text',
+        image_key: str = IMAGE_KEY,
+        text_key: str = TEXT_KEY,
         low_res_fraction: Optional[float] = None,
         low_res_patch_size: Optional[int] = None,
         tokenizer: Optional[Callable[[Sequence[str]], torch.Tensor]] = None,
@@ -283,6 +284,37 @@ class CLIPModel(ComposerModel):
             return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'], o['logit_bias'])
         return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'])
 
+    # -- the scoring contract (composer_jest.contract.ScoringModel): what JEST calls -----------------------
+    @property
+    def spec(self) -> Optional[ModelSpec]:
+        """The open_clip name or config this model was built from (a bare reference checkpoint loads into it)."""
+        return self.model_spec
+
+    def score_features(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
+        """Features of the whole batch for JEST: through ``forward`` (the FSDP-wrapped path), in eval mode (no
+        dropout, no multi-resolution split), at ``patch_size`` (FlexiViT) or the native one."""
+        was_training = self.training
+        self.eval()
+        try:
+            return dict(self(batch, patch_size=patch_size))
+        finally:
+            self.train(was_training)
+
+    def check_scoring_patch_size(self, patch_size: Optional[int]) -> None:
+        check_patch_size(self.towers.clip.visual, patch_size, 'learner_patch_size')
+
+    def step_flops(self, **kwargs: Any) -> Optional[dict[str, float]]:
+        """Analytic FLOPs of a JEST step on this model (:func:`composer_jest.flops.step_flops`, with this
+        model's multi-resolution and text-bucket settings); ``None`` for towers it cannot estimate."""
+        from composer_jest.flops import step_flops  # noqa: PLC0415
+
+        try:
+            return step_flops(self, low_res_fraction=self.low_res_fraction, low_res_patch_size=self.low_res_patch_size,
+                              text_buckets=self.towers.text_buckets,
+                              text_bucket_overhead=self.towers.text_bucket_overhead, **kwargs)
+        except NotImplementedError:  # non-ViT / non-open_clip towers
+            return None
+
     # -- evaluation -----------------------------------------------------------------------------------
     def class_features(self, device: torch.device) -> torch.Tensor:
         """``[num_classes, dim]`` normalised class-prompt embeddings (template-averaged), cached per eval."""
@@ -317,7 +349,7 @@ class CLIPModel(ComposerModel):
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
         if isinstance(metric, ZeroShotAccuracy):
-            metric.update(outputs['class_logits'], batch['label'])
+            metric.update(outputs['class_logits'], batch[LABEL_KEY])
         elif isinstance(metric, RetrievalRecall):
             metric.update(outputs['image_features'], outputs['text_features'])
         else:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from composer_jest import JEST, jest_select
-from composer_jest.algorithm import subset_batch
+from composer_jest.batch import subset_batch
 
 
 def model_features(pairs_known: torch.Tensor, n: int = 32, d: int = 32, seed: int = 0) -> dict:
@@ -131,7 +131,7 @@ def test_cached_columns_beside_a_live_reference_warn_once():
 
     from conftest import make_model
 
-    from composer_jest.algorithm import CACHED_REFERENCE_KEYS
+    from composer_jest.batch import CACHED_REFERENCE_KEYS
 
     image, text = torch.randn(4, 8), torch.randn(4, 8)
     batch = dict(zip(CACHED_REFERENCE_KEYS, (image, text, torch.full((4,), 10.0), torch.full((4,), -10.0))))

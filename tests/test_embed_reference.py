@@ -8,7 +8,7 @@ import torch
 from conftest import fit, make_model, series
 
 from composer_jest import JEST, jest_select
-from composer_jest.algorithm import CACHED_REFERENCE_KEYS
+from composer_jest.batch import CACHED_REFERENCE_KEYS
 from composer_jest.data.convert import convert_shapes
 from composer_jest.data.streaming import build_streaming_dataloader
 from composer_jest.embed_reference import embed_reference

@@ -37,6 +37,7 @@ from PIL import Image
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.hashing import get_hash
 
+from composer_jest.batch import IMAGE_KEY, INDEX_KEY, TEXT_KEY
 from composer_jest.data.remote import RemoteAccessError, describe_remote_error, download_s3_file, is_remote
 
 __all__ = ['ImageTextStreamingDataset', 'ShardError', 'VerifiedStream', 'build_streaming_dataloader']
@@ -170,7 +171,7 @@ class ImageTextStreamingDataset(StreamingDataset):
         tokenizer: Optional[Callable] = None,
         transform: Optional[Callable] = None,
         image_size: int = 32,
-        image_key: str = 'image',
+        image_key: str = 'image',  # the shard column (the batch key is always IMAGE_KEY)
         caption_key: str = 'caption',
         extra_columns: Optional[Sequence[str]] = None,
         keep_caption: bool = False,
@@ -250,9 +251,9 @@ class ImageTextStreamingDataset(StreamingDataset):
             image = image.convert('RGB')
         caption = sample[self.caption_key]
         out = {
-            'image': self.transform(image),
-            'text': self.tokenizer([caption])[0],
-            'index': torch.tensor(int(sample['index']), dtype=torch.long),
+            IMAGE_KEY: self.transform(image),
+            TEXT_KEY: self.tokenizer([caption])[0],
+            INDEX_KEY: torch.tensor(int(sample['index']), dtype=torch.long),
         }
         for name in self.extra_columns:
             out[name] = _to_tensor(sample[name])
