@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -16,12 +15,11 @@ from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_jest.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, subset_batch
+from composer_jest.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, subbatch_size, subset_batch
 from composer_jest.contract import scoring_model
-from composer_jest.losses import LOSSES
-from composer_jest.reference import ReferenceSpec, load_reference, preload_reference
-from composer_jest.scoring import Features, jest_select
-from composer_jest.selection import SCORE_METHODS, SCORE_TERMS, SELECTION_METHODS
+from composer_jest.reference import ReferenceScorer, ReferenceSpec
+from composer_jest.scoring import Features, all_finite, check_finite, check_settings, jest_select
+from composer_jest.selection import SCORE_TERMS
 from composer_jest.text_buckets import (
     caption_lengths,
     length_histogram,
@@ -110,26 +108,17 @@ class JEST(Algorithm):
         fast_scoring: bool = True,
         compile_scoring: Union[bool, dict] = False,
     ):
-        if not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
-            raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
-        if not isinstance(n_chunks, int) or n_chunks < 1:
-            raise ValueError(f'n_chunks must be an int >= 1, got {n_chunks!r}')
-        for name, value, allowed in (('score', score, SCORE_METHODS), ('selection', selection, SELECTION_METHODS),
-                                     ('scope', scope, SCOPES)):
-            if value not in allowed:
-                raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
-        if loss is not None and loss not in LOSSES:
-            raise ValueError(f'loss must be one of {LOSSES} or None (follow the model), got {loss!r}')
+        check_settings(filter_ratio=filter_ratio, n_chunks=n_chunks, score=score, selection=selection, loss=loss,
+                       temperature=temperature)
+        if scope not in SCOPES:
+            raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
         if learner_patch_size is not None and (not isinstance(learner_patch_size, int) or learner_patch_size < 1):
             raise ValueError(f'learner_patch_size must be a positive int or None, got {learner_patch_size!r}')
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')
-        if score in ('learnability', 'easy_reference') and reference is None:
+        if 'reference' in dict(SCORE_TERMS[score]) and reference is None:
             raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
         if isinstance(track_keys, str):  # a bare string would be split into its characters
             track_keys = (track_keys,)
-        # Loaded now when its architecture is known: a bad file or a mismatch fails here, not at fit start.
-        preloaded = preload_reference(reference) if reference != 'cached' else None
+        self._reference = ReferenceScorer(reference)
         if not isinstance(fast_scoring, bool):
             raise ValueError(f'fast_scoring must be True or False, got {fast_scoring!r}')
         if not isinstance(compile_scoring, (bool, dict)):
@@ -141,14 +130,17 @@ class JEST(Algorithm):
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
         self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
-        self.reference = preloaded
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
         self.examples_trained = 0
         self._flops: Optional[dict] = None
         self._flops_key: Optional[tuple] = None
-        self._warned_cached = False
+
+    @property
+    def reference(self) -> Optional[torch.nn.Module]:
+        """The live reference towers (``None`` until fit start for a bare checkpoint path, and for cached)."""
+        return self._reference.towers
 
     @property
     def uses_reference(self) -> bool:
@@ -159,8 +151,8 @@ class JEST(Algorithm):
         return 'learner' in dict(SCORE_TERMS[self.score])
 
     def subbatch_size(self, superbatch_size: int) -> int:
-        """``b = round(N (1 - f))``, at least 1."""
-        return max(1, int(round(superbatch_size * (1.0 - self.filter_ratio))))
+        """``b = round(N (1 - f))``, at least 1 (:func:`composer_jest.batch.subbatch_size`)."""
+        return subbatch_size(superbatch_size, self.filter_ratio)
 
     # -- Composer hooks -----------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:
@@ -179,12 +171,8 @@ class JEST(Algorithm):
                 self.generator.set_state(self._pending_rng)
                 self._pending_rng = None
         model = scoring_model(state.model)
-        if self.reference is None and self.uses_reference and self.reference_spec != 'cached':
-            self.reference = load_reference(self.reference_spec, default_model=model.spec)
-        if self.reference is not None:
-            self.reference.to(state.device._device)
-            if self._reference_in_bf16(state):
-                _cast_towers(self.reference, torch.bfloat16)
+        if self.uses_reference:
+            self._reference.prepare(model.spec, state.device._device, self._reference_in_bf16(state))
         if self.loss is None:
             self.loss = model.loss_name
         if self.uses_learner:
@@ -223,14 +211,6 @@ class JEST(Algorithm):
             self._scoring_model = torch.compile(score, **kwargs)  # shares the model's parameters
         return self._scoring_model
 
-    def _score_reference(self, state: State, image: torch.Tensor, text: torch.Tensor) -> Features:
-        if not self._reference_in_bf16(state):
-            return dict(self.reference(image, text))
-        with torch.autocast(image.device.type, enabled=False):  # bf16 weights and activations throughout
-            out = dict(self.reference(image.to(torch.bfloat16), text))
-        return {**out, 'image_features': out['image_features'].float(),
-                'text_features': out['text_features'].float()}
-
     def _features(self, state: State, batch: dict) -> tuple[Optional[Features], Optional[Features]]:
         image, text = batch[self.image_key], batch[self.text_key]
         learner = reference = None
@@ -240,35 +220,12 @@ class JEST(Algorithm):
                 learner = dict(self._scoring_forward(state)(batch, self.learner_patch_size))
         with self._grad_mode(learner=False, state=state), get_precision_context(*precision):
             if self.uses_reference:
-                reference = self._cached_reference(batch)
-                if reference is None:
-                    if self.reference is None:
-                        raise RuntimeError(
-                            f"reference='cached' but the batch lacks {CACHED_REFERENCE_KEYS}; write them with "
-                            '`composer-jest embed-reference`',
-                        )
-                    reference = self._score_reference(state, image, text)
+                reference = self._reference.features(batch, image, text)
             if learner is None and reference is None:  # uniform: nothing to score
                 learner = dict(image_features=torch.zeros(image.shape[0], 1, device=image.device),
                                text_features=torch.zeros(image.shape[0], 1, device=image.device),
                                logit_scale=torch.ones(()), logit_bias=torch.zeros(()))
         return learner, reference
-
-    def _cached_reference(self, batch: dict) -> Optional[Features]:
-        """Reference features precomputed into the shards (``composer-jest embed-reference``), if present."""
-        if not all(k in batch for k in CACHED_REFERENCE_KEYS):
-            return None
-        if self.reference_spec != 'cached' and not self._warned_cached:
-            self._warned_cached = True
-            warnings.warn(
-                f'the batch carries cached reference features {CACHED_REFERENCE_KEYS}: they are used instead of '
-                f'the live reference {self.reference_spec!r} (set reference: cached to say so, or train on shards '
-                'without these columns to run the live reference)', UserWarning, stacklevel=2)
-        image, text, scale, bias = (batch[k] for k in CACHED_REFERENCE_KEYS)
-        return {
-            'image_features': image.float(), 'text_features': text.float(),
-            'logit_scale': scale.float().reshape(-1)[0], 'logit_bias': bias.float().reshape(-1)[0],
-        }
 
     def _select(self, state: State, logger: Logger) -> None:
         state.batch = state.device.batch_to_device(state.batch)
@@ -281,7 +238,7 @@ class JEST(Algorithm):
         rank, world = (dist.get_global_rank(), dist.get_world_size()) if self.scope == 'global' else (0, 1)
         # One device-side flag for NaN/inf in any score input, read after the step's single sync below: the
         # sampler itself never syncs, and top-k over NaN would draw silently.
-        finite = _all_finite(learner, reference)
+        finite = all_finite(learner, reference)
         selected = jest_select(
             learner, reference, b, score=self.score, selection=self.selection, loss=self.loss,
             n_chunks=self.n_chunks, generator=self.generator, temperature=self.temperature,
@@ -317,10 +274,10 @@ class JEST(Algorithm):
     def _name_non_finite(self, batch: dict, learner: Optional[Features], reference: Optional[Features],
                          step: int) -> None:
         """Raise naming which input (batch, learner, reference or cached columns) holds NaN/inf, and the step."""
-        _check_finite({'image': batch[self.image_key]}, 'input batch', step)
-        _check_finite(learner, f'learner scoring (learner_patch_size={self.learner_patch_size})', step)
+        check_finite({'image': batch[self.image_key]}, 'input batch', step)
+        check_finite(learner, f'learner scoring (learner_patch_size={self.learner_patch_size})', step)
         cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
-        _check_finite(reference, f'cached reference columns {CACHED_REFERENCE_KEYS}' if cached
+        check_finite(reference, f'cached reference columns {CACHED_REFERENCE_KEYS}' if cached
                       else f'reference model ({_describe(self.reference_spec)})', step)
 
     def _flop_metrics(self, state: State, batch: dict, n: int, b: int) -> dict[str, float]:
@@ -371,27 +328,6 @@ class JEST(Algorithm):
                 self._pending_rng = state['rng']
 
 
-def _all_finite(*features: Optional[Features]) -> torch.Tensor:
-    """A device bool: no NaN/inf in any floating tensor of the given feature dicts (no host sync)."""
-    flags = [torch.isfinite(v).all() for f in features if f is not None for v in f.values()
-             if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    return torch.stack([f.to(flags[0].device) for f in flags]).all() if flags else torch.tensor(True)
-
-
-def _check_finite(features: Optional[Features], source: str, step: int) -> None:
-    """Raise :class:`FloatingPointError` naming ``source``, ``step`` and the keys if any tensor is NaN or inf."""
-    if features is None:
-        return
-    bad = [k for k, v in features.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise FloatingPointError(
-            f'non-finite values (NaN or inf) in {bad} from the {source} at step {step}: the scores cannot be '
-            'computed. A learner that diverged needs a lower learning rate or gradient clipping; a reference or '
-            'cached columns with NaN/inf need to be re-made (check the checkpoint / re-run embed-reference).',
-        )
-
-
 def _describe(spec: Any) -> str:
     return f'a {type(spec).__name__} module' if isinstance(spec, torch.nn.Module) else repr(spec)
 
@@ -408,8 +344,3 @@ def jest_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algori
 
 
 
-def _cast_towers(towers: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast a frozen reference's weights to ``dtype``, keeping its logit scale and bias in float32."""
-    for name, param in towers.named_parameters():
-        if not name.rsplit('.', 1)[-1].startswith('logit_'):
-            param.data = param.data.to(dtype)

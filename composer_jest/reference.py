@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from composer_jest.batch import CACHED_REFERENCE_KEYS
 from composer_jest.model import CLIPModel, CLIPTowers, ModelSpec, build_clip, checkpoint_state_dict
 
-__all__ = ['ReferenceSpec', 'validate_reference', 'preload_reference', 'load_reference', 'load_weights']
+__all__ = ['ReferenceSpec', 'ReferenceScorer', 'validate_reference', 'preload_reference', 'load_reference',
+           'load_weights']
 
 ReferenceSpec = Union[nn.Module, str, os.PathLike, dict]
 
@@ -116,3 +119,66 @@ def load_weights(clip: nn.Module, path: Union[str, os.PathLike], model: Optional
                          + (f' and {len(nonfinite) - 5} more tensors' if len(nonfinite) > 5 else '')
                          + ': it comes from a diverged run; use an earlier checkpoint')
     clip.load_state_dict(state)
+
+
+class ReferenceScorer:
+    """The frozen reference's side of JEST's scoring.
+
+    A batch that carries the cached columns (:data:`~composer_jest.batch.CACHED_REFERENCE_KEYS`, written by
+    ``composer-jest embed-reference``) is scored from them and never runs a model (with a one-time warning when a
+    live reference was given too); otherwise the live towers run, loaded at fit start when the architecture is
+    the learner's, optionally held and run in bf16 end to end (logit scale and bias stay float32).
+
+    Args:
+        spec: a module, a checkpoint path, ``{'model', 'checkpoint'}``, ``'cached'`` or ``None`` (no reference).
+    """
+
+    def __init__(self, spec: Optional[ReferenceSpec]):
+        self.spec = spec
+        # Loaded now when its architecture is known: a bad file or a mismatch fails here, not at fit start.
+        self.towers: Optional[CLIPTowers] = preload_reference(spec) if spec not in (None, 'cached') else None
+        self.bf16 = False
+        self._warned_cached = False
+
+    def prepare(self, default_model: Optional[ModelSpec], device: torch.device, bf16: bool) -> None:
+        """At fit start: load a bare checkpoint path into the learner's architecture, move, cast."""
+        if self.towers is None and self.spec not in (None, 'cached'):
+            self.towers = load_reference(self.spec, default_model=default_model)
+        self.bf16 = bf16
+        if self.towers is not None:
+            self.towers.to(device)
+            if bf16:
+                for name, param in self.towers.named_parameters():
+                    if not name.rsplit('.', 1)[-1].startswith('logit_'):
+                        param.data = param.data.to(torch.bfloat16)
+
+    def features(self, batch: dict, image: torch.Tensor, text: torch.Tensor) -> dict:
+        """The reference features of the super-batch: cached columns if the batch has them, else the towers."""
+        cached = self.cached(batch)
+        if cached is not None:
+            return cached
+        if self.towers is None:
+            raise RuntimeError(f"reference='cached' but the batch lacks {CACHED_REFERENCE_KEYS}; write them with "
+                               '`composer-jest embed-reference`')
+        if not self.bf16:
+            return dict(self.towers(image, text))
+        with torch.autocast(image.device.type, enabled=False):  # bf16 weights and activations throughout
+            out = dict(self.towers(image.to(torch.bfloat16), text))
+        return {**out, 'image_features': out['image_features'].float(),
+                'text_features': out['text_features'].float()}
+
+    def cached(self, batch: dict) -> Optional[dict]:
+        """Reference features precomputed into the shards, if the batch carries them."""
+        if not all(k in batch for k in CACHED_REFERENCE_KEYS):
+            return None
+        if self.spec != 'cached' and not self._warned_cached:
+            self._warned_cached = True
+            warnings.warn(
+                f'the batch carries cached reference features {CACHED_REFERENCE_KEYS}: they are used instead of '
+                f'the live reference {self.spec!r} (set reference: cached to say so, or train on shards '
+                'without these columns to run the live reference)', UserWarning, stacklevel=3)
+        image, text, scale, bias = (batch[k] for k in CACHED_REFERENCE_KEYS)
+        return {
+            'image_features': image.float(), 'text_features': text.float(),
+            'logit_scale': scale.float().reshape(-1)[0], 'logit_bias': bias.float().reshape(-1)[0],
+        }

@@ -31,6 +31,7 @@ Independent selection with the softmax loss draws ``∝ exp(loss of k in its own
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, TypedDict
@@ -50,7 +51,7 @@ from composer_jest.selection import (
 )
 
 __all__ = ['Features', 'AllGather', 'Selection', 'BLOCK_ELEMENTS', 'STAT_BLOCK', 'conditional_scorer', 'jest_select',
-           'selection_flops']
+           'selection_flops', 'check_settings', 'all_finite', 'check_finite']
 
 # Largest temporary (elements) of one block product: 2**24 float32 = 64 MiB.
 BLOCK_ELEMENTS = 1 << 24
@@ -490,3 +491,40 @@ def selection_flops(loss: str, n: int, b: int, dim: int, *, n_chunks: int = 16, 
     else:
         flops += 2 * n * min(STAT_BLOCK, n) * dim
     return float(models * flops)
+
+
+def check_settings(*, filter_ratio: float, n_chunks: int, score: str, selection: str, loss: Optional[str],
+                   temperature: float) -> None:
+    """Raise ``ValueError`` naming the setting and its accepted values (``loss=None``: follow the model)."""
+    if isinstance(filter_ratio, bool) or not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
+        raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f'n_chunks must be an int >= 1, got {n_chunks!r}')
+    for name, value, allowed in (('score', score, SCORE_METHODS), ('selection', selection, SELECTION_METHODS)):
+        if value not in allowed:
+            raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+    if loss is not None and loss not in LOSSES:
+        raise ValueError(f'loss must be one of {LOSSES} or None (follow the model), got {loss!r}')
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')
+
+
+def all_finite(*features: Optional[Features]) -> torch.Tensor:
+    """A device bool: no NaN/inf in any floating tensor of the given feature dicts (no host sync)."""
+    flags = [torch.isfinite(v).all() for f in features if f is not None for v in f.values()
+             if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return torch.stack([f.to(flags[0].device) for f in flags]).all() if flags else torch.tensor(True)
+
+
+def check_finite(features: Optional[Features], source: str, step: int) -> None:
+    """Raise :class:`FloatingPointError` naming ``source``, ``step`` and the keys if any tensor is NaN or inf."""
+    if features is None:
+        return
+    bad = [k for k, v in features.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(
+            f'non-finite values (NaN or inf) in {bad} from the {source} at step {step}: the scores cannot be '
+            'computed. A learner that diverged needs a lower learning rate or gradient clipping; a reference or '
+            'cached columns with NaN/inf need to be re-made (check the checkpoint / re-run embed-reference).',
+        )
