@@ -99,16 +99,12 @@ def embed_reference(
         txt = feats['text_features'].half().cpu().numpy()
         if writer is None:
             dim = img.shape[1]
-            new_columns = {
-                **columns,
-                'ref_image_features': f'ndarray:float16:{dim}', 'ref_text_features': f'ndarray:float16:{dim}',
-                'ref_logit_scale': 'float32', 'ref_logit_bias': 'float32',
-            }
+            encodings = (f'ndarray:float16:{dim}', f'ndarray:float16:{dim}', 'float32', 'float32')
+            new_columns = {**columns, **dict(zip(CACHED_REFERENCE_KEYS, encodings))}
             writer = MDSWriter(out=out, columns=new_columns, compression=compression, hashes=list(hashes))
         for k, sample in enumerate(raw):
-            writer.write({**{c: sample[c] for c in columns}, 'ref_image_features': img[k],
-                          'ref_text_features': txt[k], 'ref_logit_scale': np.float32(out_scale),
-                          'ref_logit_bias': np.float32(out_bias)})
+            values = (img[k], txt[k], np.float32(out_scale), np.float32(out_bias))
+            writer.write({**{c: sample[c] for c in columns}, **dict(zip(CACHED_REFERENCE_KEYS, values))})
             written += 1
     if writer is None:
         raise ValueError(f'the input dataset {remote or local} has no samples')
