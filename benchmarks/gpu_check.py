@@ -238,7 +238,7 @@ def check_recipe(ctx: Context, name: str) -> str:
 def check_step_cost(ctx: Context) -> str:
     out = ctx.run([sys.executable, str(REPO / 'benchmarks' / 'step_cost.py'), '--device', 'cuda', '--model',
                    'jest-vit-b-16', '--precision', 'amp_bf16', '--batch-size', '256', '--filter-ratios', '0.8',
-                   '--steps', '4', '--warmup', '2', '--repeats', '1'], name='step-cost')
+                   '--steps', '4', '--warmup', '2', '--repeats', '1', '--sampler-sizes', ''], name='step-cost')
     print(out, flush=True)
     return 'jest-vit-b-16 bf16 step-cost table printed above'
 
