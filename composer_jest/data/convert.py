@@ -61,8 +61,8 @@ from composer_jest.data.remote import (
 
 __all__ = [
     'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary',
-    'MDSOptions', 'parse_keep_columns', 'convert_folder', 'convert_webdataset', 'convert_shapes', 'convert_fashion_mnist', 'convert_demo',
-    'write_mds', 'main',
+    'MDSOptions', 'parse_keep_columns', 'convert_folder', 'convert_webdataset', 'convert_shapes',
+    'convert_fashion_mnist', 'convert_demo', 'write_mds', 'main',
 ]
 
 IMAGE_ENCODINGS = ('source', 'jpeg', 'png', 'bytes')
