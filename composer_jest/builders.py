@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from composer import Trainer
@@ -205,7 +206,7 @@ def check_batch_keys(model: CLIPModel, algorithms: list[Algorithm], train_loader
         _require_keys(eval_loader, (LABEL_KEY,), 'model.classnames (zero-shot accuracy)', 'eval_loader', _LABEL_HINT)
 
 
-def _require_keys(loader: Any, needed: Any, what: str, where: str, hint: str) -> None:
+def _require_keys(loader: Any, needed: Sequence[str], what: str, where: str, hint: str) -> None:
     keys = loader_batch_keys(loader)
     missing = [k for k in needed if keys is not None and k not in keys]
     if missing:

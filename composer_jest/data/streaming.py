@@ -234,8 +234,8 @@ class ImageTextStreamingDataset(StreamingDataset):
                 raise ValueError(f'extra_columns {missing} are not in the shards (columns: {sorted(encodings)})')
             self.extra_columns = [c for c in extra_columns if c not in skip]
         self.column_encodings = encodings  # the shards' MDS columns and their encodings
-        self.batch_keys = (IMAGE_KEY, TEXT_KEY, INDEX_KEY, *self.extra_columns) + (('caption',) if self.keep_caption
-                                                                                   else ())
+        caption = ('caption',) if self.keep_caption else ()
+        self.batch_keys = (IMAGE_KEY, TEXT_KEY, INDEX_KEY, *self.extra_columns, *caption)
 
     # -- samples ------------------------------------------------------------------------------------
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
