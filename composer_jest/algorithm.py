@@ -256,6 +256,9 @@ class JEST(Algorithm):
         metrics = {f'jest/{k}': float(v) for k, v in selected.stats.items()}
         metrics.update(self._flop_metrics(state, batch, n, b))
         for key in self.track_keys:
+            if key not in batch:
+                raise KeyError(f'track_keys: {key!r} is not a batch key (the batch has {sorted(batch)}); write it into '
+                               f'the shards with `composer-jest convert folder|webdataset --keep-columns {key}`')
             values = torch.as_tensor(batch[key]).float()
             metrics[f'jest/superbatch/{key}'] = float(values.mean())
             metrics[f'jest/selected/{key}'] = float(values[local.to(values.device)].mean())

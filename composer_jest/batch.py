@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 __all__ = ['IMAGE_KEY', 'TEXT_KEY', 'INDEX_KEY', 'LABEL_KEY', 'CACHED_REFERENCE_KEYS', 'superbatch_size',
-           'subbatch_size', 'subset_batch']
+           'subbatch_size', 'subset_batch', 'loader_batch_keys']
 
 IMAGE_KEY, TEXT_KEY, INDEX_KEY, LABEL_KEY = 'image', 'text', 'index', 'label'
 # Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
@@ -80,3 +80,22 @@ def subset_batch(batch: Any, indices: torch.Tensor, num_samples: int) -> Any:
             return type(batch)(batch[i] for i in indices.tolist())  # per-sample python values
         return type(batch)(subset_batch(v, indices, num_samples) for v in batch)
     return batch
+
+
+def loader_batch_keys(loader: Any) -> Optional[frozenset]:
+    """The keys of every batch ``loader`` yields, when its dataset declares them, else ``None``.
+
+    The contract for data sources: a ``DataLoader`` whose ``dataset`` has a ``batch_keys`` attribute (the keys of
+    each item, e.g. :class:`~composer_jest.data.streaming.ImageTextStreamingDataset` from its shards' columns) is
+    checked against what the run reads (``track_keys``, ``label``, cached reference columns) before training.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> from composer_jest.data.demo.shapes import ShapesDataset
+        >>> sorted(loader_batch_keys(DataLoader(ShapesDataset(4))))
+        ['clean', 'image', 'index', 'label', 'text']
+        >>> loader_batch_keys([{'image': None}]) is None  # undeclared: checked when the batch arrives
+        True
+    """
+    keys = getattr(getattr(loader, 'dataset', None), 'batch_keys', None)
+    return frozenset(keys) if keys is not None else None

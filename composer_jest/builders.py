@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from composer import Trainer
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from composer_jest import registry
 from composer_jest.algorithm import JEST, jest_first
-from composer_jest.batch import superbatch_size
+from composer_jest.batch import CACHED_REFERENCE_KEYS, LABEL_KEY, loader_batch_keys, superbatch_size
 from composer_jest.checkpoint import check_resumable, load_checkpoint
 from composer_jest.model import CLIPModel
 from composer_jest.reference import load_weights
@@ -27,6 +28,7 @@ __all__ = [
     'build_components',
     'per_rank_batch_sizes',
     'resolve_classnames',
+    'check_batch_keys',
 ]
 
 
@@ -161,6 +163,7 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
     if cfg.eval_loader is not None:
         eval_loader = build_dataloader(cfg.eval_loader, model, cfg.device_eval_batch_size, train=False)
     microbatch = cfg.device_train_microbatch_size if cfg.device_train_microbatch_size is not None else b
+    check_batch_keys(built['model'], built['algorithms'], train_loader, eval_loader)
     _check_checkpoints(cfg)
     return Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=train_loader, eval_dataloader=eval_loader,
@@ -176,6 +179,39 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
         autoresume=cfg.autoresume, dist_timeout=cfg.dist_timeout, progress_bar=cfg.progress_bar,
         log_to_console=cfg.log_to_console, console_log_interval=cfg.console_log_interval,
     )
+
+
+_KEEP_HINT = ('numeric CSV/JSONL columns reach the batch when converted with `composer-jest convert folder|webdataset '
+              '--keep-columns NAME` (without it they land in the json `meta` column, which never reaches the batch)')
+_LABEL_HINT = ('write it with `composer-jest convert folder --captions ... --label-column NAME` (an integer class '
+               'column), or set model.classnames: null to evaluate retrieval only')
+_CACHED_HINT = 'write them with `composer-jest embed-reference`, or give algorithms.jest.reference a checkpoint'
+
+
+def check_batch_keys(model: CLIPModel, algorithms: list[Algorithm], train_loader: Any, eval_loader: Any) -> None:
+    """Before training: the batch keys the run reads are among those the loaders declare.
+
+    JEST's ``track_keys`` (and the cached reference columns for ``reference: cached``) must be train batch keys;
+    zero-shot evaluation (``model.classnames``) needs ``label`` in the eval batches. Loaders whose dataset does
+    not declare its keys (:func:`composer_jest.batch.loader_batch_keys`) are checked when the batch arrives.
+    Raises a ValueError listing the available keys and the option that writes the missing column.
+    """
+    jest = next((a for a in algorithms if isinstance(a, JEST)), None)
+    if jest is not None:
+        _require_keys(train_loader, jest.track_keys, 'algorithms.jest.track_keys', 'train_loader', _KEEP_HINT)
+        if jest.reference_spec == 'cached':
+            _require_keys(train_loader, CACHED_REFERENCE_KEYS, "algorithms.jest.reference: cached", 'train_loader',
+                          _CACHED_HINT)
+    if eval_loader is not None and model.classnames is not None:
+        _require_keys(eval_loader, (LABEL_KEY,), 'model.classnames (zero-shot accuracy)', 'eval_loader', _LABEL_HINT)
+
+
+def _require_keys(loader: Any, needed: Sequence[str], what: str, where: str, hint: str) -> None:
+    keys = loader_batch_keys(loader)
+    missing = [k for k in needed if keys is not None and k not in keys]
+    if missing:
+        raise ValueError(f'{what} needs batch key(s) {missing}, but the {where} batches carry only {sorted(keys)}: '
+                         f'{hint}')
 
 
 def _check_checkpoints(cfg: DictConfig) -> None:

@@ -8,6 +8,7 @@ call that bypassed the wrapped child's forward would see sharded parameters.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -350,8 +351,8 @@ class CLIPModel(ComposerModel):
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
         if isinstance(metric, ZeroShotAccuracy):
             metric.update(outputs['class_logits'], batch[LABEL_KEY])
-        elif isinstance(metric, RetrievalRecall):
-            metric.update(outputs['image_features'], outputs['text_features'])
+        elif isinstance(metric, RetrievalRecall):  # identical captions (token ids) are one retrieval target
+            metric.update(outputs['image_features'], outputs['text_features'], caption_groups(batch[self.text_key]))
         else:
             raise TypeError(f'unexpected metric {type(metric).__name__}')
 
@@ -380,10 +381,28 @@ class ZeroShotAccuracy(Metric):
 
 
 class RetrievalRecall(Metric):
-    """Recall@k of image→text or text→image retrieval over the whole eval set.
+    """Recall@k of image→text or text→image retrieval over the whole eval set, with repeated captions as one target.
 
-    A query's rank is the number of candidates scoring *strictly* higher than its own pair, so exact
-    duplicates of the positive (identical captions) tie with it instead of pushing it down.
+    Each example carries a caption group (``groups``: :func:`caption_groups` of its token ids, so examples with
+    identical captions share one; ``None``: every example its own group). With ``g(i)`` the group of example
+    ``i`` and ``s`` the similarity of a query to a candidate:
+
+    - image→text: candidate captions are the *distinct* captions (a group scores its best member), and image
+      ``i`` is a hit when fewer than ``k`` other captions score strictly above its own caption group;
+    - text→image: caption ``j`` is a hit when fewer than ``k`` images of *other* captions score strictly above
+      the best image whose caption is identical to it (``g(c) = g(j)``).
+
+    With all captions distinct this is the usual per-pair recall (a tie with the positive counts as a hit). On
+    templated captions ("a photo of a dog" for many images) exact-index recall would ask the model to tell
+    identical captions apart, i.e. ~1 / repeats for any model; this rule scores what can be retrieved.
+
+    Example:
+        >>> import torch
+        >>> image, text = torch.eye(3), torch.eye(3)[[0, 0, 2]]   # captions 0 and 1 are the same text
+        >>> r = RetrievalRecall('text_to_image', 1)
+        >>> r.update(image, text, groups=torch.tensor([7, 7, 9]))  # caption 1 finds image 0: a hit
+        >>> float(r.compute())
+        1.0
     """
 
     full_state_update = False
@@ -395,16 +414,56 @@ class RetrievalRecall(Metric):
         self.direction, self.k = direction, k
         self.add_state('image_features', default=[], dist_reduce_fx='cat')
         self.add_state('text_features', default=[], dist_reduce_fx='cat')
+        self.add_state('groups', default=[], dist_reduce_fx='cat')
 
-    def update(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    def update(self, image_features: torch.Tensor, text_features: torch.Tensor,
+               groups: Optional[torch.Tensor] = None) -> None:
         self.image_features.append(image_features.float())
         self.text_features.append(text_features.float())
+        if groups is None:  # -1: a group of its own (ids from caption_groups are >= 0)
+            groups = torch.full((image_features.shape[0],), -1, dtype=torch.long, device=image_features.device)
+        self.groups.append(groups.to(image_features.device, torch.long))
 
     def compute(self) -> torch.Tensor:
-        img, txt = _cat(self.image_features), _cat(self.text_features)
-        sim = img @ txt.T if self.direction == 'image_to_text' else txt @ img.T
-        rank = (sim > torch.diagonal(sim)[:, None]).sum(1)
+        img, txt, groups = _cat(self.image_features), _cat(self.text_features), _cat(self.groups)
+        groups = torch.where(groups < 0, -1 - torch.arange(groups.numel(), device=groups.device), groups)
+        distinct, group = torch.unique(groups, return_inverse=True)  # group: [n] in 0..G-1
+        if self.direction == 'image_to_text':
+            sim = img @ txt.T
+            # best score of each distinct caption for each image query
+            best = sim.new_full((sim.shape[0], distinct.numel()), -math.inf)
+            best = best.scatter_reduce(1, group.expand_as(sim), sim, 'amax')
+            rank = (best > best.gather(1, group[:, None])).sum(1)
+        else:
+            sim = txt @ img.T
+            same = group[:, None] == group[None, :]
+            positive = sim.masked_fill(~same, -math.inf).amax(1, keepdim=True)
+            rank = (sim.masked_fill(same, -math.inf) > positive).sum(1)
         return (rank < self.k).float().mean()
+
+
+# Two polynomial hashes of the token ids modulo primes below 2**31: every product and sum fits in int64.
+_HASH_PRIMES, _HASH_BASES = (2_147_483_647, 2_147_483_629), (1_000_003, 999_983)
+
+
+def caption_groups(text: torch.Tensor) -> torch.Tensor:
+    """``[n]`` int64 ids, equal for captions with identical token ids (padding length ignored), else distinct.
+
+    Two position-weighted sums ``sum_t ids_t * a^t mod p`` (primes ``p < 2^31``) joined into one id in
+    ``[0, 2^62)``: distinct captions collide with probability ~``n^2 / 2^62``. On the device, no host sync.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[1, 5, 2, 0], [1, 5, 2, 0], [1, 2, 5, 0]])
+        >>> g = caption_groups(ids)
+        >>> bool(g[0] == g[1]), bool(g[0] == g[2]), bool(caption_groups(ids[:, :3])[0] == g[0])
+        (True, False, True)
+    """
+    ids = []
+    for p, a in zip(_HASH_PRIMES, _HASH_BASES):
+        powers = torch.tensor([pow(a, t, p) for t in range(text.shape[-1])], device=text.device)
+        ids.append(((text.long() % p) * powers % p).sum(-1) % p)
+    return ids[0] * _HASH_PRIMES[1] + ids[1]
 
 
 def _cat(x: Union[torch.Tensor, list]) -> torch.Tensor:

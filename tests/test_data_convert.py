@@ -78,7 +78,8 @@ def test_folder_csv_round_trip(tmp_path, streaming_shm):  # noqa: F811
     rows = _make_folder(tmp_path)
     _write_csv(tmp_path / 'captions.csv', rows)
     out = str(tmp_path / 'mds')
-    summary = convert_folder(tmp_path / 'captions.csv', out, label_column='label', options=QUIET)
+    summary = convert_folder(tmp_path / 'captions.csv', out, label_column='label', image_encoding='jpeg',
+                             options=QUIET)
     assert (summary.written, summary.skipped) == (6, 0)
     assert summary.columns == {'image': 'jpeg', 'caption': 'str', 'meta': 'json', 'label': 'int', 'index': 'int'}
     index = json.load(open(os.path.join(out, 'index.json')))
@@ -137,7 +138,7 @@ def test_webdataset_round_trip(tmp_path, streaming_shm):  # noqa: F811
     samples = _read(out)
     assert [s['index'] for s in samples] == list(range(8))
     assert [s['caption'] for s in samples] == [f'web caption {i}' for i in range(8)]
-    assert samples[6]['image'] == _image_bytes(6, 'JPEG'), "image_encoding='bytes' keeps the original file"
+    assert samples[6]['image'] == _image_bytes(6, 'JPEG'), 'the default (source) keeps JPEG bytes'
     assert samples[6]['meta']['url'] == 'http://img/6' and samples[6]['meta']['key'] == '000000006'
     assert samples[6]['meta']['shard'].endswith('00001.tar')
 

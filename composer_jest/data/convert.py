@@ -4,9 +4,12 @@ Sources: an image folder with a CSV/JSONL captions file, webdataset tar shards (
 layout, local or ``s3://``), and the built-in demo sets (procedural shapes, Fashion-MNIST).
 
 Every conversion writes the same columns with :class:`streaming.MDSWriter` (compression, per-shard
-hashes, uploads to the object store): ``image`` (``jpeg``/``png`` MDS encodings, or ``bytes`` holding the
-original file), ``caption`` (str), ``index`` (int, ``0..n-1`` over written samples, in source order),
-optional ``label``/``clean`` (int) and ``meta`` (json: any other fields of the source). Bad input —
+hashes, uploads to the object store): ``image`` (``bytes`` holding the source file when it is JPEG/PNG and a
+lossless PNG otherwise — the default ``image_encoding='source'`` —, the ``jpeg``/``png`` MDS encodings, or
+``bytes`` of any original file), ``caption`` (str), ``index`` (int, ``0..n-1`` over written samples, in source
+order), optional ``label``/``clean`` (int), the numeric ``keep_columns`` (``int``/``float64``: tensors in the
+training batch, e.g. for JEST's ``track_keys``) and ``meta`` (json: any other fields of the source; it never
+reaches the batch). Bad input —
 unreadable image, empty caption, missing column — raises :class:`BadSampleError` naming the file/key,
 unless ``skip_bad`` is set: then the sample is skipped and counted in the returned
 :class:`ConvertSummary` (also written as ``convert_summary.json`` next to the shards), which also counts
@@ -27,6 +30,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -42,6 +46,7 @@ from typing import Any, Optional, Union
 
 from PIL import Image
 
+from composer_jest.batch import CACHED_REFERENCE_KEYS, INDEX_KEY, LABEL_KEY, TEXT_KEY
 from composer_jest.data.remote import (
     RemoteAccessError,
     check_s3_prefix,
@@ -56,11 +61,15 @@ from composer_jest.data.remote import (
 
 __all__ = [
     'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary',
-    'MDSOptions', 'convert_folder', 'convert_webdataset', 'convert_shapes', 'convert_fashion_mnist', 'convert_demo',
-    'write_mds', 'main',
+    'MDSOptions', 'parse_keep_columns', 'convert_folder', 'convert_webdataset', 'convert_shapes',
+    'convert_fashion_mnist', 'convert_demo', 'write_mds', 'main',
 ]
 
-IMAGE_ENCODINGS = ('jpeg', 'png', 'bytes')
+IMAGE_ENCODINGS = ('source', 'jpeg', 'png', 'bytes')
+SOURCE_FORMATS = ('JPEG', 'PNG')  # kept byte for byte by image_encoding='source'; other formats become PNG
+KEEP_TYPES = {'float': 'float64', 'int': 'int'}  # --keep-columns NAME[:float|:int] -> MDS encoding
+# Columns every conversion owns (or batch keys the reader makes): --keep-columns cannot take these names.
+_RESERVED = ('image', 'caption', 'meta', INDEX_KEY, LABEL_KEY, TEXT_KEY, *CACHED_REFERENCE_KEYS)
 DEFAULT_HASHES = ('sha1', 'xxh64')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 CAPTION_EXTENSIONS = ('txt', 'caption')
@@ -363,22 +372,91 @@ def _decode(key: str, data: Optional[bytes] = None, path: Optional[Path] = None)
 
 
 def _encode_image(image: Image.Image, raw: Optional[bytes], encoding: str) -> Any:
-    """The ``image`` column value for ``encoding``: the PIL image (MDS jpeg/png encode it) or the raw bytes."""
-    if encoding == 'bytes':
+    """The ``image`` column value for ``encoding``: the PIL image (MDS jpeg/png encode it) or bytes.
+
+    ``'source'``: the source bytes of a JPEG or PNG file, else the decoded pixels as PNG bytes (lossless, first
+    frame of an animation; modes PNG cannot hold become RGB). ``'bytes'``: the source bytes, any format.
+    """
+    if encoding == 'bytes' or (encoding == 'source' and image.format in SOURCE_FORMATS):
         return raw
+    if encoding == 'source':
+        out = io.BytesIO()
+        _png_mode(image).save(out, format='PNG')
+        return out.getvalue()
     if encoding == 'jpeg':
         # JPEG files opened from disk are copied byte for byte by streaming's JPEG encoding.
         if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
             return image
         return image.convert('RGB')
-    if image.mode not in ('1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I', 'I;16'):
-        image = image.convert('RGB')
-    return image
+    return _png_mode(image)
 
 
-def _check_encoding(image_encoding: str) -> None:
+def _png_mode(image: Image.Image) -> Image.Image:
+    return image if image.mode in ('1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I', 'I;16') else image.convert('RGB')
+
+
+def _check_encoding(image_encoding: str) -> str:
+    """The MDS encoding of the ``image`` column for ``image_encoding`` (``source`` and ``bytes`` store bytes)."""
     if image_encoding not in IMAGE_ENCODINGS:
         raise ValueError(f'image_encoding must be one of {IMAGE_ENCODINGS}, got {image_encoding!r}')
+    return 'bytes' if image_encoding == 'source' else image_encoding
+
+
+def _raw_bytes(image_encoding: str) -> bool:
+    return image_encoding in ('source', 'bytes')
+
+
+# -- numeric columns kept from the source ----------------------------------------------------------------
+def parse_keep_columns(spec: Union[None, str, Sequence[str]], taken: Sequence[str] = ()) -> dict[str, str]:
+    """``'clean:int,score'`` (or a list) -> ``{name: MDS encoding}``: ``float64`` unless ``:int`` is given.
+
+    ``taken`` are source fields the conversion already uses (image/caption/label columns). Reserved names
+    (the columns every conversion writes and the batch keys the reader makes) are refused.
+
+    Example:
+        >>> parse_keep_columns('clean:int, score')
+        {'clean': 'int', 'score': 'float64'}
+        >>> parse_keep_columns('text')
+        Traceback (most recent call last):
+        ...
+        ValueError: keep_columns: 'text' is reserved (image, caption, meta, index, label, text, ref_image_features, ref_text_features, ref_logit_scale, ref_logit_bias); the label column is written with label_column / --label-column
+    """  # noqa: E501
+    items = spec.split(',') if isinstance(spec, str) else list(spec or ())
+    kept: dict[str, str] = {}
+    for item in (i.strip() for i in items if i.strip()):
+        name, _, kind = item.partition(':')
+        name, kind = name.strip(), kind.strip() or 'float'
+        if kind not in KEEP_TYPES:
+            raise ValueError(f'keep_columns: {item!r} has type {kind!r}; write NAME, NAME:float or NAME:int')
+        if name in _RESERVED:
+            raise ValueError(f'keep_columns: {name!r} is reserved ({", ".join(_RESERVED)}); the label column is '
+                             'written with label_column / --label-column')
+        if name in taken:
+            raise ValueError(f'keep_columns: {name!r} is already used as the image, caption or label column')
+        kept[name] = KEEP_TYPES[kind]
+    return kept
+
+
+def _numeric_field(key: str, row: dict, name: str, encoding: str) -> Union[int, float]:
+    """``row[name]`` as a finite number of the kept column's type; else the row is bad (naming the column)."""
+    if name not in row:
+        raise BadSampleError(key, f'missing column {name!r} (has {sorted(row)})')
+    value = row[name]
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)  # bools are 0/1
+        if not math.isfinite(number):
+            raise ValueError
+        if encoding != 'int':
+            return number
+        if isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r'\s*[+-]?\d+\s*', value)):
+            return int(value)  # exact, also beyond 2**53
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError):
+        kind = 'an integer' if encoding == 'int' else 'a finite number'
+        raise BadSampleError(key, f'column {name!r} is not {kind}: {value!r} (--keep-columns keeps numeric '
+                                  'columns)') from None
 
 
 # -- (a) image folder + CSV/JSONL captions ---------------------------------------------------------------
@@ -390,7 +468,8 @@ def convert_folder(
     image_column: str = 'file_name',
     caption_column: str = 'caption',
     label_column: Optional[str] = None,
-    image_encoding: str = 'jpeg',
+    keep_columns: Union[None, str, Sequence[str]] = None,
+    image_encoding: str = 'source',
     encoding: str = 'utf-8',
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
@@ -404,15 +483,20 @@ def convert_folder(
         images_dir: folder the image paths are relative to (default: the captions file's folder).
         image_column, caption_column: names of the image path and caption fields.
         label_column: optional integer class label field (written as ``label``).
-        image_encoding: ``'jpeg'`` (JPEG files copied as is, others converted), ``'png'`` or ``'bytes'``
-            (the original file, any format PIL reads).
+        keep_columns: numeric fields kept as columns of their own (``'clean:int,score'``, see
+            :func:`parse_keep_columns`): they reach the training batch as tensors (e.g. JEST's ``track_keys``). A
+            value that is not a number (not an integer for ``:int``) makes the row bad, naming file:line and column.
+        image_encoding: ``'source'`` (default: JPEG and PNG files stored byte for byte, other formats as lossless
+            PNG), ``'jpeg'`` (JPEG files copied as is, others re-encoded, lossy), ``'png'`` or ``'bytes'`` (the
+            original file, any format PIL reads).
         encoding: text encoding of the captions file (e.g. ``'latin-1'``, ``'utf-8-sig'``).
         skip_bad, options: see :func:`write_mds`.
         captions_check: caption length counting/rejection (:class:`CaptionCheck`).
 
-    Other fields of a row go to the ``meta`` json column.
+    Other fields of a row go to the ``meta`` json column (which does not reach the batch).
     """
-    _check_encoding(image_encoding)
+    image_column_encoding = _check_encoding(image_encoding)
+    kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
     captions = Path(captions)
     images_dir = Path(images_dir) if images_dir is not None else captions.parent
     if not captions.is_file():
@@ -421,12 +505,12 @@ def convert_folder(
         raise FileNotFoundError(f'images folder not found: {images_dir}')
     suffix = captions.suffix.lower()
     if suffix == '.csv':
-        rows, total = _csv_rows(captions, encoding, image_column, caption_column, label_column)
+        rows, total = _csv_rows(captions, encoding, image_column, caption_column, label_column, *kept)
     elif suffix in ('.jsonl', '.json'):
         rows, total = _jsonl_rows(captions, encoding)
     else:
         raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
-    fields = (image_column, caption_column, label_column)
+    fields = (image_column, caption_column, label_column, *kept)
 
     def record(row_key: str, row: Any) -> Record:
         def load() -> dict:
@@ -440,7 +524,7 @@ def convert_folder(
                 raise BadSampleError(row_key, f'empty {image_column!r}')
             path = images_dir / rel
             image = _decode(f'{row_key} ({path})', path=path)
-            raw = path.read_bytes() if image_encoding == 'bytes' else None
+            raw = path.read_bytes() if _raw_bytes(image_encoding) else None
             caption = row[caption_column]
             if not isinstance(caption, str) or not caption.strip():
                 raise BadSampleError(f'{row_key} ({path})', f'{EMPTY_CAPTION} in column {caption_column!r}')
@@ -448,10 +532,11 @@ def convert_folder(
                       'meta': {k: v for k, v in row.items() if k not in fields}}
             if label_column is not None:
                 sample['label'] = _int_field(row_key, row, label_column)
+            sample.update({name: _numeric_field(row_key, row, name, enc) for name, enc in kept.items()})
             return sample
         return row_key, load
 
-    columns = {'image': image_encoding, 'caption': 'str', 'meta': 'json'}
+    columns = {'image': image_column_encoding, 'caption': 'str', 'meta': 'json', **kept}
     if label_column is not None:
         columns['label'] = 'int'
     return write_mds((record(k, r) for k, r in rows), out, columns, skip_bad=skip_bad, options=options, total=total,
@@ -565,7 +650,8 @@ def convert_webdataset(
     shards: Union[str, Sequence[str]],
     out: str,
     *,
-    image_encoding: str = 'bytes',
+    image_encoding: str = 'source',
+    keep_columns: Union[None, str, Sequence[str]] = None,
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
     captions_check: Optional[CaptionCheck] = None,
@@ -575,25 +661,29 @@ def convert_webdataset(
     Args:
         shards: tar files, folders of tars, globs, or ``s3://`` objects/prefixes.
         out: output directory or ``s3://bucket/prefix``.
-        image_encoding: ``'bytes'`` (default: the original image bytes, no re-encoding), ``'jpeg'`` or ``'png'``.
+        image_encoding: ``'source'`` (default: JPEG/PNG bytes as they are, other formats as lossless PNG),
+            ``'bytes'`` (the original bytes, any format), ``'jpeg'`` or ``'png'``.
+        keep_columns: numeric fields of ``key.json`` kept as columns of their own (see :func:`convert_folder`).
         skip_bad, options: see :func:`write_mds`.
         captions_check: caption length counting/rejection (:class:`CaptionCheck`).
 
-    ``key.json`` goes to the ``meta`` column (plus ``key`` and ``shard``).
+    The rest of ``key.json`` goes to the ``meta`` column (plus ``key`` and ``shard``).
     """
-    _check_encoding(image_encoding)
+    image_column_encoding = _check_encoding(image_encoding)
+    kept = parse_keep_columns(keep_columns)
     paths = expand_shards(shards)
 
     def records() -> Iterator[Record]:
         for shard in paths:
             for key, group in _tar_groups(shard):
-                yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding)
+                yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding, kept)
 
-    columns = {'image': image_encoding, 'caption': 'str', 'meta': 'json'}
+    columns = {'image': image_column_encoding, 'caption': 'str', 'meta': 'json', **kept}
     return write_mds(records(), out, columns, skip_bad=skip_bad, options=options, captions=captions_check)
 
 
-def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_encoding: str) -> Callable[[], dict]:
+def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_encoding: str,
+                kept: dict[str, str]) -> Callable[[], dict]:
     def load() -> dict:
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
         if image_ext is None:
@@ -613,9 +703,12 @@ def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_
             except ValueError as e:
                 raise BadSampleError(name, f'invalid .json ({e})') from None
             meta = meta if isinstance(meta, dict) else {'json': meta}
+        numbers = {col: _numeric_field(f'{name}.json', meta, col, enc) for col, enc in kept.items()}
+        meta = {k: v for k, v in meta.items() if k not in kept}
         meta.update(key=key, shard=shard)
         image = _decode(name, data=group[image_ext])
-        return {'image': _encode_image(image, group[image_ext], image_encoding), 'caption': caption, 'meta': meta}
+        return {'image': _encode_image(image, group[image_ext], image_encoding), 'caption': caption, 'meta': meta,
+                **numbers}
     return load
 
 
@@ -698,6 +791,23 @@ def convert_demo(name: str, out: str, **kwargs: Any) -> ConvertSummary:
 
 
 # -- command line ---------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (``(required)`` for required ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required and action.option_strings:
+            return f'{action.help} (required)'
+        return super()._get_help_string(action)
+
+
+_ENCODING_HELP = ("how images are stored: 'source' keeps JPEG/PNG files byte for byte and stores other formats as "
+                  "lossless PNG; 'jpeg' re-encodes non-JPEG sources (lossy); 'png' decodes and stores PNG; 'bytes' "
+                  'keeps every source file as it is')
+_KEEP_HELP = ('comma-separated numeric columns to keep as columns of their own, NAME (float) or NAME:int, e.g. '
+              "'clean:int,score': they reach the training batch as tensors (JEST track_keys); a non-numeric value "
+              'is a bad row. Other fields go to the json meta column, which never reaches the batch')
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--out', required=True, help='output directory or s3://bucket/prefix '
@@ -714,35 +824,40 @@ def _parser() -> argparse.ArgumentParser:
                      help='count captions longer than this many CLIP BPE tokens (0: do not measure)')
     bad.add_argument('--reject-long-captions', action='store_true',
                      help='treat captions longer than --caption-context as bad samples')
+    bad.add_argument('--image-encoding', default='source', choices=IMAGE_ENCODINGS, help=_ENCODING_HELP)
+    bad.add_argument('--keep-columns', default=None, metavar='NAME[:int],...', help=_KEEP_HELP)
 
-    parser = argparse.ArgumentParser(prog='composer-jest convert', description='Convert image-caption data to MDS.')
+    parser = argparse.ArgumentParser(prog='composer-jest convert', description='Convert image-caption data to MDS.',
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest='source', required=True)
-    p = sub.add_parser('folder', parents=[common, bad], help='image folder + CSV/JSONL captions')
+    add = lambda name, parents, help: sub.add_parser(  # noqa: E731
+        name, parents=parents, help=help, description=help, formatter_class=_HelpFormatter)
+    p = add('folder', [common, bad], 'image folder + CSV/JSONL captions')
     p.add_argument('--captions', required=True, help='captions .csv (with header) or .jsonl')
-    p.add_argument('--images', default=None, help='image folder (default: the captions file folder)')
-    p.add_argument('--image-column', default='file_name')
-    p.add_argument('--caption-column', default='caption')
-    p.add_argument('--label-column', default=None)
-    p.add_argument('--image-encoding', default='jpeg', choices=IMAGE_ENCODINGS)
+    p.add_argument('--images', default=None, help='image folder (not given: the captions file folder)')
+    p.add_argument('--image-column', default='file_name', help='column with the image path, relative to --images')
+    p.add_argument('--caption-column', default='caption', help='column with the caption')
+    p.add_argument('--label-column', default=None,
+                   help="integer class column, written as 'label' (zero-shot evaluation needs it)")
     p.add_argument('--encoding', default='utf-8', help='text encoding of the captions file (e.g. latin-1)')
-    p = sub.add_parser('webdataset', parents=[common, bad], help='webdataset tar shards (local or s3://)')
+    p = add('webdataset', [common, bad], 'webdataset tar shards (local or s3://); --keep-columns reads key.json')
     p.add_argument('shards', nargs='+', help='tar files, folders, globs, s3:// objects or prefixes')
-    p.add_argument('--image-encoding', default='bytes', choices=IMAGE_ENCODINGS)
-    p = sub.add_parser('shapes', parents=[common], help='procedural shapes demo set')
-    p.add_argument('--num-samples', type=int, default=10_000)
+    p = add('shapes', [common], 'procedural shapes demo set')
+    p.add_argument('--num-samples', type=int, default=10_000, help='number of samples')
     p.add_argument('--noise', type=float, default=0.0, help='fraction of mismatched captions')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--image-size', type=int, default=32)
-    p = sub.add_parser('fashion-mnist', parents=[common], help='Fashion-MNIST captions demo set')
-    p.add_argument('--split', default='train', choices=('train', 'test'))
-    p.add_argument('--num-samples', type=int, default=None)
+    p.add_argument('--seed', type=int, default=0, help='seed of the per-example draws')
+    p.add_argument('--image-size', type=int, default=32, help='image side in pixels')
+    p = add('fashion-mnist', [common], 'Fashion-MNIST captions demo set')
+    p.add_argument('--split', default='train', choices=('train', 'test'), help='Fashion-MNIST split')
+    p.add_argument('--num-samples', type=int, default=None, help='first N images (not given: all)')
     p.add_argument('--mismatched', type=float, default=0.0, help='fraction of captions naming another class')
     p.add_argument('--junk', type=float, default=0.0, help='fraction of junk alt-text captions')
     p.add_argument('--near-duplicates', type=float, default=0.0, help='fraction of near-duplicate images')
     p.add_argument('--curated', type=int, default=None, metavar='N',
                    help='write the clean class-balanced curated subset of N samples instead')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--root', default=None, help='folder with the IDX files (default: dataset-fashion-mnist)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the per-example draws')
+    p.add_argument('--root', default=None,
+                   help='folder with the IDX files (not given: those of dataset-fashion-mnist)')
     return parser
 
 
@@ -761,11 +876,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.source == 'folder':
             summary = convert_folder(args.captions, args.out, images_dir=args.images, image_column=args.image_column,
                                      caption_column=args.caption_column, label_column=args.label_column,
-                                     image_encoding=args.image_encoding, encoding=args.encoding,
+                                     keep_columns=args.keep_columns, image_encoding=args.image_encoding,
+                                     encoding=args.encoding,
                                      skip_bad=args.skip_bad, options=options, captions_check=check)
         elif args.source == 'webdataset':
             summary = convert_webdataset(args.shards, args.out, image_encoding=args.image_encoding,
-                                         skip_bad=args.skip_bad, options=options, captions_check=check)
+                                         keep_columns=args.keep_columns, skip_bad=args.skip_bad, options=options,
+                                         captions_check=check)
         elif args.source == 'shapes':
             summary = convert_shapes(args.out, num_samples=args.num_samples, noise=args.noise, seed=args.seed,
                                      image_size=args.image_size, options=options)

@@ -150,7 +150,9 @@ class ImageTextStreamingDataset(StreamingDataset):
         image_size: side of the default transform's output.
         image_key, caption_key: MDS column names of the image and the caption.
         extra_columns: columns to pass through besides ``index``; ``None``: every numeric/ndarray column
-            (``label``, ``clean``, cached reference features…); json columns only when named here.
+            (``label``, ``clean``, ``convert --keep-columns`` ones, cached reference features…); json columns only
+            when named here. ``batch_keys`` lists the keys each sample then has, ``column_encodings`` the shards'
+            columns.
         keep_caption: also yield the caption string as ``caption``.
         validate_hash: hash checked on every downloaded shard; ``'auto'`` picks ``xxh64`` (or the first hash
             the index records), ``None`` disables the check.
@@ -231,6 +233,9 @@ class ImageTextStreamingDataset(StreamingDataset):
             if missing:
                 raise ValueError(f'extra_columns {missing} are not in the shards (columns: {sorted(encodings)})')
             self.extra_columns = [c for c in extra_columns if c not in skip]
+        self.column_encodings = encodings  # the shards' MDS columns and their encodings
+        caption = ('caption',) if self.keep_caption else ()
+        self.batch_keys = (IMAGE_KEY, TEXT_KEY, INDEX_KEY, *self.extra_columns, *caption)
 
     # -- samples ------------------------------------------------------------------------------------
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:

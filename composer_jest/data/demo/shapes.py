@@ -116,6 +116,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.num_samples, self.noise, self.seed, self.image_size = num_samples, noise, seed, image_size
         self.transform, self.tokenizer = transform, tokenizer
 
+    #: the keys of every item (:func:`composer_jest.batch.loader_batch_keys`)
+    batch_keys = ('clean', 'image', 'index', 'label', 'text')
+
     def __len__(self) -> int:
         return self.num_samples
 
