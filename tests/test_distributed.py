@@ -44,7 +44,7 @@ def launch(workdir: Path, yaml: Path, *overrides: str, env: dict | None = None) 
     cmd = [str(COMPOSER), '-n', '2', '--stdout', str(workdir / 'rank{rank}.out'), '--stderr',
            str(workdir / 'rank{rank}.err'), '-m', 'composer_jest.train', str(yaml), *overrides]
     full_env = {**os.environ, 'FSDP_VERSION': '2', **(env or {})}
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=600)
         logs = ''.join(p.read_text()[-3000:] for p in sorted(workdir.glob('rank*.err')))
         # The launcher picks a free port, then the ranks bind it: on a busy machine another process can take it
