@@ -10,20 +10,18 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from composer.core import Algorithm, Event, State, get_precision_context
+from composer.core import Algorithm, Event, State
 from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_jest.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, subbatch_size, subset_batch
 from composer_jest.contract import scoring_model
+from composer_jest.flops import StepFlopMeter
 from composer_jest.reference import ReferenceScorer, ReferenceSpec
-from composer_jest.scoring import Features, all_finite, check_finite, check_settings, jest_select
+from composer_jest.score_inputs import ScoreInputs
+from composer_jest.scoring import Features, all_finite, check_settings, jest_select
 from composer_jest.selection import SCORE_TERMS
-from composer_jest.text_buckets import (
-    caption_lengths,
-    length_histogram,
-)
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +116,8 @@ class JEST(Algorithm):
             raise ValueError(f"score={score!r} needs a reference model; pass reference=... (or score='hard_learner')")
         if isinstance(track_keys, str):  # a bare string would be split into its characters
             track_keys = (track_keys,)
-        self._reference = ReferenceScorer(reference)
-        if not isinstance(fast_scoring, bool):
-            raise ValueError(f'fast_scoring must be True or False, got {fast_scoring!r}')
-        if not isinstance(compile_scoring, (bool, dict)):
-            raise ValueError(
-                f'compile_scoring must be True, False or a dict of torch.compile kwargs, got {compile_scoring!r}')
+        self._inputs = ScoreInputs(reference, score, learner_patch_size, fast_scoring, compile_scoring)
         self.fast_scoring, self.compile_scoring = fast_scoring, compile_scoring
-        self._scoring_model: Optional[torch.nn.Module] = None
         self.reference_spec = reference
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
@@ -134,21 +126,24 @@ class JEST(Algorithm):
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
         self.examples_trained = 0
-        self._flops: Optional[dict] = None
-        self._flops_key: Optional[tuple] = None
+        self._flops = StepFlopMeter()
 
     @property
     def reference(self) -> Optional[torch.nn.Module]:
         """The live reference towers (``None`` until fit start for a bare checkpoint path, and for cached)."""
-        return self._reference.towers
+        return self._inputs.reference.towers
+
+    @property
+    def _reference(self) -> ReferenceScorer:
+        return self._inputs.reference
 
     @property
     def uses_reference(self) -> bool:
-        return 'reference' in dict(SCORE_TERMS[self.score])
+        return self._inputs.uses_reference
 
     @property
     def uses_learner(self) -> bool:
-        return 'learner' in dict(SCORE_TERMS[self.score])
+        return self._inputs.uses_learner
 
     def subbatch_size(self, superbatch_size: int) -> int:
         """``b = round(N (1 - f))``, at least 1 (:func:`composer_jest.batch.subbatch_size`)."""
@@ -171,12 +166,9 @@ class JEST(Algorithm):
                 self.generator.set_state(self._pending_rng)
                 self._pending_rng = None
         model = scoring_model(state.model)
-        if self.uses_reference:
-            self._reference.prepare(model.spec, state.device._device, self._reference_in_bf16(state))
+        self._inputs.prepare(state, model)
         if self.loss is None:
             self.loss = model.loss_name
-        if self.uses_learner:
-            model.check_scoring_patch_size(self.learner_patch_size)
         # The trained batch is the sub-batch: never split it further unless asked to.
         batch_size = getattr(state.dataloader, 'batch_size', None)
         mb = state.device_train_microbatch_size
@@ -188,44 +180,8 @@ class JEST(Algorithm):
             return self.seed  # every rank must draw the same global selection
         return int(np.random.SeedSequence([self.seed, dist.get_global_rank()]).generate_state(1)[0])
 
-    def _reference_in_bf16(self, state: State) -> bool:
-        """The frozen reference runs in bf16 end to end: fast scoring under the trainer's ``amp_bf16``."""
-        return self.fast_scoring and str(getattr(state.precision, 'value', state.precision)) == 'amp_bf16'
-
-    def _grad_mode(self, learner: bool, state: State):
-        """``inference_mode`` for fast scoring (no autograd bookkeeping; scores never need a gradient), else
-        ``no_grad``. Not for an FSDP-wrapped learner: FSDP keeps the unsharded parameters it gathers in a
-        forward, and gathered in inference mode they would be inference tensors the training forward cannot
-        save for backward. The reference is never wrapped."""
-        if self.fast_scoring and not (learner and getattr(state, 'fsdp_enabled', False)):
-            return torch.inference_mode()
-        return torch.no_grad()
-
-    def _scoring_forward(self, state: State):
-        """The learner's ``score_features`` (the model contract), compiled once if asked."""
-        score = scoring_model(state.model).score_features
-        if not self.compile_scoring:
-            return score
-        if self._scoring_model is None:
-            kwargs = self.compile_scoring if isinstance(self.compile_scoring, dict) else {}
-            self._scoring_model = torch.compile(score, **kwargs)  # shares the model's parameters
-        return self._scoring_model
-
     def _features(self, state: State, batch: dict) -> tuple[Optional[Features], Optional[Features]]:
-        image, text = batch[self.image_key], batch[self.text_key]
-        learner = reference = None
-        precision = state.precision, state.precision_config
-        with self._grad_mode(learner=True, state=state), get_precision_context(*precision):
-            if self.uses_learner:  # eval semantics: the contract's promise
-                learner = dict(self._scoring_forward(state)(batch, self.learner_patch_size))
-        with self._grad_mode(learner=False, state=state), get_precision_context(*precision):
-            if self.uses_reference:
-                reference = self._reference.features(batch, image, text)
-            if learner is None and reference is None:  # uniform: nothing to score
-                learner = dict(image_features=torch.zeros(image.shape[0], 1, device=image.device),
-                               text_features=torch.zeros(image.shape[0], 1, device=image.device),
-                               logit_scale=torch.ones(()), logit_bias=torch.zeros(()))
-        return learner, reference
+        return self._inputs(state, batch, self.image_key, self.text_key)
 
     def _select(self, state: State, logger: Logger) -> None:
         state.batch = state.device.batch_to_device(state.batch)
@@ -252,9 +208,12 @@ class JEST(Algorithm):
             torch.cuda.synchronize()
         scoring_time = time.perf_counter() - start
         if not bool(finite):
-            self._name_non_finite(batch, learner, reference, int(state.timestamp.batch))
+            self._inputs.name_non_finite(batch, self.image_key, learner, reference, int(state.timestamp.batch))
         metrics = {f'jest/{k}': float(v) for k, v in selected.stats.items()}
-        metrics.update(self._flop_metrics(state, batch, n, b))
+        metrics.update(self._flops.metrics(
+            scoring_model(state.model), batch[self.image_key], batch[self.text_key], n, b,
+            reference_cached=all(k in batch for k in CACHED_REFERENCE_KEYS), learner_patch_size=self.learner_patch_size,
+            reference_clip=self.reference, uses_reference=self.uses_reference, uses_learner=self.uses_learner))
         for key in self.track_keys:
             if key not in batch:
                 raise KeyError(f'track_keys: {key!r} is not a batch key (the batch has {sorted(batch)}); write it into '
@@ -273,34 +232,6 @@ class JEST(Algorithm):
             'jest/scoring_time': scoring_time,
         })
         logger.log_metrics(metrics)
-
-    def _name_non_finite(self, batch: dict, learner: Optional[Features], reference: Optional[Features],
-                         step: int) -> None:
-        """Raise naming which input (batch, learner, reference or cached columns) holds NaN/inf, and the step."""
-        check_finite({'image': batch[self.image_key]}, 'input batch', step)
-        check_finite(learner, f'learner scoring (learner_patch_size={self.learner_patch_size})', step)
-        cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
-        check_finite(reference, f'cached reference columns {CACHED_REFERENCE_KEYS}' if cached
-                      else f'reference model ({_describe(self.reference_spec)})', step)
-
-    def _flop_metrics(self, state: State, batch: dict, n: int, b: int) -> dict[str, float]:
-        """Analytic per-rank FLOPs of scoring vs training this step (cached per batch shape)."""
-        cached = all(k in batch for k in CACHED_REFERENCE_KEYS)
-        text = batch[self.text_key]
-        # The text towers encode each caption in length buckets (CLIPTowers.encode_text): cost them so.
-        counts = tuple(length_histogram(caption_lengths(text), text.shape[1])) if text.dim() == 2 else None
-        key = (n, b, cached, tuple(batch[self.image_key].shape[-2:]), counts)
-        if key != self._flops_key:
-            self._flops = scoring_model(state.model).step_flops(
-                superbatch=n, subbatch=b, learner_patch_size=self.learner_patch_size, image_size=key[3],
-                reference_cached=cached, reference_clip=self.reference, uses_reference=self.uses_reference,
-                uses_learner=self.uses_learner, text_length_counts=counts)
-            self._flops_key = key
-        if self._flops is None:
-            return {}
-        f = self._flops
-        return {'jest/flops_scoring': f['learner_scoring'] + f['reference_scoring'] + f['selection'],
-                'jest/flops_train': f['train']}
 
     # -- checkpointing ------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -329,10 +260,6 @@ class JEST(Algorithm):
                 self.generator.set_state(state['rng'])
             else:
                 self._pending_rng = state['rng']
-
-
-def _describe(spec: Any) -> str:
-    return f'a {type(spec).__name__} module' if isinstance(spec, torch.nn.Module) else repr(spec)
 
 
 def jest_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algorithm]:

@@ -23,12 +23,19 @@ The numbers are read off the modules (``visual.conv1``, ``transformer.width``, `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from composer_jest.scoring import selection_flops
-from composer_jest.text_buckets import DEFAULT_TEXT_BUCKET_OVERHEAD, DEFAULT_TEXT_BUCKETS, bucket_plan
+from composer_jest.text_buckets import (
+    DEFAULT_TEXT_BUCKET_OVERHEAD,
+    DEFAULT_TEXT_BUCKETS,
+    bucket_plan,
+    caption_lengths,
+    length_histogram,
+)
 
 __all__ = [
     'transformer_flops',
@@ -38,6 +45,7 @@ __all__ = [
     'logits_flops',
     'bucketed_text_flops',
     'step_flops',
+    'StepFlopMeter',
 ]
 
 Size = Union[int, tuple[int, int]]
@@ -389,3 +397,29 @@ def step_flops(
         'uniform_train': float(uniform_train),
         'ratio': float(total / uniform_train),
     }
+
+
+class StepFlopMeter:
+    """Per-rank analytic FLOPs of scoring vs training for JEST's logs, recomputed only when the step's shape
+    (sizes, image size, caption-length histogram, cached reference or not) changes."""
+
+    def __init__(self):
+        self._key: Optional[tuple] = None
+        self._flops: Optional[dict] = None
+
+    def metrics(self, model: Any, image: torch.Tensor, text: torch.Tensor, n: int, b: int, *,
+                reference_cached: bool, **step_kwargs: Any) -> dict[str, float]:
+        """``jest/flops_scoring`` and ``jest/flops_train`` from ``model.step_flops`` (the model contract)."""
+        # The text towers encode each caption in length buckets (CLIPTowers.encode_text): cost them so.
+        counts = tuple(length_histogram(caption_lengths(text), text.shape[1])) if text.dim() == 2 else None
+        key = (n, b, reference_cached, tuple(image.shape[-2:]), counts)
+        if key != self._key:
+            self._flops = model.step_flops(superbatch=n, subbatch=b, image_size=key[3],
+                                           reference_cached=reference_cached, text_length_counts=counts,
+                                           **step_kwargs)
+            self._key = key
+        if self._flops is None:
+            return {}
+        f = self._flops
+        return {'jest/flops_scoring': f['learner_scoring'] + f['reference_scoring'] + f['selection'],
+                'jest/flops_train': f['train']}

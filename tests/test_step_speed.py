@@ -219,7 +219,7 @@ def test_compiled_scoring_selects_what_the_eager_forward_selects():
                           optimizers=DecoupledAdamW(learner.parameters(), lr=1e-2), algorithms=[jest], device='cpu',
                           device_train_microbatch_size=8, progress_bar=False, log_to_console=False, loggers=[logger])
         trainer.fit()
-        assert (jest._scoring_model is not None) == bool(compiled)
+        assert (jest._inputs._compiled is not None) == bool(compiled)
         picked[bool(compiled)] = jest.last_indices.tolist()
         learnability[bool(compiled)] = [float(v) for _, v in logger.data['jest/learnability_superbatch']]
     # Step 2 scores the same batch after an update: the compiled forward must see the new weights.
