@@ -18,7 +18,7 @@ from composer.utils import dist
 from composer_jest.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, subbatch_size, subset_batch
 from composer_jest.contract import scoring_model
 from composer_jest.flops import StepFlopMeter
-from composer_jest.reference import ReferenceScorer, ReferenceSpec
+from composer_jest.reference import ReferenceSpec
 from composer_jest.score_inputs import ScoreInputs
 from composer_jest.scoring import Features, all_finite, check_settings, jest_select
 from composer_jest.selection import SCORE_TERMS
@@ -117,8 +117,6 @@ class JEST(Algorithm):
         if isinstance(track_keys, str):  # a bare string would be split into its characters
             track_keys = (track_keys,)
         self._inputs = ScoreInputs(reference, score, learner_patch_size, fast_scoring, compile_scoring)
-        self.fast_scoring, self.compile_scoring = fast_scoring, compile_scoring
-        self.reference_spec = reference
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
         self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
@@ -134,8 +132,9 @@ class JEST(Algorithm):
         return self._inputs.reference.towers
 
     @property
-    def _reference(self) -> ReferenceScorer:
-        return self._inputs.reference
+    def reference_spec(self) -> Optional[ReferenceSpec]:
+        """The reference as given (module, path, dict, ``'cached'`` or ``None``)."""
+        return self._inputs.reference.spec
 
     @property
     def uses_reference(self) -> bool:

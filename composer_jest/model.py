@@ -243,7 +243,8 @@ class CLIPModel(ComposerModel):
         clip = build_clip(model)
         if loss == 'sigmoid' and getattr(clip, 'logit_bias', None) is None:
             raise ValueError("loss='sigmoid' needs a model with a logit bias (open_clip init_logit_bias)")
-        self.model_spec = model if not isinstance(model, nn.Module) else None
+        # The open_clip name or config this model was built from (a bare reference checkpoint loads into it).
+        self.spec: Optional[ModelSpec] = model if not isinstance(model, nn.Module) else None
         self.towers = CLIPTowers(clip)
         self.loss_name = loss
         self.image_key, self.text_key = image_key, text_key
@@ -286,11 +287,6 @@ class CLIPModel(ComposerModel):
         return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'])
 
     # -- the scoring contract (composer_jest.contract.ScoringModel): what JEST calls -----------------------
-    @property
-    def spec(self) -> Optional[ModelSpec]:
-        """The open_clip name or config this model was built from (a bare reference checkpoint loads into it)."""
-        return self.model_spec
-
     def score_features(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
         """Features of the whole batch for JEST: through ``forward`` (the FSDP-wrapped path), in eval mode (no
         dropout, no multi-resolution split), at ``patch_size`` (FlexiViT) or the native one."""

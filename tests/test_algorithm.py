@@ -137,9 +137,9 @@ def test_cached_columns_beside_a_live_reference_warn_once():
     batch = dict(zip(CACHED_REFERENCE_KEYS, (image, text, torch.full((4,), 10.0), torch.full((4,), -10.0))))
     jest = JEST(reference=make_model())
     with pytest.warns(UserWarning, match='used instead of the live reference'):
-        features = jest._reference.cached(batch)
+        features = jest._inputs.reference.cached(batch)
     assert torch.equal(features['image_features'], image) and float(features['logit_bias']) == -10.0
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        jest._reference.cached(batch)  # once per run
-        JEST(reference='cached')._reference.cached(batch)  # asked for: no warning
+        jest._inputs.reference.cached(batch)  # once per run
+        JEST(reference='cached')._inputs.reference.cached(batch)  # asked for: no warning

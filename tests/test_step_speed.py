@@ -156,13 +156,19 @@ def _run_scoring(fast: bool, batch: dict, reference: CLIPModel) -> dict:
     return seen
 
 
-def test_fast_scoring_is_inference_mode_bf16_reference_and_matches_the_plain_path():
+def _reference_and_batch() -> tuple[CLIPModel, dict]:
+    """A jest-tiny reference and a 16-example batch with alt-text-like caption lengths (fixed seeds)."""
     torch.manual_seed(1)
     reference = CLIPModel('jest-tiny')
     clip = reference.towers.clip
     g = torch.Generator().manual_seed(2)
     batch = {'image': torch.randn(16, 3, 32, 32, generator=g),
              'text': captions(16, clip.context_length, clip.vocab_size, seed=3)}
+    return reference, batch
+
+
+def test_fast_scoring_is_inference_mode_bf16_reference_and_matches_the_plain_path():
+    reference, batch = _reference_and_batch()
     plain, fast = _run_scoring(False, batch, reference), _run_scoring(True, batch, reference)
     assert not plain['learner']['inference'] and fast['learner']['inference']
     assert not fast['learner']['training']  # scored in eval mode either way
@@ -203,12 +209,7 @@ def test_fused_decoupled_adamw_is_composers_update():
 
 
 def test_compiled_scoring_selects_what_the_eager_forward_selects():
-    torch.manual_seed(1)
-    reference = CLIPModel('jest-tiny')
-    clip = reference.towers.clip
-    g = torch.Generator().manual_seed(2)
-    batch = {'image': torch.randn(16, 3, 32, 32, generator=g),
-             'text': captions(16, clip.context_length, clip.vocab_size, seed=3)}
+    reference, batch = _reference_and_batch()
     picked, learnability = {}, {}
     for compiled in (False, {'backend': 'eager'}):  # dynamo tracing without inductor's C++ build (CPU test)
         torch.manual_seed(0)
