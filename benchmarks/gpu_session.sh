@@ -2,20 +2,43 @@
 # Every pending GPU measurement in ONE device call (the device tool lends ~15 minutes a session, start included).
 # On the CPU machine first: `bash ../shared/gpu/fetch-wheels.sh` (wheels into .whl/, git-ignored), then run this
 # with carry=[".whl"] and timeout_s ~580. Results land in $OUT (or ./gpu_out); copy them into BENCHMARKS.md.
-#   1. benchmarks/gpu_check.py          issue 11: every GPU path, PASS/FAIL lines (+ the ViT-B/16 step-cost table)
+# Parts run most-valuable first, each under its own limit and all under one deadline (BUDGET seconds, default
+# 540), so a slow part cannot starve the rest and whatever finished comes back:
+#   1. benchmarks/step_cost.py          issue 13: the ViT-B/16 step table (f = 0.8), MFU, sampler timings
 #   2. benchmarks/global_selection.py   issue 12: one rank at N = 32,768 (target < 62 ms), no host sync in the sampler
-#   3. benchmarks/step_cost.py          issue 13: text tower by bucket plan (sets text_bucket_overhead)
-# Each part has its own time limit so that a slow part cannot starve the rest.
+#   3. benchmarks/gpu_check.py          issue 11: the GPU paths (FSDP1/2 bf16, flexi, cached, resume, ViT-B/16 recipe)
+#   4. benchmarks/step_cost.py          issue 13: text tower by bucket plan (sets text_bucket_overhead)
+#   5. benchmarks/step_cost.py --compile  issue 13: Composer's compile_config on uniform and all-savings rows
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
+start=$SECONDS
+deadline=$((start + ${BUDGET:-540}))
+# part LIMIT NAME CMD...: run CMD under min(LIMIT, time left), output to $out/NAME.txt
+part() {
+  local limit=$1 name=$2; shift 2
+  local left=$((deadline - SECONDS))
+  (( left < 20 )) && { echo "SKIPPED $name (${left}s left)" | tee -a "$out/skipped.txt"; return; }
+  (( limit > left )) && limit=$left
+  echo "== $name (limit ${limit}s, t=$((SECONDS - start))s)"
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "== $name rc=$? after $((SECONDS - start))s" | tee -a "$out/$name.txt"
+  tail -n 40 "$out/$name.txt"
+}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git rev-parse --short HEAD 2>/dev/null; \
-  date -u; python3 -c 'import torch; print("torch", torch.__version__)'; } | tee "$out/machine.txt"
-timeout 330 python3 benchmarks/gpu_check.py --workdir /tmp/gpu-check --timeout 200 2>&1 | tee "$out/gpu_check.txt"
-timeout 90 python3 benchmarks/global_selection.py --device cuda --ranks 1 --n-local 32768 --b-local 6554 \
-  --modes blockwise --sync-debug 2>&1 | tee "$out/global_selection_cuda.txt"
-timeout 90 python3 benchmarks/step_cost.py --device cuda --model jest-vit-b-16 --precision amp_bf16 \
-  --text-tower-only 1280 --sampler-reps 5 2>&1 | tee "$out/text_tower_1280.txt"
+  date -u; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; nproc; } \
+  | tee "$out/machine.txt"
+vit=(--device cuda --model jest-vit-b-16 --precision amp_bf16)
+part 170 step_cost python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 --steps 6 \
+  --warmup 2 --repeats 2
+part 50 global_selection_cuda python3 benchmarks/global_selection.py --device cuda --ranks 1 --n-local 32768 \
+  --b-local 6554 --modes blockwise --sync-debug
+part 200 gpu_check python3 benchmarks/gpu_check.py --workdir /tmp/gpu-check --timeout 120 \
+  --only jest-fsdp1-bf16 --only jest-fsdp2-bf16 --only flexi-multires --only resume --only cached-reference \
+  --only recipe:gpu_vit_b16 --only recipe:jest
+part 40 text_tower_1280 python3 benchmarks/step_cost.py "${vit[@]}" --text-tower-only 1280 --sampler-reps 5
+part 150 step_cost_compile python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 \
+  --steps 6 --warmup 3 --repeats 1 --sampler-sizes '' --only uniform,jest+flexi+cached+multires --compile
 exit 0
