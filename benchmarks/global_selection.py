@@ -81,6 +81,10 @@ def run_one(mode: str, loss: str, world: int, args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     learner, reference = (features(args.n_local, args.dim, seed, device) for seed in (1, 2))
+    if device.type == 'cuda' and mode == 'blockwise':  # untimed warmup: CUDA/cuBLAS init, kernel loading
+        jest_select(learner, reference, args.b_local, loss=loss, n_chunks=args.n_chunks,
+                    generator=torch.Generator().manual_seed(1), rank=0, world_size=world,
+                    all_gather=FakeAllGather(world))
     gather = FakeAllGather(world)
     if device.type == 'cuda':
         torch.cuda.synchronize()
