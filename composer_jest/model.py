@@ -29,6 +29,7 @@ from composer_jest.losses import LOSSES
 from composer_jest.text_buckets import (
     DEFAULT_TEXT_BUCKET_OVERHEAD,
     DEFAULT_TEXT_BUCKETS,
+    Plan,
     bucket_plan,
     caption_lengths,
     length_histogram,
@@ -115,7 +116,19 @@ class CLIPTowers(nn.Module):
             features = encode_image_at(self.clip.visual, image, patch_size)
         return F.normalize(features, dim=-1)
 
-    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+    def text_plan(self, text: torch.Tensor) -> Optional[Plan]:
+        """The length-bucket plan ``encode_text`` runs for ``text`` (``None``: the tower cannot be trimmed).
+
+        Reading the length histogram is the forward's one host copy: a sync on CUDA, which waits for every
+        kernel queued before it. ``forward`` therefore plans before it queues the image tower, so the text
+        tower's host-side dispatch (one call per bucket) overlaps the image tower's GPU time.
+        """
+        if not self._text_trimmable():
+            return None
+        return bucket_plan(length_histogram(caption_lengths(text), text.shape[1]), self.text_buckets,
+                           self.text_bucket_overhead)
+
+    def encode_text(self, text: torch.Tensor, plan: Optional[Plan] = None) -> torch.Tensor:
         """open_clip's ``encode_text``, in caption-length buckets when that is exact.
 
         With a causal mask and EOT (argmax) pooling, no token after a caption's EOT reaches its pooled
@@ -124,22 +137,20 @@ class CLIPTowers(nn.Module):
         bucket) and each bucket runs the transformer up to its own longest caption, so a caption costs close
         to its own length instead of the batch maximum or the context length. The token and positional
         embeddings are looked up once for the whole batch (one embedding gradient, not one per bucket). The
-        features (and gradients) equal the untrimmed ones, in the input order. Reading the length histogram
-        is one host copy per call.
+        features (and gradients) equal the untrimmed ones, in the input order. ``plan``: from ``text_plan(text)``
+        (computed here when not given; reading the length histogram is one host copy).
         """
         clip = self.clip
-        if not self._text_trimmable():
-            return clip.encode_text(text)
-        lengths = caption_lengths(text)
-        plan = bucket_plan(length_histogram(lengths, text.shape[1]), self.text_buckets, self.text_bucket_overhead)
-        if not plan:  # no captions
+        if plan is None:
+            plan = self.text_plan(text)
+        if not plan:  # not trimmable, or no captions
             return clip.encode_text(text)
         text = text[:, :plan[-1][0]]  # no bucket needs a position after the longest caption's EOT
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:text.shape[1]].to(cast_dtype)
         if len(plan) == 1:
             return self._encode_text_embedded(x, text)
-        order = torch.argsort(lengths, stable=True)  # bucket g = the next n_g captions in length order
+        order = torch.argsort(caption_lengths(text), stable=True)  # bucket g = the next n_g captions in length order
         parts = [self._encode_text_embedded(x.index_select(0, idx)[:, :length], text.index_select(0, idx)[:, :length])
                  for idx, (length, _) in zip(order.split([n for _, n in plan]), plan)]
         inverse = torch.empty_like(order)
@@ -172,6 +183,8 @@ class CLIPTowers(nn.Module):
         low_res_patch_size: Optional[int] = None,
     ) -> dict[str, Any]:
         image_features = text_features = None
+        # Plan the text buckets (a host sync) before queueing any image-tower kernel: see ``text_plan``.
+        plan = self.text_plan(text) if text is not None else None
         if image is not None:
             if low_res > 0:
                 parts = [self.encode_image(image[:low_res], low_res_patch_size)]
@@ -181,7 +194,7 @@ class CLIPTowers(nn.Module):
             else:
                 image_features = self.encode_image(image, patch_size)
         if text is not None:
-            text_features = F.normalize(self.encode_text(text), dim=-1)
+            text_features = F.normalize(self.encode_text(text, plan), dim=-1)
         bias = getattr(self.clip, 'logit_bias', None)
         # Nothing returned here may alias a parameter: under FSDP mixed precision a parameter seen inside the
         # forward is the unsharded low-precision copy, whose storage FSDP frees right after the forward.

@@ -94,6 +94,29 @@ def test_bucketed_text_equals_untrimmed_forward_and_backward_and_costs_its_own_l
     assert analytic < 0.6 * text.shape[0] * text_forward_flops(clip, 16)
 
 
+def test_forward_plans_text_buckets_before_queueing_the_image_tower(monkeypatch):
+    """The plan's host copy (a CUDA sync) comes first, so the text dispatch can overlap the image tower's GPU time."""
+    import composer_jest.model as model_module
+
+    torch.manual_seed(0)
+    towers = CLIPModel('jest-tiny').towers.eval()
+    clip = towers.clip
+    events = []
+    histogram = model_module.length_histogram
+    monkeypatch.setattr(model_module, 'length_histogram', lambda *a, **k: events.append('plan') or histogram(*a, **k))
+    clip.visual.transformer.register_forward_pre_hook(lambda *_: events.append('image'))
+    text = captions(6, clip.context_length, clip.vocab_size, seed=2, lengths=[3, 9, 4, 16, 5, 3])
+    image = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        out = towers(image, text)
+        assert events == ['plan', 'image']  # one plan, taken before the image tower ran
+        torch.testing.assert_close(out['text_features'], F.normalize(clip.encode_text(text), dim=-1),
+                                   atol=1e-5, rtol=1e-5)
+        events.clear()
+        towers(image, text, low_res=3, low_res_patch_size=16)  # multi-resolution: two image calls, after it
+        assert events == ['plan', 'image', 'image']
+
+
 def test_step_flops_cost_captions_by_bucket():
     cfg = open_clip.get_model_config('jest-vit-b-16')
     with torch.device('meta'):
