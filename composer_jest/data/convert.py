@@ -495,7 +495,7 @@ def convert_folder(
 
     Other fields of a row go to the ``meta`` json column (which does not reach the batch).
     """
-    image_column_encoding = _check_encoding(image_encoding)
+    _check_encoding(image_encoding)  # an unknown encoding fails before any file is read
     kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
     captions = Path(captions)
     images_dir = Path(images_dir) if images_dir is not None else captions.parent
@@ -510,7 +510,7 @@ def convert_folder(
         rows, total = _jsonl_rows(captions, encoding)
     else:
         raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
-    fields = (image_column, caption_column, label_column, *kept)
+    fields = _RowFields(image_column, caption_column, label_column, kept)
 
     def record(row_key: str, row: Any) -> Record:
         def load() -> dict:
@@ -525,22 +525,59 @@ def convert_folder(
             path = images_dir / rel
             image = _decode(f'{row_key} ({path})', path=path)
             raw = path.read_bytes() if _raw_bytes(image_encoding) else None
-            caption = row[caption_column]
-            if not isinstance(caption, str) or not caption.strip():
-                raise BadSampleError(f'{row_key} ({path})', f'{EMPTY_CAPTION} in column {caption_column!r}')
-            sample = {'image': _encode_image(image, raw, image_encoding), 'caption': caption,
-                      'meta': {k: v for k, v in row.items() if k not in fields}}
-            if label_column is not None:
-                sample['label'] = _int_field(row_key, row, label_column)
-            sample.update({name: _numeric_field(row_key, row, name, enc) for name, enc in kept.items()})
-            return sample
+            return _row_sample(row_key, row, _encode_image(image, raw, image_encoding), fields, f'{row_key} ({path})')
         return row_key, load
 
-    columns = {'image': image_column_encoding, 'caption': 'str', 'meta': 'json', **kept}
-    if label_column is not None:
-        columns['label'] = 'int'
-    return write_mds((record(k, r) for k, r in rows), out, columns, skip_bad=skip_bad, options=options, total=total,
-                     captions=captions_check)
+    return write_mds((record(k, r) for k, r in rows), out, fields.columns(image_encoding), skip_bad=skip_bad,
+                     options=options, total=total, captions=captions_check)
+
+
+@dataclass
+class _RowFields:
+    """Which fields of a source row (CSV/JSONL line, parquet row) become which columns; the rest go to ``meta``."""
+
+    image: str
+    caption: str
+    label: Optional[str]
+    kept: dict[str, str]
+
+    def used(self) -> set[str]:
+        return {self.image, self.caption, *([self.label] if self.label else []), *self.kept}
+
+    def columns(self, image_encoding: str) -> dict[str, str]:
+        """The MDS columns of a conversion writing these fields."""
+        columns = {'image': _check_encoding(image_encoding), 'caption': 'str', 'meta': 'json', **self.kept}
+        if self.label is not None:
+            columns['label'] = 'int'
+        return columns
+
+
+def _row_sample(key: str, row: dict, image: Any, fields: _RowFields, image_key: Optional[str] = None) -> dict:
+    """The sample of a row whose image is already read: caption, ``label``, kept numeric columns, ``meta``.
+
+    Bad values raise :class:`BadSampleError` naming ``key`` (``image_key``, naming the image too, for the caption).
+    """
+    caption = row[fields.caption]
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSampleError(image_key or key, f'{EMPTY_CAPTION} in column {fields.caption!r}')
+    used = fields.used()
+    sample = {'image': image, 'caption': caption,
+              'meta': {k: _json_value(v) for k, v in row.items() if k not in used and not isinstance(v, bytes)}}
+    if fields.label is not None:
+        sample['label'] = _int_field(key, row, fields.label)
+    sample.update({name: _numeric_field(key, row, name, enc) for name, enc in fields.kept.items()})
+    return sample
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` if json can hold it (nested lists/dicts too), else its ``str`` (dates, decimals of parquet)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items() if not isinstance(v, bytes)}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return str(value)
 
 
 def _int_field(key: str, row: dict, name: str) -> int:
