@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import huggingface_hub.constants
 import open_clip
 import pytest
 import torch
+from s3_server import streaming_shm  # noqa: F401  (pytest fixture)
+from streaming import StreamingDataset
 
 from composer_jest import JEST, CLIPModel
 from composer_jest.builders import build_model, dry_run
 from composer_jest.checkpoint import CheckpointError
 from composer_jest.config import load_config
+from composer_jest.data.convert import MDSOptions, convert_shapes
+from composer_jest.embed_reference import main as embed_main
+from composer_jest.model import eval_image_transform
 from composer_jest.reference import load_reference
 
 
@@ -90,3 +96,21 @@ def test_an_open_clip_tag_offline_fails_naming_the_tag_and_the_local_file_altern
                                          r"pretrained weights 'laion400m_e31' of 'ViT-B-32' \(offline\?\).*"
                                          r'pass a local weights file instead'):
         load_reference({'model': 'ViT-B-32', 'pretrained': 'laion400m_e31'})
+
+
+def test_embed_reference_with_pretrained_weights_embeds_with_them(weights, tmp_path, streaming_shm, capsys):  # noqa: F811
+    path, expected = weights
+    convert_shapes(str(tmp_path / 'shapes'), num_samples=8, seed=1, options=MDSOptions(progress=False))
+    argv = ['--model', 'jest-tiny', '--pretrained', path, '--local', str(tmp_path / 'shapes'), '--out',
+            str(tmp_path / 'embedded'), '--batch-size', '8', '--no-progress', '--device', 'cpu']
+    assert embed_main(argv) == 0
+    meta = json.loads((tmp_path / 'embedded' / 'reference.json').read_text())
+    assert (meta['pretrained'], meta['checkpoint']) == (path, None)
+    clip = open_clip.create_model('jest-tiny')
+    clip.load_state_dict(expected)
+    assert meta['logit_scale'] == pytest.approx(clip.logit_scale.exp().item())
+    sample = StreamingDataset(local=str(tmp_path / 'embedded'), shuffle=False, batch_size=1)[0]
+    image = eval_image_transform(clip)(sample['image'])  # shapes are stored as PNG: a PIL image
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(clip.encode_image(image[None]), dim=-1)[0]
+    assert torch.allclose(torch.tensor(sample['ref_image_features']).float(), want, atol=2e-3)
