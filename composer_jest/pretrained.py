@@ -22,7 +22,7 @@ from typing import Any
 import open_clip
 from torch import nn
 
-from composer_jest.checkpoint import read_checkpoint
+from composer_jest.checkpoint import CheckpointError, read_checkpoint
 
 __all__ = ['ARRAY_SUFFIXES', 'create_pretrained']
 
@@ -72,7 +72,12 @@ def create_pretrained(name: str, pretrained: str, field: str = 'pretrained', **k
                              f'{_first_lines(e)}. Pass the model name the weights were trained with') from None
 
     if Path(pretrained).suffix.lower() in ARRAY_SUFFIXES:
-        return load(pretrained)
+        try:
+            return load(pretrained)
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' and numpy's errors for a damaged file
+            raise CheckpointError(f'{pretrained}: unreadable weights file ({type(e).__name__}: {e})') from None
     return read_checkpoint(pretrained, load)
 
 

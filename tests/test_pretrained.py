@@ -10,6 +10,7 @@ import open_clip
 import pytest
 import torch
 from s3_server import streaming_shm  # noqa: F401  (pytest fixture)
+from safetensors.torch import save_file
 from streaming import StreamingDataset
 
 from composer_jest import JEST, CLIPModel
@@ -46,6 +47,9 @@ def test_the_learner_starts_from_a_local_weights_file(weights):
     path, expected = weights
     torch.manual_seed(0)
     _assert_loaded(CLIPModel('jest-tiny', pretrained=path).towers.clip, expected)
+    safetensors = path.replace('.bin', '.safetensors')  # Hugging Face's format: arrays only, read as it is
+    save_file({k: v.contiguous() for k, v in expected.items()}, safetensors)
+    _assert_loaded(CLIPModel('jest-tiny', pretrained=safetensors).towers.clip, expected)
     cfg = load_config('yamls/quickstart.yaml', [f'model.pretrained={path}'])
     _assert_loaded(build_model(cfg.model).towers.clip, expected)
     with pytest.raises(ValueError, match='give checkpoint .* or pretrained .*, not both'):
@@ -84,6 +88,9 @@ def test_bad_pretrained_values_fail_naming_the_field_and_what_works(weights, tmp
     with pytest.raises(CheckpointError, match=r'pickled.pt: refused to load: .*argparse.Namespace'):
         CLIPModel('jest-tiny', pretrained=str(tmp_path / 'pickled.pt'))
     (tmp_path / 'page.bin').write_text('<html>404</html>')  # a failed download saved as the weights file
+    (tmp_path / 'page.safetensors').write_text('<html>404</html>')
+    with pytest.raises(CheckpointError, match='page.safetensors: unreadable weights file'):
+        CLIPModel('jest-tiny', pretrained=str(tmp_path / 'page.safetensors'))
     with pytest.raises(CheckpointError, match='page.bin: not a PyTorch checkpoint'):
         CLIPModel('jest-tiny', pretrained=str(tmp_path / 'page.bin'))
 
