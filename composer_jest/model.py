@@ -252,7 +252,7 @@ class CLIPModel(ComposerModel):
             raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
         if low_res_fraction > 0 and low_res_patch_size is None:
             raise ValueError('low_res_fraction > 0 needs low_res_patch_size (e.g. twice the native patch size)')
-        clip = build_clip(model, pretrained)
+        clip = build_clip(model, pretrained, field='model.pretrained')
         if loss == 'sigmoid' and getattr(clip, 'logit_bias', None) is None:
             raise ValueError("loss='sigmoid' needs a model with a logit bias (open_clip init_logit_bias)")
         # The open_clip name or config this model was built from (a bare reference checkpoint loads into it).

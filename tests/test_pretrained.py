@@ -75,12 +75,12 @@ def test_bad_pretrained_values_fail_naming_the_field_and_what_works(weights, tmp
     with pytest.raises(ValueError, match=r"reference.pretrained='laion2b' is neither a local weights file nor an "
                                          r"open_clip tag of 'jest-tiny' \(its tags: \[\]\)"):
         JEST(reference={'model': 'jest-tiny', 'pretrained': 'laion2b'}, filter_ratio=0.5)
-    with pytest.raises(ValueError, match='needs an open_clip model name'):
+    with pytest.raises(ValueError, match=r"model.pretrained='.*' needs an open_clip model name"):
         CLIPModel({'embed_dim': 8}, pretrained=path)
     # a state_dict of another architecture: open_clip's strict load, named
     bad = {k: (v[:, :4] if k == 'text_projection' else v) for k, v in expected.items()}
     torch.save(bad, tmp_path / 'other.pt')
-    with pytest.raises(ValueError, match=r"pretrained='.*other.pt' does not fit the architecture 'jest-tiny': "
+    with pytest.raises(ValueError, match=r"model.pretrained='.*other.pt' does not fit the architecture 'jest-tiny': "
                                          r'.*text_projection'):
         CLIPModel('jest-tiny', pretrained=str(tmp_path / 'other.pt'))
     # a file holding Python objects is refused (weights_only with the checkpoint module's allowlist), named

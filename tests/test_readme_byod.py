@@ -113,7 +113,7 @@ def test_bring_your_own_data_walkthrough_runs(tmp_path, monkeypatch, capsys, str
     for command in readme_commands():
         argv = shlex.split(command)
         if argv[0] == '.venv/bin/composer-jest':
-            assert cli.main(argv[1:] + (['--no-progress'] if argv[1] != 'convert' else [])) == 0, command
+            assert cli.main(argv[1:]) == 0, command
         else:
             assert argv[:3] == ['.venv/bin/python', '-m', 'composer_jest.train'], command
             assert train.main(argv[3:] + SIZE_OVERRIDES) == 0, command
