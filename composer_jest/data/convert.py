@@ -547,10 +547,15 @@ class _RowFields:
 
     def columns(self, image_encoding: str) -> dict[str, str]:
         """The MDS columns of a conversion writing these fields."""
-        columns = {'image': _check_encoding(image_encoding), 'caption': 'str', 'meta': 'json', **self.kept}
-        if self.label is not None:
-            columns['label'] = 'int'
-        return columns
+        return _row_columns(image_encoding, self.label, self.kept)
+
+
+def _row_columns(image_encoding: str, label: Optional[str], kept: dict[str, str]) -> dict[str, str]:
+    """The MDS columns of a conversion of rows: image, caption, meta, the kept columns, ``label`` if given."""
+    columns = {'image': _check_encoding(image_encoding), 'caption': 'str', 'meta': 'json', **kept}
+    if label is not None:
+        columns['label'] = 'int'
+    return columns
 
 
 def _row_sample(key: str, row: dict, image: Any, fields: _RowFields, image_key: Optional[str] = None) -> dict:
@@ -801,23 +806,34 @@ def convert_parquet(
     _check_encoding(image_encoding)
     kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
     paths = expand_shards(files, PARQUET_SUFFIXES, 'parquet file')
-    # the columns are resolved on the first file's schema (the others must have them too)
-    first_columns = _parquet_columns(paths[0])
-    fields = _RowFields(_pick_column(paths[0], first_columns, image_column, PARQUET_IMAGE_COLUMNS, 'image'),
-                        _pick_column(paths[0], first_columns, caption_column, PARQUET_CAPTION_COLUMNS, 'caption'),
-                        label_column, kept)
-    if fields.image in kept or fields.caption in kept:
-        raise ValueError(f'keep_columns: {fields.image!r}/{fields.caption!r} are the image and caption columns')
 
     def records() -> Iterator[Record]:
         for path in paths:
             base = images_dir if images_dir is not None else _parent(path)
-            for key, row in _parquet_rows(path, fields):
-                yield key, _parquet_loader(key, row, fields, base, image_encoding)
+            with _LocalParquet(path) as local:  # an s3:// file is downloaded once, removed after its rows
+                parquet = _parquet_file(path, local)
+                fields = _parquet_fields(path, list(parquet.schema_arrow.names), image_column, caption_column,
+                                         label_column, kept)
+                for key, row in _parquet_rows(path, parquet):
+                    yield key, _parquet_loader(key, row, fields, base, image_encoding)
 
-    total = sum(_parquet_num_rows(p) for p in paths) if not any(is_remote(p) for p in paths) else None
-    return write_mds(records(), out, fields.columns(image_encoding), skip_bad=skip_bad, options=options,
-                     total=total, captions=captions_check)
+    total = sum(_parquet_file(p, p).metadata.num_rows for p in paths) if not any(map(is_remote, paths)) else None
+    return write_mds(records(), out, _row_columns(image_encoding, label_column, kept), skip_bad=skip_bad,
+                     options=options, total=total, captions=captions_check)
+
+
+def _parquet_fields(path: str, columns: list[str], image: Optional[str], caption: Optional[str],
+                    label: Optional[str], kept: dict[str, str]) -> _RowFields:
+    """The row fields of one parquet file: named columns must exist, default ones are looked up in its schema."""
+    fields = _RowFields(_pick_column(path, columns, image, PARQUET_IMAGE_COLUMNS, 'image'),
+                        _pick_column(path, columns, caption, PARQUET_CAPTION_COLUMNS, 'caption'), label, kept)
+    missing = [c for c in (label, *kept) if c and c not in columns]
+    if missing:  # every row would be bad: not skippable
+        raise ConversionError(f'{path}: missing column(s) {missing}; its columns: {columns}')
+    if fields.image in kept or fields.caption in kept:
+        raise ConversionError(f'{path}: keep_columns cannot keep the image/caption columns '
+                              f'{fields.image!r}/{fields.caption!r}')
+    return fields
 
 
 def _parent(path: str) -> str:
@@ -868,33 +884,20 @@ def _parquet_file(path: str, local: str) -> Any:
         raise ConversionError(f'{path}: unreadable parquet file ({type(e).__name__}: {e})') from None
 
 
-def _parquet_columns(path: str) -> list[str]:
-    with _LocalParquet(path) as local:
-        return list(_parquet_file(path, local).schema_arrow.names)
+def _parquet_rows(path: str, parquet: Any) -> Iterator[tuple[str, dict]]:
+    """``(key, row)`` of one file, read in batches of rows; a damaged file names itself."""
+    import pyarrow as pa
 
-
-def _parquet_num_rows(path: str) -> int:
-    return _parquet_file(path, path).metadata.num_rows
-
-
-def _parquet_rows(path: str, fields: _RowFields) -> Iterator[tuple[str, dict]]:
-    """``(key, row)`` of one file, read in batches of rows; a missing column names the file and its columns."""
-    with _LocalParquet(path) as local:
-        parquet = _parquet_file(path, local)
-        columns = list(parquet.schema_arrow.names)
-        missing = [c for c in (fields.image, fields.caption, fields.label, *fields.kept) if c and c not in columns]
-        if missing:  # every row would be bad: not skippable
-            raise ConversionError(f'{path}: missing column(s) {missing}; its columns: {columns}')
-        row_number = 0
-        try:
-            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-                for row in batch.to_pylist():
-                    key = f'{path}:row {row_number}' + (f' (key {row["key"]})' if row.get('key') is not None else '')
-                    row_number += 1
-                    yield key, row
-        except OSError as e:  # pyarrow's errors (ArrowInvalid, ArrowIOError) are OSErrors: a damaged file
-            raise ConversionError(f'{path}: unreadable parquet data after row {row_number} '
-                                  f'({type(e).__name__}: {e})') from None
+    row_number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                key = f'{path}:row {row_number}' + (f' (key {row["key"]})' if row.get('key') is not None else '')
+                row_number += 1
+                yield key, row
+    except (OSError, pa.ArrowException) as e:
+        raise ConversionError(f'{path}: unreadable parquet data after row {row_number} '
+                              f'({type(e).__name__}: {e})') from None
 
 
 def _parquet_loader(key: str, row: dict, fields: _RowFields, base: str, image_encoding: str) -> Callable[[], dict]:
