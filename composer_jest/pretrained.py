@@ -65,11 +65,13 @@ def create_pretrained(name: str, pretrained: str, field: str = 'pretrained', **k
     def load(path: str) -> nn.Module:
         try:
             return open_clip.create_model(name, pretrained=path, **kwargs)
-        except RuntimeError as e:
-            if 'Error(s) in loading state_dict' not in str(e):
+        except (RuntimeError, KeyError) as e:  # open_clip's strict load; a KeyError: a key its converters need
+            if isinstance(e, RuntimeError) and 'Error(s) in loading state_dict' not in str(e):
                 raise  # reading the file failed: named by read_checkpoint
-            raise ValueError(f'{field}={path!r} does not fit the architecture {name!r}: '
-                             f'{_first_lines(e)}. Pass the model name the weights were trained with') from None
+            what = f'no {e} key' if isinstance(e, KeyError) else _first_lines(e)
+            raise ValueError(f'{field}={path!r} does not fit the architecture {name!r}: {what}. Pass the model name '
+                             'the weights were trained with (a checkpoint written by this package or Composer goes in '
+                             '`checkpoint`, not `pretrained`)') from None
 
     if Path(pretrained).suffix.lower() in ARRAY_SUFFIXES:
         try:

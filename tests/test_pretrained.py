@@ -121,3 +121,14 @@ def test_embed_reference_with_pretrained_weights_embeds_with_them(weights, tmp_p
     with torch.no_grad():
         want = torch.nn.functional.normalize(clip.encode_image(image[None]), dim=-1)[0]
     assert torch.allclose(torch.tensor(sample['ref_image_features']).float(), want, atol=2e-3)
+
+
+def test_a_composer_checkpoint_given_as_pretrained_points_to_checkpoint(tmp_path):
+    from composer import Trainer
+
+    model = CLIPModel('jest-tiny')
+    Trainer(model=model, optimizers=torch.optim.SGD(model.parameters(), lr=0.1), max_duration='1ba',
+            progress_bar=False).save_checkpoint(str(tmp_path / 'run.pt'))
+    with pytest.raises(ValueError, match=r"does not fit .*goes in `checkpoint`, not `pretrained`"):
+        CLIPModel('jest-tiny', pretrained=str(tmp_path / 'run.pt'))
+    assert load_reference({'model': 'jest-tiny', 'checkpoint': str(tmp_path / 'run.pt')}) is not None
