@@ -44,7 +44,9 @@ class JEST(Algorithm):
     Args:
         reference: the frozen reference: an open_clip model / :class:`~composer_jest.model.CLIPModel`,
             a checkpoint path (architecture defaults to the learner's), or
-            ``{'model': name-or-config, 'checkpoint': path}``, or ``'cached'``: reference features are
+            ``{'model': name-or-config, 'checkpoint': path}``, ``{'model': name, 'pretrained': tag-or-file}``
+            (open_clip's pretrained weights: a tag, downloaded when online, or a local weights file), or
+            ``'cached'``: reference features are
             read from batch columns (``CACHED_REFERENCE_KEYS``) written by ``composer-jest embed-reference``;
             a batch that carries them never runs the reference either way (with a one-time warning when
             a live reference was given). Not needed for

@@ -55,10 +55,13 @@ def resolve_classnames(spec: Any) -> Optional[list[str]]:
 
 
 def build_model(cfg: DictConfig) -> CLIPModel:
+    if cfg.checkpoint and cfg.pretrained:
+        raise ValueError('model: give checkpoint (a checkpoint of this package or a state_dict) or pretrained (an '
+                         f'open_clip tag or weights file), not both; got {cfg.checkpoint!r} and {cfg.pretrained!r}')
     model = CLIPModel(
         _plain(cfg.name), loss=cfg.loss, classnames=resolve_classnames(_plain(cfg.classnames)),
         class_templates=list(cfg.class_templates), low_res_fraction=cfg.low_res_fraction,
-        low_res_patch_size=cfg.low_res_patch_size,
+        low_res_patch_size=cfg.low_res_patch_size, pretrained=cfg.pretrained,
     )
     if cfg.checkpoint:
         load_weights(model.towers.clip, cfg.checkpoint, _plain(cfg.name))  # a mismatch names the file and keys

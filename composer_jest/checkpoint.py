@@ -22,13 +22,16 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import numpy as np
 import torch
 
-__all__ = ['CheckpointError', 'SAFE_GLOBALS', 'load_checkpoint', 'check_resumable']
+__all__ = ['CheckpointError', 'SAFE_GLOBALS', 'load_checkpoint', 'read_checkpoint', 'check_resumable']
+
+T = TypeVar('T')
 
 
 class CheckpointError(ValueError):
@@ -69,6 +72,14 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Any:
         ...
         composer_jest.checkpoint.CheckpointError: ...: not a PyTorch checkpoint ...
     """
+    return read_checkpoint(path, lambda p: torch.load(p, map_location='cpu', weights_only=True))
+
+
+def read_checkpoint(path: Union[str, os.PathLike], load: Callable[[str], T]) -> T:
+    """Run ``load(path)``, a ``torch.load(weights_only=True)`` of the file (this module's, or a library's own loading
+    such as open_clip's ``create_model(pretrained=path)``), under :data:`SAFE_GLOBALS` and the checks and errors
+    of :func:`load_checkpoint`. Errors of ``load`` other than reading the file (``ValueError`` s) pass through.
+    """
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist (or is not a file)')
@@ -81,7 +92,7 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Any:
         )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return load(path)
     except pickle.UnpicklingError as e:
         found = re.search(r'GLOBAL ([\w.]+)|got (<class [^>]+>)', str(e))
         what = next(g for g in found.groups() if g) if found else str(e).splitlines()[0][:200]

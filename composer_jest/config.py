@@ -26,6 +26,7 @@ class ModelConfig:
     low_res_fraction: Optional[float] = None  # multi-resolution training; default 0.5 with low_res_patch_size
     low_res_patch_size: Optional[int] = None
     checkpoint: Optional[str] = None  # initial weights (Composer checkpoint or open_clip state_dict)
+    pretrained: Optional[str] = None  # initial weights through open_clip: a tag of `name` (downloads) or a local file
 
 
 @dataclass

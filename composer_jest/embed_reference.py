@@ -47,23 +47,27 @@ def embed_reference(
     compression: Optional[str] = 'zstd',
     hashes: Sequence[str] = ('xxh64',),
     progress: bool = True,
+    pretrained: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write a copy of an MDS dataset with the reference's embeddings added as columns.
 
     Args:
         model: the reference architecture (open_clip name or config dict).
-        checkpoint: its weights (Composer checkpoint or open_clip state_dict); ``None``: as initialised.
+        checkpoint: its weights (Composer checkpoint or open_clip state_dict); ``None``: as initialised (or
+            ``pretrained``).
         out: output directory or ``s3://`` prefix.
         remote, local: the input dataset (as for streaming).
         batch_size: reference forward batch.
         device: where the reference runs.
+        pretrained: instead of ``checkpoint``, open_clip's pretrained weights of ``model``: a tag (downloaded when
+            online) or a local weights file (:mod:`composer_jest.pretrained`).
 
     Returns:
         The metadata written to ``reference.json``.
     """
     from composer_jest.data.streaming import ImageTextStreamingDataset
 
-    towers = load_reference({'model': model, 'checkpoint': checkpoint}).to(device)
+    towers = load_reference({'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained}).to(device)
     tokenizer = tokenizer_for(model, towers.clip)
     cache = local or tempfile.mkdtemp(prefix='embed-reference-')
     dataset = ImageTextStreamingDataset(remote=remote, local=cache, tokenizer=tokenizer,
@@ -112,7 +116,8 @@ def embed_reference(
     if written != n:
         raise RuntimeError(f'wrote {written} of {n} samples')
     meta = {
-        'model': model, 'checkpoint': checkpoint, 'weights_sha256_16': _weights_digest(towers),
+        'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained,
+        'weights_sha256_16': _weights_digest(towers),
         'logit_scale': out_scale, 'logit_bias': out_bias, 'embedding_dim': dim, 'num_samples': written,
         'source': remote or local, 'columns': list(CACHED_REFERENCE_KEYS),
     }
@@ -137,6 +142,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='composer-jest embed-reference', description=__doc__.split('\n')[0])
     parser.add_argument('--model', required=True, help='reference architecture: open_clip model name')
     parser.add_argument('--checkpoint', default=None, help='reference weights (Composer checkpoint or state_dict)')
+    parser.add_argument('--pretrained', default=None,
+                        help="instead of --checkpoint: open_clip's pretrained weights of --model, a tag (downloaded "
+                             'when online) or a local weights file')
     parser.add_argument('--remote', default=None, help='input dataset remote (s3://...)')
     parser.add_argument('--local', default=None, help='input dataset local dir (or cache dir for --remote)')
     parser.add_argument('--out', required=True, help='output directory or s3:// prefix')
@@ -147,6 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.remote is None and args.local is None:
         parser.error('give --remote and/or --local for the input dataset')
     meta = embed_reference(args.model, args.checkpoint, args.out, remote=args.remote, local=args.local,
-                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                           pretrained=args.pretrained)
     print(json.dumps(meta, indent=2, default=str))
     return 0

@@ -48,11 +48,16 @@ def model_config_dir() -> Path:
 open_clip.add_model_config(model_config_dir())
 
 
-def build_clip(spec: ModelSpec) -> nn.Module:
+def build_clip(spec: ModelSpec, pretrained: Optional[str] = None, field: str = 'pretrained') -> nn.Module:
     """An open_clip CLIP from a registered model name, a config dict, or an existing module.
 
-    Models are created with ``nonscalar_logit_scale=True`` (FSDP2 rejects scalar parameters).
+    Models are created with ``nonscalar_logit_scale=True`` (FSDP2 rejects scalar parameters). ``pretrained``
+    (with a model name only): an open_clip tag or a local weights file, loaded by open_clip
+    (:func:`composer_jest.pretrained.create_pretrained`; errors name ``field``).
     """
+    if pretrained is not None and not isinstance(spec, str):
+        raise ValueError(f'{field}={pretrained!r} needs an open_clip model name (open_clip tags and weights files '
+                         f'are per named architecture), got a {type(spec).__name__}')
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, str):
@@ -61,6 +66,10 @@ def build_clip(spec: ModelSpec) -> nn.Module:
                 f'model {spec!r} is not an open_clip model name; shipped tiny configs: '
                 f'{sorted(p.stem for p in model_config_dir().glob("*.json"))}; or pass a config dict',
             )
+        if pretrained is not None:
+            from composer_jest.pretrained import create_pretrained  # noqa: PLC0415
+
+            return create_pretrained(spec, pretrained, field, nonscalar_logit_scale=True)
         return open_clip.create_model(spec, nonscalar_logit_scale=True, pretrained=None)
     if isinstance(spec, dict):
         cfg = dict(spec)
@@ -222,6 +231,8 @@ class CLIPModel(ComposerModel):
             Default: one half (the paper's) when ``low_res_patch_size`` is set, else 0.
         low_res_patch_size: patch size of the low-resolution part.
         tokenizer: captions/prompts -> token ids; defaults to open_clip's tokenizer for ``model``.
+        pretrained: initial weights through open_clip's own loading (``model`` a name): one of its open_clip
+            tags (downloaded when online) or a local weights file (:mod:`composer_jest.pretrained`).
 
     Example:
         >>> import torch
@@ -243,6 +254,7 @@ class CLIPModel(ComposerModel):
         low_res_fraction: Optional[float] = None,
         low_res_patch_size: Optional[int] = None,
         tokenizer: Optional[Callable[[Sequence[str]], torch.Tensor]] = None,
+        pretrained: Optional[str] = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -253,7 +265,7 @@ class CLIPModel(ComposerModel):
             raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
         if low_res_fraction > 0 and low_res_patch_size is None:
             raise ValueError('low_res_fraction > 0 needs low_res_patch_size (e.g. twice the native patch size)')
-        clip = build_clip(model)
+        clip = build_clip(model, pretrained, field='model.pretrained')
         if loss == 'sigmoid' and getattr(clip, 'logit_bias', None) is None:
             raise ValueError("loss='sigmoid' needs a model with a logit bias (open_clip init_logit_bias)")
         # The open_clip name or config this model was built from (a bare reference checkpoint loads into it).

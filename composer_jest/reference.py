@@ -4,6 +4,9 @@ A reference is given as a module, a checkpoint path (a Composer checkpoint of
 :class:`~composer_jest.model.CLIPModel` or a plain open_clip ``state_dict``), or a dict
 ``{'model': name-or-config, 'checkpoint': path}``. With a bare path the architecture defaults to the
 learner's, so a learner checkpoint trained with this package is directly usable as a reference.
+``{'model': name, 'pretrained': tag-or-file}`` loads published weights through open_clip's own loading
+(:mod:`composer_jest.pretrained`): an open_clip tag (downloaded when online, e.g. ``ViT-B-16-SigLIP`` +
+``webli``) or a local weights file.
 
 Checkpoints are loaded with ``weights_only=True`` (:mod:`composer_jest.checkpoint`): a file holding other
 Python objects is refused, naming the file. :func:`preload_reference` runs at ``JEST`` construction: a
@@ -35,11 +38,14 @@ def validate_reference(spec: Optional[ReferenceSpec]) -> None:
     if spec is None or isinstance(spec, nn.Module):
         return
     if isinstance(spec, dict):
-        unknown = set(spec) - {'model', 'checkpoint'}
+        unknown = set(spec) - {'model', 'checkpoint', 'pretrained'}
         if unknown or 'model' not in spec:
             raise ValueError(
-                f"reference dict takes keys 'model' (required) and 'checkpoint', got {sorted(spec)}",
+                f"reference dict takes keys 'model' (required) and 'checkpoint' or 'pretrained', got {sorted(spec)}",
             )
+        if spec.get('checkpoint') is not None and spec.get('pretrained') is not None:
+            raise ValueError("reference: give 'checkpoint' (this package's checkpoint or a state_dict) or 'pretrained' "
+                             '(an open_clip tag or weights file), not both')
         path = spec.get('checkpoint')
     elif isinstance(spec, (str, os.PathLike)):
         path = spec
@@ -61,7 +67,7 @@ def load_reference(spec: ReferenceSpec, default_model: Optional[ModelSpec] = Non
     """Build the frozen reference towers (eval mode, no grad) from a spec.
 
     Args:
-        spec: module, checkpoint path or ``{'model', 'checkpoint'}`` dict.
+        spec: module, checkpoint path, or ``{'model', 'checkpoint'}`` / ``{'model', 'pretrained'}`` dict.
         default_model: architecture for a bare checkpoint path (normally the learner's model spec).
     """
     validate_reference(spec)
@@ -75,7 +81,8 @@ def load_reference(spec: ReferenceSpec, default_model: Optional[ModelSpec] = Non
             raise ValueError(
                 'a reference checkpoint path needs an architecture: pass reference=dict(model=..., checkpoint=...)',
             )
-        clip = build_clip(model)
+        pretrained = spec.get('pretrained') if isinstance(spec, dict) else None
+        clip = build_clip(model, pretrained, field='reference.pretrained')
         if path is not None:
             load_weights(clip, path, model)
         towers = CLIPTowers(clip)
@@ -85,7 +92,8 @@ def load_reference(spec: ReferenceSpec, default_model: Optional[ModelSpec] = Non
 def preload_reference(spec: Optional[ReferenceSpec]) -> Optional[CLIPTowers]:
     """Check a reference at construction; load it now when its architecture is known.
 
-    A dict spec ``{'model', 'checkpoint'}`` is loaded (so an architecture mismatch fails here); a bare
+    A dict spec (``{'model', 'checkpoint'}`` or ``{'model', 'pretrained'}``) is loaded (so an architecture
+    mismatch, an unknown tag or a failed download fails here); a bare
     checkpoint path is read once to check that it is a checkpoint that loads safely (its architecture is
     the learner's, known at fit start); a module is left for fit start. Returns the towers or ``None``.
     """
@@ -130,7 +138,8 @@ class ReferenceScorer:
     the learner's, optionally held and run in bf16 end to end (logit scale and bias stay float32).
 
     Args:
-        spec: a module, a checkpoint path, ``{'model', 'checkpoint'}``, ``'cached'`` or ``None`` (no reference).
+        spec: a module, a checkpoint path, ``{'model', 'checkpoint'}``, ``{'model', 'pretrained'}``, ``'cached'`` or
+            ``None`` (no reference).
     """
 
     def __init__(self, spec: Optional[ReferenceSpec]):

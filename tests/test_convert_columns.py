@@ -146,7 +146,7 @@ def test_source_encoding_keeps_jpeg_and_png_bytes_and_stores_others_as_lossless_
 def test_every_convert_option_has_help_showing_its_default():
     parser = _parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subcommands) == {'folder', 'webdataset', 'shapes', 'fashion-mnist'}
+    assert set(subcommands) == {'folder', 'webdataset', 'parquet', 'shapes', 'fashion-mnist'}
     for name, sub in subcommands.items():
         formatter = sub._get_formatter()
         for action in sub._actions:

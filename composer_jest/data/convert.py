@@ -1,7 +1,8 @@
 """Convert image–caption sources to MDS shards (``composer-jest convert``), locally or to ``s3://``.
 
 Sources: an image folder with a CSV/JSONL captions file, webdataset tar shards (img2dataset/DataComp
-layout, local or ``s3://``), and the built-in demo sets (procedural shapes, Fashion-MNIST).
+layout, local or ``s3://``), parquet files of image bytes or paths + captions (img2dataset's parquet output,
+Hugging Face datasets; local or ``s3://``), and the built-in demo sets (procedural shapes, Fashion-MNIST).
 
 Every conversion writes the same columns with :class:`streaming.MDSWriter` (compression, per-shard
 hashes, uploads to the object store): ``image`` (``bytes`` holding the source file when it is JPEG/PNG and a
@@ -61,7 +62,7 @@ from composer_jest.data.remote import (
 
 __all__ = [
     'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary',
-    'MDSOptions', 'parse_keep_columns', 'convert_folder', 'convert_webdataset', 'convert_shapes',
+    'MDSOptions', 'parse_keep_columns', 'convert_folder', 'convert_webdataset', 'convert_parquet', 'convert_shapes',
     'convert_fashion_mnist', 'convert_demo', 'write_mds', 'main',
 ]
 
@@ -495,7 +496,7 @@ def convert_folder(
 
     Other fields of a row go to the ``meta`` json column (which does not reach the batch).
     """
-    image_column_encoding = _check_encoding(image_encoding)
+    _check_encoding(image_encoding)  # an unknown encoding fails before any file is read
     kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
     captions = Path(captions)
     images_dir = Path(images_dir) if images_dir is not None else captions.parent
@@ -510,7 +511,7 @@ def convert_folder(
         rows, total = _jsonl_rows(captions, encoding)
     else:
         raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
-    fields = (image_column, caption_column, label_column, *kept)
+    fields = _RowFields(image_column, caption_column, label_column, kept)
 
     def record(row_key: str, row: Any) -> Record:
         def load() -> dict:
@@ -525,22 +526,64 @@ def convert_folder(
             path = images_dir / rel
             image = _decode(f'{row_key} ({path})', path=path)
             raw = path.read_bytes() if _raw_bytes(image_encoding) else None
-            caption = row[caption_column]
-            if not isinstance(caption, str) or not caption.strip():
-                raise BadSampleError(f'{row_key} ({path})', f'{EMPTY_CAPTION} in column {caption_column!r}')
-            sample = {'image': _encode_image(image, raw, image_encoding), 'caption': caption,
-                      'meta': {k: v for k, v in row.items() if k not in fields}}
-            if label_column is not None:
-                sample['label'] = _int_field(row_key, row, label_column)
-            sample.update({name: _numeric_field(row_key, row, name, enc) for name, enc in kept.items()})
-            return sample
+            return _row_sample(row_key, row, _encode_image(image, raw, image_encoding), fields, f'{row_key} ({path})')
         return row_key, load
 
-    columns = {'image': image_column_encoding, 'caption': 'str', 'meta': 'json', **kept}
-    if label_column is not None:
+    return write_mds((record(k, r) for k, r in rows), out, fields.columns(image_encoding), skip_bad=skip_bad,
+                     options=options, total=total, captions=captions_check)
+
+
+@dataclass
+class _RowFields:
+    """Which fields of a source row (CSV/JSONL line, parquet row) become which columns; the rest go to ``meta``."""
+
+    image: str
+    caption: str
+    label: Optional[str]
+    kept: dict[str, str]
+
+    def used(self) -> set[str]:
+        return {self.image, self.caption, *([self.label] if self.label else []), *self.kept}
+
+    def columns(self, image_encoding: str) -> dict[str, str]:
+        """The MDS columns of a conversion writing these fields."""
+        return _row_columns(image_encoding, self.label, self.kept)
+
+
+def _row_columns(image_encoding: str, label: Optional[str], kept: dict[str, str]) -> dict[str, str]:
+    """The MDS columns of a conversion of rows: image, caption, meta, the kept columns, ``label`` if given."""
+    columns = {'image': _check_encoding(image_encoding), 'caption': 'str', 'meta': 'json', **kept}
+    if label is not None:
         columns['label'] = 'int'
-    return write_mds((record(k, r) for k, r in rows), out, columns, skip_bad=skip_bad, options=options, total=total,
-                     captions=captions_check)
+    return columns
+
+
+def _row_sample(key: str, row: dict, image: Any, fields: _RowFields, image_key: Optional[str] = None) -> dict:
+    """The sample of a row whose image is already read: caption, ``label``, kept numeric columns, ``meta``.
+
+    Bad values raise :class:`BadSampleError` naming ``key`` (``image_key``, naming the image too, for the caption).
+    """
+    caption = row[fields.caption]
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSampleError(image_key or key, f'{EMPTY_CAPTION} in column {fields.caption!r}')
+    used = fields.used()
+    sample = {'image': image, 'caption': caption,
+              'meta': {k: _json_value(v) for k, v in row.items() if k not in used and not isinstance(v, bytes)}}
+    if fields.label is not None:
+        sample['label'] = _int_field(key, row, fields.label)
+    sample.update({name: _numeric_field(key, row, name, enc) for name, enc in fields.kept.items()})
+    return sample
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` if json can hold it (nested lists/dicts too), else its ``str`` (dates, decimals of parquet)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items() if not isinstance(v, bytes)}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return str(value)
 
 
 def _int_field(key: str, row: dict, name: str) -> int:
@@ -598,24 +641,28 @@ def _jsonl_rows(path: Path, encoding: str) -> tuple[Iterator[tuple[str, Any]], i
 _WDS_KEY = re.compile(r'^((?:.*/|)[^./]+)[.]([^/]*)$')  # webdataset: key = path up to the first dot of the name
 
 
-def expand_shards(shards: Union[str, Sequence[str]]) -> list[str]:
-    """Local tar files, folders, globs, and ``s3://`` objects or prefixes -> sorted list of tar shards."""
+TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
+
+
+def expand_shards(shards: Union[str, Sequence[str]], suffixes: tuple[str, ...] = TAR_SUFFIXES,
+                  kind: str = 'webdataset shard') -> list[str]:
+    """Local files, folders, globs, and ``s3://`` objects or prefixes -> sorted list of the files (of a folder or
+    prefix: those ending in ``suffixes``; ``kind`` names them in errors)."""
     items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
     found: list[str] = []
-    tar_suffixes = ('.tar', '.tar.gz', '.tgz')
     for item in map(str, items):
         if item.startswith('s3://'):
-            matches = [item] if item.endswith(tar_suffixes) else list_s3_objects(item, tar_suffixes)
+            matches = [item] if item.endswith(suffixes) else list_s3_objects(item, suffixes)
         elif os.path.isdir(item):
-            matches = sorted(p for s in tar_suffixes for p in glob.glob(os.path.join(item, f'*{s}')))
+            matches = sorted(p for s in suffixes for p in glob.glob(os.path.join(item, f'*{s}')))
         elif glob.has_magic(item):
             matches = sorted(glob.glob(item))
         elif os.path.isfile(item):
             matches = [item]
         else:
-            raise FileNotFoundError(f'webdataset shard not found: {item}')
+            raise FileNotFoundError(f'{kind} not found: {item}')
         if not matches:
-            raise FileNotFoundError(f'no .tar shards found at {item}')
+            raise FileNotFoundError(f'no {"/".join(suffixes)} files found at {item}')
         found += matches
     return found
 
@@ -710,6 +757,191 @@ def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_
         return {'image': _encode_image(image, group[image_ext], image_encoding), 'caption': caption, 'meta': meta,
                 **numbers}
     return load
+
+
+# -- (d) parquet: img2dataset output, Hugging Face datasets ------------------------------------------------
+PARQUET_SUFFIXES = ('.parquet',)
+# Looked for in this order when image_column / caption_column are not given: img2dataset writes the image bytes
+# under its encode format (`jpg`...) and the caption as `txt`; Hugging Face datasets use `image` and `text`/`caption`.
+PARQUET_IMAGE_COLUMNS = ('jpg', 'jpeg', 'png', 'webp', 'image', 'img')
+PARQUET_CAPTION_COLUMNS = ('txt', 'caption', 'text')
+_PARQUET_BATCH_ROWS = 256
+
+
+def convert_parquet(
+    files: Union[str, Sequence[str]],
+    out: str,
+    *,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    keep_columns: Union[None, str, Sequence[str]] = None,
+    images_dir: Optional[str] = None,
+    image_encoding: str = 'source',
+    skip_bad: bool = False,
+    options: Optional[MDSOptions] = None,
+    captions_check: Optional[CaptionCheck] = None,
+) -> ConvertSummary:
+    """Convert parquet files of image–caption rows: img2dataset's parquet output, Hugging Face datasets, your own.
+
+    The image column holds the image bytes (img2dataset's ``jpg``), a struct ``{bytes, path}`` (Hugging Face
+    ``Image`` feature: the bytes, else the path), or a path (relative to ``images_dir``, default the parquet file's
+    folder; local or ``s3://``). A row whose image is null is bad, with img2dataset's ``status`` and
+    ``error_message`` as the reason when the file has them (failed downloads).
+
+    Args:
+        files: parquet files, folders, globs, or ``s3://`` objects/prefixes (``s3://`` files are downloaded to a
+            temporary file one at a time).
+        out: output directory or ``s3://bucket/prefix``.
+        image_column, caption_column: the image and caption columns; ``None``: the first present of
+            :data:`PARQUET_IMAGE_COLUMNS` / :data:`PARQUET_CAPTION_COLUMNS`.
+        label_column, keep_columns, image_encoding: as for :func:`convert_folder`.
+        images_dir: folder (or ``s3://`` prefix) that relative image paths are read from.
+        skip_bad, options: see :func:`write_mds`.
+        captions_check: caption length counting/rejection (:class:`CaptionCheck`).
+
+    Other columns go to the ``meta`` json column (binary ones are dropped). A file lacking a named column, or
+    having none of the default names, is an error naming the file and its columns (not a bad row).
+    """
+    _check_encoding(image_encoding)
+    kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
+    paths = expand_shards(files, PARQUET_SUFFIXES, 'parquet file')
+
+    def records() -> Iterator[Record]:
+        for path in paths:
+            base = images_dir if images_dir is not None else _parent(path)
+            with _LocalParquet(path) as local:  # an s3:// file is downloaded once, removed after its rows
+                parquet = _parquet_file(path, local)
+                fields = _parquet_fields(path, list(parquet.schema_arrow.names), image_column, caption_column,
+                                         label_column, kept)
+                for key, row in _parquet_rows(path, parquet):
+                    yield key, _parquet_loader(key, row, fields, base, image_encoding)
+
+    total = sum(_parquet_file(p, p).metadata.num_rows for p in paths) if not any(map(is_remote, paths)) else None
+    return write_mds(records(), out, _row_columns(image_encoding, label_column, kept), skip_bad=skip_bad,
+                     options=options, total=total, captions=captions_check)
+
+
+def _parquet_fields(path: str, columns: list[str], image: Optional[str], caption: Optional[str],
+                    label: Optional[str], kept: dict[str, str]) -> _RowFields:
+    """The row fields of one parquet file: named columns must exist, default ones are looked up in its schema."""
+    fields = _RowFields(_pick_column(path, columns, image, PARQUET_IMAGE_COLUMNS, 'image'),
+                        _pick_column(path, columns, caption, PARQUET_CAPTION_COLUMNS, 'caption'), label, kept)
+    missing = [c for c in (label, *kept) if c and c not in columns]
+    if missing:  # every row would be bad: not skippable
+        raise ConversionError(f'{path}: missing column(s) {missing}; its columns: {columns}')
+    if fields.image in kept or fields.caption in kept:
+        raise ConversionError(f'{path}: keep_columns cannot keep the image/caption columns '
+                              f'{fields.image!r}/{fields.caption!r}')
+    return fields
+
+
+def _parent(path: str) -> str:
+    return path.rsplit('/', 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _pick_column(path: str, columns: list[str], given: Optional[str], candidates: Sequence[str], what: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise ConversionError(f'{path}: no {what} column {given!r}; its columns: {columns}')
+        return given
+    found = next((c for c in candidates if c in columns), None)
+    if found is None:
+        raise ConversionError(f'{path}: no {what} column among the defaults {list(candidates)}; its columns: '
+                              f'{columns} (name it with {what}_column / --{what}-column)')
+    return found
+
+
+class _LocalParquet:
+    """A parquet file as a local path: ``s3://`` objects are downloaded to a temporary file, removed on exit."""
+
+    def __init__(self, path: str):
+        self.path, self._tmp = path, None
+
+    def __enter__(self) -> str:
+        if not is_remote(self.path):
+            return self.path
+        import tempfile
+
+        from composer_jest.data.remote import download_s3_file
+
+        self._tmp = tempfile.mkdtemp(prefix='convert-parquet-')
+        local = os.path.join(self._tmp, 'part.parquet')
+        download_s3_file(self.path, local)
+        return local
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _parquet_file(path: str, local: str) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(local)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+        raise ConversionError(f'{path}: unreadable parquet file ({type(e).__name__}: {e})') from None
+
+
+def _parquet_rows(path: str, parquet: Any) -> Iterator[tuple[str, dict]]:
+    """``(key, row)`` of one file, read in batches of rows; a damaged file names itself."""
+    import pyarrow as pa
+
+    row_number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                key = f'{path}:row {row_number}' + (f' (key {row["key"]})' if row.get('key') is not None else '')
+                row_number += 1
+                yield key, row
+    except (OSError, pa.ArrowException) as e:
+        raise ConversionError(f'{path}: unreadable parquet data after row {row_number} '
+                              f'({type(e).__name__}: {e})') from None
+
+
+def _parquet_loader(key: str, row: dict, fields: _RowFields, base: str, image_encoding: str) -> Callable[[], dict]:
+    def load() -> dict:
+        value = row[fields.image]
+        if isinstance(value, dict):  # Hugging Face Image feature: {bytes, path}
+            value = value.get('bytes') if value.get('bytes') is not None else value.get('path')
+        if value is None:
+            status = row.get('status')
+            reason = f'no image (column {fields.image!r} is null)'
+            if status is not None and status != 'success':  # img2dataset: the download failed
+                reason += f'; img2dataset status {status!r}: {row.get("error_message")}'
+            raise BadSampleError(key, reason)
+        if isinstance(value, str):
+            where = _image_location(value, base)
+            key_image = f'{key} ({where})'
+            raw = _read_image_file(key_image, where)
+        else:
+            key_image, raw = key, bytes(value)
+        image = _decode(key_image, data=raw)
+        return _row_sample(key, row, _encode_image(image, raw, image_encoding), fields, key_image)
+    return load
+
+
+def _image_location(path: str, base: str) -> str:
+    if is_remote(path) or os.path.isabs(path):
+        return path
+    return f'{base.rstrip("/")}/{path}' if is_remote(base) else os.path.join(base, path)
+
+
+def _read_image_file(key: str, where: str) -> bytes:
+    if not where.startswith('s3://'):
+        try:
+            return Path(where).read_bytes()
+        except OSError as e:
+            raise BadSampleError(key, f'image file not found or unreadable ({type(e).__name__})') from None
+    try:
+        stream = open_s3_object(where)
+    except RemoteAccessError as e:
+        raise BadSampleError(key, f'image object unreadable ({e})') from None
+    try:
+        return stream.read()
+    finally:
+        stream.close()
 
 
 # -- (c) demo sets --------------------------------------------------------------------------------------
@@ -842,6 +1074,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--encoding', default='utf-8', help='text encoding of the captions file (e.g. latin-1)')
     p = add('webdataset', [common, bad], 'webdataset tar shards (local or s3://); --keep-columns reads key.json')
     p.add_argument('shards', nargs='+', help='tar files, folders, globs, s3:// objects or prefixes')
+    p = add('parquet', [common, bad], 'parquet files of image bytes or paths + captions (img2dataset output, '
+            'Hugging Face datasets; local or s3://)')
+    p.add_argument('files', nargs='+', help='parquet files, folders, globs, s3:// objects or prefixes')
+    p.add_argument('--image-column', default=None,
+                   help='column with the image bytes, a {bytes, path} struct or a path (not given: the first of '
+                        f'{", ".join(PARQUET_IMAGE_COLUMNS)})')
+    p.add_argument('--caption-column', default=None,
+                   help=f'column with the caption (not given: the first of {", ".join(PARQUET_CAPTION_COLUMNS)})')
+    p.add_argument('--label-column', default=None,
+                   help="integer class column, written as 'label' (zero-shot evaluation needs it)")
+    p.add_argument('--images', default=None,
+                   help='folder or s3:// prefix of relative image paths (not given: the parquet file\'s folder)')
     p = add('shapes', [common], 'procedural shapes demo set')
     p.add_argument('--num-samples', type=int, default=10_000, help='number of samples')
     p.add_argument('--noise', type=float, default=0.0, help='fraction of mismatched captions')
@@ -862,7 +1106,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``composer-jest convert {folder,webdataset,shapes,fashion-mnist} --out OUT ...``; returns the exit code."""
+    """``composer-jest convert {folder,webdataset,parquet,shapes,fashion-mnist} --out OUT ...``; returns the exit
+    code."""
     args = _parser().parse_args(argv)
     options = MDSOptions(
         compression=None if args.compression.lower() in ('', 'none') else args.compression,
@@ -870,7 +1115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     check = None
-    if args.source in ('folder', 'webdataset'):
+    if args.source in ('folder', 'webdataset', 'parquet'):
         check = CaptionCheck(context=args.caption_context or None, reject_long=args.reject_long_captions)
     try:
         if args.source == 'folder':
@@ -883,6 +1128,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary = convert_webdataset(args.shards, args.out, image_encoding=args.image_encoding,
                                          keep_columns=args.keep_columns, skip_bad=args.skip_bad, options=options,
                                          captions_check=check)
+        elif args.source == 'parquet':
+            summary = convert_parquet(args.files, args.out, image_column=args.image_column,
+                                      caption_column=args.caption_column, label_column=args.label_column,
+                                      keep_columns=args.keep_columns, images_dir=args.images,
+                                      image_encoding=args.image_encoding, skip_bad=args.skip_bad, options=options,
+                                      captions_check=check)
         elif args.source == 'shapes':
             summary = convert_shapes(args.out, num_samples=args.num_samples, noise=args.noise, seed=args.seed,
                                      image_size=args.image_size, options=options)
