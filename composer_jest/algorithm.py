@@ -136,7 +136,8 @@ class JEST(Algorithm):
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
         self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
         if full_res is not None and not isinstance(full_res, FullResDecoder):
-            raise ValueError(f'full_res must be a composer_jest.data.two_stage.FullResDecoder or None, got {full_res!r}')
+            raise ValueError(f'full_res must be a composer_jest.data.two_stage.FullResDecoder or None, '
+                             f'got {full_res!r}')
         self.full_res = full_res
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
