@@ -179,7 +179,8 @@ def test_config_two_stage(model_name, tmp_path):
     from composer_jest.builders import build_components, with_scoring_image_size
 
     yaml = tmp_path / 'run.yaml'
-    yaml.write_text('algorithms:\n  jest: {score: hard_learner, filter_ratio: 0.5, learner_patch_size: 16, n_chunks: 2}\n')
+    yaml.write_text('algorithms:\n  jest: {score: hard_learner, filter_ratio: 0.5, learner_patch_size: 16, '
+                    'n_chunks: 2}\n')
     overrides = [f'model.name={model_name}', 'model.classnames=null', 'train_loader.source=mds',
                  f'train_loader.local={tmp_path}', 'train_loader.two_stage.decode_threads=2',
                  'train_loader.two_stage.augment=true', 'global_train_batch_size=8']
