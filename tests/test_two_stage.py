@@ -20,7 +20,7 @@ from composer_jest.batch import ENCODED_IMAGE_KEY, IMAGE_KEY, INDEX_KEY
 from composer_jest.config import load_config
 from composer_jest.data.demo.jpegs import synthetic_jpegs
 from composer_jest.data.streaming import ImageTextStreamingDataset, build_streaming_dataloader
-from composer_jest.data.two_stage import FullResDecoder, RandomResizedCropFlip, eval_transform, open_rgb
+from composer_jest.data.two_stage import FullResDecoder, RandomResizedCropFlip, ScoringTransform, open_rgb
 
 # A ViT at 64 px with patch 8, scored at patch 16 (FlexiViT): the two-stage scoring images are 32 px.
 MODEL = 'jest-test64'
@@ -60,13 +60,13 @@ def shards(tmp_path_factory, jpegs) -> str:
 
 
 def test_low_res_scores_match_flexi(model_name, jpegs):
-    """Stage-1 images (draft decode + 32 px transform) at the native patch 8 give the learner's FlexiViT features
-    at patch 16 on today's 64 px images within 5% of the spread between examples (measured: 1.8%; today's
+    """Stage-1 images (draft decode + 32 px ScoringTransform) at the native patch 8 give the learner's FlexiViT features
+    at patch 16 on today's 64 px images within 5% of the spread between examples (measured: 1.7%; today's
     FlexiViT scores themselves differ from native-patch ones by 13%), every cosine >= 0.999, and the learner's
     pairwise score matrix (``scale * cos + bias``) within 5% of its spread."""
     model = make_model(model_name)
     full = torch.stack([model.image_transform()(open_rgb(d)) for d in jpegs])
-    low = torch.stack([eval_transform(model.preprocess_cfg(), 32)(open_rgb(d, draft=32)) for d in jpegs])
+    low = torch.stack([ScoringTransform(model.preprocess_cfg(), 32)(open_rgb(d, draft=32)) for d in jpegs])
     assert low.shape[-1] == model.scoring_image_size(16) == 32
     text = torch.randint(0, 49408, (len(jpegs), 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_trained_batch_is_full_res_of_selected(model_name, shards, tmp_path):
     """Scoring sees 32 px images; the trained batch is bit for bit the one-stage 64 px images of the selected
     examples (and the selection equals a one-stage run's only where scores agree: not asserted)."""
     model = make_model(model_name)
-    loader = build_streaming_dataloader(None, shards, model.tokenizer, batch_size=16, transform=eval_transform(
+    loader = build_streaming_dataloader(None, shards, model.tokenizer, batch_size=16, transform=ScoringTransform(
         model.preprocess_cfg(), 32), two_stage_size=32, shuffle_seed=1)
     assert ENCODED_IMAGE_KEY in loader.dataset.batch_keys
     first = next(iter(loader))
@@ -133,7 +133,7 @@ def test_two_stage_errors(model_name, shards, tmp_path):
     model = make_model(model_name)
     jest = JEST(score='learnability', reference='cached', filter_ratio=0.5, n_chunks=2, learner_patch_size=16,
                 full_res=FullResDecoder(model.preprocess_cfg(), threads=1))
-    loader = build_streaming_dataloader(None, shards, model.tokenizer, batch_size=16, transform=eval_transform(
+    loader = build_streaming_dataloader(None, shards, model.tokenizer, batch_size=16, transform=ScoringTransform(
         model.preprocess_cfg(), 32), two_stage_size=32)
     with pytest.raises(ValueError, match='cached reference features'):
         _fit(model, loader, jest, steps=1)

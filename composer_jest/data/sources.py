@@ -48,13 +48,13 @@ def mds_source(cfg: DictConfig, model, batch_size: int, train: bool):
         kwargs['prefetch_factor'] = cfg.prefetch_factor
     transform = model.image_transform()
     if cfg.get('two_stage') is not None:  # stage 1: draft-mode decode at the scoring resolution, plus the bytes
-        from composer_jest.data.two_stage import eval_transform  # noqa: PLC0415
+        from composer_jest.data.two_stage import ScoringTransform  # noqa: PLC0415
 
         size = cfg.two_stage.scoring_image_size
         if size is None:
             raise ValueError('two_stage.scoring_image_size is not set (builders.build_trainer derives it from '
                              'algorithms.jest.learner_patch_size)')
-        transform, kwargs['two_stage_size'] = eval_transform(model.preprocess_cfg(), size), size
+        transform, kwargs['two_stage_size'] = ScoringTransform(model.preprocess_cfg(), size), size
     return build_streaming_dataloader(
         cfg.remote, cfg.local, model.tokenizer, batch_size=batch_size, transform=transform,
         shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, drop_last=train, num_workers=cfg.num_workers,

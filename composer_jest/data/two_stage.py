@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['open_rgb', 'scoring_image_size', 'eval_transform', 'RandomResizedCropFlip', 'FullResDecoder',
-           'DECODE_DEVICES']
+__all__ = ['open_rgb', 'scoring_image_size', 'eval_transform', 'ScoringTransform', 'RandomResizedCropFlip',
+           'FullResDecoder', 'DECODE_DEVICES']
 
 DECODE_DEVICES = ('cpu', 'cuda', 'auto')
 
@@ -95,6 +95,44 @@ def eval_transform(preprocess: dict[str, Any], image_size: Optional[int] = None)
     if image_size is not None:
         cfg['size'] = (image_size, image_size)
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+class ScoringTransform:
+    """Stage 1's PIL -> tensor transform: open_clip's eval geometry (shortest side -> ``size``, centre crop) in
+    one PIL resize of the crop box, with a cheaper filter (``bilinear``, antialiased by PIL) than the eval
+    transform's bicubic, then to float and normalised.
+
+    On the scoring images the filter matters little: the learner's features differ from FlexiViT's by 1.6% of the
+    between-example spread with ``bilinear`` or ``bicubic``, 2.1% with ``box`` (``tests/test_two_stage.py``); it
+    is the larger part of stage 1's cost after the draft decode (``benchmarks/streaming_throughput.py``).
+
+    Example:
+        >>> t = ScoringTransform({'size': (224, 224), 'mean': (0.5,) * 3, 'std': (0.5,) * 3}, 112)
+        >>> t(Image.new('RGB', (192, 128), (255, 0, 0))).shape
+        torch.Size([3, 112, 112])
+    """
+
+    RESAMPLE = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC,
+                'box': Image.Resampling.BOX}
+
+    def __init__(self, preprocess: dict[str, Any], size: int, resample: str = 'bilinear'):
+        if resample not in self.RESAMPLE:
+            raise ValueError(f'resample must be one of {sorted(self.RESAMPLE)}, got {resample!r}')
+        if preprocess.get('resize_mode', 'shortest') != 'shortest':
+            raise ValueError(f"two-stage scoring supports resize_mode 'shortest' (open_clip's default), "
+                             f"got {preprocess.get('resize_mode')!r}")
+        self.size, self.resample = size, self.RESAMPLE[resample]
+        self.mean = torch.tensor(preprocess['mean'], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(preprocess['std'], dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        s = self.size
+        width, height = image.size
+        k = s / min(width, height)  # resize factor of the shortest side; then the centre s x s
+        left, top = (max(s, round(width * k)) - s) // 2, (max(s, round(height * k)) - s) // 2
+        image = image.resize((s, s), self.resample, box=(left / k, top / k, (left + s) / k, (top + s) / k))
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+        return x.sub_(self.mean).div_(self.std)
 
 
 @dataclass(frozen=True)
