@@ -175,21 +175,23 @@ def test_augmentation_resumes_exactly(model_name, jpegs):
     assert not torch.equal(jest().full_res(jpegs[:8]), second)  # without the state: other draws
 
 
-def test_config_two_stage(model_name, tmp_path):
-    from composer_jest.builders import build_components, with_scoring_image_size
+def test_config_two_stage(model_name, shards, tmp_path):
+    from composer_jest.builders import build_components, build_dataloader, with_scoring_image_size
 
     yaml = tmp_path / 'run.yaml'
     yaml.write_text('algorithms:\n  jest: {score: hard_learner, filter_ratio: 0.5, learner_patch_size: 16, '
                     'n_chunks: 2}\n')
     overrides = [f'model.name={model_name}', 'model.classnames=null', 'train_loader.source=mds',
-                 f'train_loader.local={tmp_path}', 'train_loader.two_stage.decode_threads=2',
+                 f'train_loader.local={shards}', 'train_loader.two_stage.decode_threads=2',
                  'train_loader.two_stage.augment=true', 'global_train_batch_size=8']
     cfg = load_config(yaml, overrides)
     built = build_components(cfg, world_size=1)
     jest = built['algorithms'][0]
     assert jest.full_res.threads == 2 and jest.full_res.augment is not None and jest.full_res.image_size == 64
-    assert with_scoring_image_size(cfg.train_loader, built['model'], built['algorithms']).two_stage \
-        .scoring_image_size == 32
+    loader_cfg = with_scoring_image_size(cfg.train_loader, built['model'], built['algorithms'])
+    assert loader_cfg.two_stage.scoring_image_size == 32
+    batch = next(iter(build_dataloader(loader_cfg, built['model'], built['N'], train=True)))  # the mds source
+    assert batch[IMAGE_KEY].shape == (16, 3, 32, 32) and len(batch[ENCODED_IMAGE_KEY]) == 16
     with pytest.raises(ValueError, match='decode_thread'):
         load_config(yaml, overrides + ['train_loader.two_stage.decode_thread=2'])
     with pytest.raises(ValueError, match='two-stage decoding is for a train_loader with source: mds'):
