@@ -224,7 +224,7 @@ class FullResDecoder:
     def __call__(self, encoded: Sequence[bytes]) -> torch.Tensor:
         """Decode and transform ``encoded`` (one ``bytes`` per example) into ``[len(encoded), 3, S, S]``."""
         if self._on_gpu():
-            return self._gpu(encoded)
+            return self._tensor_decode(encoded, 'cuda')
         if self.augment is None:
             jobs = [(data, None) for data in encoded]
         else:  # draws in order, on this thread: the decode threads only consume them
@@ -250,14 +250,14 @@ class FullResDecoder:
     def _on_gpu(self) -> bool:
         return self.device == 'cuda' or (self.device == 'auto' and torch.cuda.is_available())
 
-    def _gpu(self, encoded: Sequence[bytes]) -> torch.Tensor:
-        """``torchvision.io.decode_jpeg`` on the GPU, then resize (shortest side, bicubic, antialiased), crop or
-        augment, normalise, on the GPU."""
+    def _tensor_decode(self, encoded: Sequence[bytes], device: str) -> torch.Tensor:
+        """``torchvision.io.decode_jpeg`` on ``device`` (``cuda``: nvJPEG), then resize (shortest side, bicubic,
+        antialiased), crop or augment, and normalise there (``tests/test_two_stage.py`` runs it on the CPU too)."""
         import torch.nn.functional as F  # noqa: PLC0415
         from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
 
         raw = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
-        images = decode_jpeg(raw, mode=ImageReadMode.RGB, device='cuda')
+        images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
         sizes = [(int(im.shape[2]), int(im.shape[1])) for im in images]
         augs = self.augment.boxes(sizes, self.generator) if self.augment is not None else [None] * len(images)
         s, out = self.image_size, []
