@@ -58,6 +58,7 @@ from composer_jest.data.remote import (
     s3_client,
     split_s3_url,
 )
+from composer_jest.data.two_stage import SCORING_COLUMN, scoring_thumbnail
 
 __all__ = [
     'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary',
@@ -69,7 +70,7 @@ IMAGE_ENCODINGS = ('source', 'jpeg', 'png', 'bytes')
 SOURCE_FORMATS = ('JPEG', 'PNG')  # kept byte for byte by image_encoding='source'; other formats become PNG
 KEEP_TYPES = {'float': 'float64', 'int': 'int'}  # --keep-columns NAME[:float|:int] -> MDS encoding
 # Columns every conversion owns (or batch keys the reader makes): --keep-columns cannot take these names.
-_RESERVED = ('image', 'caption', 'meta', INDEX_KEY, LABEL_KEY, TEXT_KEY, *CACHED_REFERENCE_KEYS)
+_RESERVED = ('image', 'caption', 'meta', INDEX_KEY, LABEL_KEY, TEXT_KEY, SCORING_COLUMN, *CACHED_REFERENCE_KEYS)
 DEFAULT_HASHES = ('sha1', 'xxh64')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 CAPTION_EXTENSIONS = ('txt', 'caption')
@@ -395,6 +396,12 @@ def _png_mode(image: Image.Image) -> Image.Image:
     return image if image.mode in ('1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I', 'I;16') else image.convert('RGB')
 
 
+def _check_scoring_side(side: Optional[int]) -> None:
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+        raise ValueError(f'scoring_side must be a positive int (the two-stage scoring side, e.g. 112) or None, '
+                         f'got {side!r}')
+
+
 def _check_encoding(image_encoding: str) -> str:
     """The MDS encoding of the ``image`` column for ``image_encoding`` (``source`` and ``bytes`` store bytes)."""
     if image_encoding not in IMAGE_ENCODINGS:
@@ -474,6 +481,7 @@ def convert_folder(
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
     captions_check: Optional[CaptionCheck] = None,
+    scoring_side: Optional[int] = None,
 ) -> ConvertSummary:
     """Convert an image folder described by a CSV or JSONL captions file.
 
@@ -492,10 +500,14 @@ def convert_folder(
         encoding: text encoding of the captions file (e.g. ``'latin-1'``, ``'utf-8-sig'``).
         skip_bad, options: see :func:`write_mds`.
         captions_check: caption length counting/rejection (:class:`CaptionCheck`).
+        scoring_side: also store a JPEG thumbnail with this shortest side in an ``image_scoring`` column: two-stage
+            decoding's stage 1 then decodes it instead of the full file (see :mod:`composer_jest.data.two_stage`;
+            use the scoring side, e.g. 112 for ViT-B/16 scored at patch 32).
 
     Other fields of a row go to the ``meta`` json column (which does not reach the batch).
     """
     image_column_encoding = _check_encoding(image_encoding)
+    _check_scoring_side(scoring_side)
     kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
     captions = Path(captions)
     images_dir = Path(images_dir) if images_dir is not None else captions.parent
@@ -533,12 +545,16 @@ def convert_folder(
             if label_column is not None:
                 sample['label'] = _int_field(row_key, row, label_column)
             sample.update({name: _numeric_field(row_key, row, name, enc) for name, enc in kept.items()})
+            if scoring_side is not None:
+                sample[SCORING_COLUMN] = scoring_thumbnail(image, scoring_side)
             return sample
         return row_key, load
 
     columns = {'image': image_column_encoding, 'caption': 'str', 'meta': 'json', **kept}
     if label_column is not None:
         columns['label'] = 'int'
+    if scoring_side is not None:
+        columns[SCORING_COLUMN] = 'bytes'
     return write_mds((record(k, r) for k, r in rows), out, columns, skip_bad=skip_bad, options=options, total=total,
                      captions=captions_check)
 
@@ -655,6 +671,7 @@ def convert_webdataset(
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
     captions_check: Optional[CaptionCheck] = None,
+    scoring_side: Optional[int] = None,
 ) -> ConvertSummary:
     """Convert webdataset tar shards (``key.jpg`` + ``key.txt`` [+ ``key.json``], as img2dataset writes).
 
@@ -666,24 +683,29 @@ def convert_webdataset(
         keep_columns: numeric fields of ``key.json`` kept as columns of their own (see :func:`convert_folder`).
         skip_bad, options: see :func:`write_mds`.
         captions_check: caption length counting/rejection (:class:`CaptionCheck`).
+        scoring_side: also store a scoring thumbnail (see :func:`convert_folder`).
 
     The rest of ``key.json`` goes to the ``meta`` column (plus ``key`` and ``shard``).
     """
     image_column_encoding = _check_encoding(image_encoding)
+    _check_scoring_side(scoring_side)
     kept = parse_keep_columns(keep_columns)
     paths = expand_shards(shards)
 
     def records() -> Iterator[Record]:
         for shard in paths:
             for key, group in _tar_groups(shard):
-                yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding, kept)
+                yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding, kept,
+                                                    scoring_side)
 
     columns = {'image': image_column_encoding, 'caption': 'str', 'meta': 'json', **kept}
+    if scoring_side is not None:
+        columns[SCORING_COLUMN] = 'bytes'
     return write_mds(records(), out, columns, skip_bad=skip_bad, options=options, captions=captions_check)
 
 
 def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_encoding: str,
-                kept: dict[str, str]) -> Callable[[], dict]:
+                kept: dict[str, str], scoring_side: Optional[int] = None) -> Callable[[], dict]:
     def load() -> dict:
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
         if image_ext is None:
@@ -707,8 +729,9 @@ def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_
         meta = {k: v for k, v in meta.items() if k not in kept}
         meta.update(key=key, shard=shard)
         image = _decode(name, data=group[image_ext])
+        scoring = {SCORING_COLUMN: scoring_thumbnail(image, scoring_side)} if scoring_side is not None else {}
         return {'image': _encode_image(image, group[image_ext], image_encoding), 'caption': caption, 'meta': meta,
-                **numbers}
+                **numbers, **scoring}
     return load
 
 
@@ -826,6 +849,9 @@ def _parser() -> argparse.ArgumentParser:
                      help='treat captions longer than --caption-context as bad samples')
     bad.add_argument('--image-encoding', default='source', choices=IMAGE_ENCODINGS, help=_ENCODING_HELP)
     bad.add_argument('--keep-columns', default=None, metavar='NAME[:int],...', help=_KEEP_HELP)
+    bad.add_argument('--scoring-side', type=int, default=None, metavar='S',
+                     help='also store a JPEG thumbnail with shortest side S (image_scoring column) for two-stage '
+                          "decoding's stage 1 (e.g. 112: ViT-B/16 scored at patch 32)")
 
     parser = argparse.ArgumentParser(prog='composer-jest convert', description='Convert image-caption data to MDS.',
                                      formatter_class=_HelpFormatter)
@@ -877,12 +903,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary = convert_folder(args.captions, args.out, images_dir=args.images, image_column=args.image_column,
                                      caption_column=args.caption_column, label_column=args.label_column,
                                      keep_columns=args.keep_columns, image_encoding=args.image_encoding,
-                                     encoding=args.encoding,
+                                     encoding=args.encoding, scoring_side=args.scoring_side,
                                      skip_bad=args.skip_bad, options=options, captions_check=check)
         elif args.source == 'webdataset':
             summary = convert_webdataset(args.shards, args.out, image_encoding=args.image_encoding,
                                          keep_columns=args.keep_columns, skip_bad=args.skip_bad, options=options,
-                                         captions_check=check)
+                                         captions_check=check, scoring_side=args.scoring_side)
         elif args.source == 'shapes':
             summary = convert_shapes(args.out, num_samples=args.num_samples, noise=args.noise, seed=args.seed,
                                      image_size=args.image_size, options=options)

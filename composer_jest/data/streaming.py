@@ -37,7 +37,7 @@ from streaming.base.hashing import get_hash
 
 from composer_jest.batch import ENCODED_IMAGE_KEY, IMAGE_KEY, INDEX_KEY, TEXT_KEY
 from composer_jest.data.remote import RemoteAccessError, describe_remote_error, download_s3_file, is_remote
-from composer_jest.data.two_stage import open_rgb
+from composer_jest.data.two_stage import SCORING_COLUMN, open_rgb
 
 __all__ = ['ImageTextStreamingDataset', 'ShardError', 'VerifiedStream', 'build_streaming_dataloader']
 
@@ -161,7 +161,8 @@ class ImageTextStreamingDataset(StreamingDataset):
         two_stage_size: two-stage decoding (:mod:`composer_jest.data.two_stage`): JPEGs are decoded in draft mode
             (DCT scaling) to at least this side before ``transform`` (which should then output the scoring
             resolution), and each sample also carries its encoded image bytes as ``image_bytes``, decoded in full
-            only if selected. Needs the image column stored as ``bytes`` (``convert``'s default).
+            only if selected. Needs the image column stored as ``bytes`` (``convert``'s default). Shards with an
+            ``image_scoring`` column (``convert --scoring-side``) are decoded from that thumbnail instead.
         **kwargs: :class:`~streaming.StreamingDataset` arguments (``shuffle``, ``shuffle_seed``, ``batch_size``,
             ``cache_limit``, ``predownload``, ``epoch_size``…). ``download_retry`` (attempts per file, default
             6) and ``download_timeout`` (seconds per connect / read of an attempt, default 30) bound how long a
@@ -247,6 +248,7 @@ class ImageTextStreamingDataset(StreamingDataset):
             raise ValueError(f'{self.remote_name}: two-stage decoding needs the {self.image_key!r} column stored as '
                              f"the encoded file ('bytes'), got {encodings[self.image_key]!r}; convert with "
                              '`composer-jest convert --image-encoding source` (the default) or bytes')
+        self._thumbnails = encodings.get(SCORING_COLUMN) == 'bytes'
         caption = ('caption',) if self.keep_caption else ()
         encoded = (ENCODED_IMAGE_KEY,) if self.two_stage_size is not None else ()
         self.batch_keys = (IMAGE_KEY, TEXT_KEY, INDEX_KEY, *self.extra_columns, *caption, *encoded)
@@ -264,7 +266,9 @@ class ImageTextStreamingDataset(StreamingDataset):
     def decode_sample(self, sample: dict[str, Any]) -> dict[str, Any]:
         """One raw MDS sample -> ``{image, text, index, *extra}`` tensors."""
         image = encoded = sample[self.image_key]
-        if isinstance(image, (bytes, bytearray, memoryview)):  # 'bytes' column: the original file
+        if self.two_stage_size is not None and self._thumbnails:  # stage 1 from the stored scoring thumbnail
+            image = self._thumbnail(sample[SCORING_COLUMN])
+        elif isinstance(image, (bytes, bytearray, memoryview)):  # 'bytes' column: the original file
             image = open_rgb(bytes(image), draft=self.two_stage_size)  # draft: stage 1 of two-stage decoding
         elif image.mode != 'RGB':
             image = image.convert('RGB')
@@ -281,6 +285,14 @@ class ImageTextStreamingDataset(StreamingDataset):
         if self.two_stage_size is not None:
             out[ENCODED_IMAGE_KEY] = bytes(encoded)  # decoded in full after selection (FullResDecoder)
         return out
+
+    def _thumbnail(self, data: bytes) -> Any:
+        image = open_rgb(bytes(data))
+        if min(image.size) < self.two_stage_size:
+            raise ValueError(f'the {SCORING_COLUMN!r} thumbnail is {image.size[0]}x{image.size[1]}, smaller than the '
+                             f'scoring side {self.two_stage_size}: re-convert with --scoring-side '
+                             f'{self.two_stage_size} or more')
+        return image
 
     # -- loud shard failures ------------------------------------------------------------------------
     def _shard_name(self, sample_id: int) -> str:

@@ -47,10 +47,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['open_rgb', 'scoring_image_size', 'eval_transform', 'ScoringTransform', 'RandomResizedCropFlip',
-           'FullResDecoder', 'DECODE_DEVICES']
+__all__ = ['open_rgb', 'scoring_image_size', 'eval_transform', 'scoring_thumbnail', 'ScoringTransform',
+           'RandomResizedCropFlip', 'FullResDecoder', 'DECODE_DEVICES', 'SCORING_COLUMN']
 
 DECODE_DEVICES = ('cpu', 'cuda', 'auto')
+# MDS column of optional stored scoring thumbnails (`composer-jest convert --scoring-side S`): stage 1 decodes this
+# small JPEG instead of the full file (a draft decode still entropy-decodes the whole file).
+SCORING_COLUMN = 'image_scoring'
 
 
 def open_rgb(data: bytes, draft: Optional[int] = None) -> Image.Image:
@@ -60,6 +63,23 @@ def open_rgb(data: bytes, draft: Optional[int] = None) -> Image.Image:
     if draft is not None and image.format == 'JPEG':
         image.draft('RGB', (draft, draft))
     return image if image.mode == 'RGB' else image.convert('RGB')
+
+
+def scoring_thumbnail(image: Image.Image, side: int, quality: int = 90) -> bytes:
+    """A JPEG of ``image`` with its shortest side resized to ``side`` (bicubic): the :data:`SCORING_COLUMN` value.
+
+    Example:
+        >>> open_rgb(scoring_thumbnail(Image.new('RGB', (300, 200)), 112)).size
+        (168, 112)
+    """
+    image = image if image.mode == 'RGB' else image.convert('RGB')
+    k = side / min(image.size)
+    if k < 1:
+        size = (max(side, round(image.size[0] * k)), max(side, round(image.size[1] * k)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, 'JPEG', quality=quality)
+    return buf.getvalue()
 
 
 def scoring_image_size(image_size: int, native_patch_size: int, learner_patch_size: Optional[int]) -> int:
