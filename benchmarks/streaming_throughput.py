@@ -239,34 +239,33 @@ def per_core_rates(jpegs: list[bytes], scoring: int, b: int, repeats: int) -> di
         f'stage 1: draft decode + {scoring} px ScoringTransform (bilinear)':
             best_rate(lambda xs: [low(open_rgb(x, draft=scoring)) for x in xs], jpegs, repeats),
         f'stage 2: FullResDecoder, 1 thread, batches of {b}': best_rate(batches(stage2), jpegs, repeats),
-        f'(not implemented) stage 1 from a {scoring} px JPEG thumbnail stored at conversion':
+        f'stage 1 from a stored {scoring} px thumbnail (`convert --scoring-side {scoring}`) + ScoringTransform':
             best_rate(lambda xs: [low(open_rgb(x)) for x in xs], [thumbnail(x, scoring) for x in jpegs], repeats),
     }
 
 
 def thumbnail(data: bytes, side: int) -> bytes:
-    """A quality-90 JPEG of the image with its shortest side at ``side`` (what a conversion could store)."""
-    import io
+    """What ``convert --scoring-side`` stores (:func:`~composer_jest.data.two_stage.scoring_thumbnail`)."""
+    from composer_jest.data.two_stage import open_rgb, scoring_thumbnail
 
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert('RGB')
-    k = side / min(image.size)
-    image = image.resize((max(side, round(image.size[0] * k)), max(side, round(image.size[1] * k))),
-                         Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    image.save(buf, 'JPEG', quality=90)
-    return buf.getvalue()
+    return scoring_thumbnail(open_rgb(data), side)
 
 
-def write_jpeg_shards(jpegs: list[bytes], out: str, shard_size: str) -> None:
+def write_jpeg_shards(jpegs: list[bytes], out: str, shard_size: str, thumbnails: list[bytes] | None = None
+                      ) -> None:
+    """The JPEGs as MDS shards (``bytes`` image column, as ``convert`` stores JPEG files), with the
+    ``image_scoring`` thumbnails of ``convert --scoring-side`` when given."""
     from streaming import MDSWriter
 
-    with MDSWriter(out=out, columns={'image': 'bytes', 'caption': 'str', 'index': 'int'}, size_limit=shard_size,
-                   compression=None, progress_bar=False) as writer:
+    from composer_jest.data.two_stage import SCORING_COLUMN
+
+    columns = {'image': 'bytes', 'caption': 'str', 'index': 'int'}
+    columns.update({SCORING_COLUMN: 'bytes'} if thumbnails is not None else {})
+    with MDSWriter(out=out, columns=columns, size_limit=shard_size, compression=None, progress_bar=False) as writer:
         for i, data in enumerate(jpegs):
-            writer.write({'image': data, 'caption': f'a photo of synthetic scene number {i} with soft shapes',
-                          'index': i})
+            sample = {'image': data, 'caption': f'a photo of synthetic scene number {i} with soft shapes', 'index': i}
+            sample.update({SCORING_COLUMN: thumbnails[i]} if thumbnails is not None else {})
+            writer.write(sample)
 
 
 @dataclass
@@ -290,7 +289,7 @@ def time_jpeg_loader(remote, local: str, tokenizer, mode: str, workers: int, b: 
     pre = vit_b16_preprocess()
     batch = b if mode == 'uniform' else n
     kwargs = {'transform': eval_transform(pre)}
-    if mode == 'two-stage':
+    if mode.startswith('two-stage'):
         kwargs = {'transform': ScoringTransform(pre, scoring), 'two_stage_size': scoring}
     loader = build_streaming_dataloader(remote, local, tokenizer, batch_size=batch, num_workers=workers,
                                         shuffle_seed=workers, **kwargs)
@@ -301,7 +300,7 @@ def time_jpeg_loader(remote, local: str, tokenizer, mode: str, workers: int, b: 
     t0, cpu0 = time.perf_counter(), time.process_time()
     for sb in it:
         steps += 1
-        if mode == 'two-stage':  # the b selected examples (which ones does not change the cost)
+        if mode.startswith('two-stage'):  # the b selected examples (which ones does not change the cost)
             t1 = time.perf_counter()
             stage2(sb['image_bytes'][:b])
             t_stage2 += time.perf_counter() - t1
@@ -330,7 +329,9 @@ def feed_model(rates: dict[str, float], loader_rows: list[JpegRow], f: float
     cases = {'uniform (b = 256)': (H100_B / full, 'uniform'),
              'JEST one-stage (N = 1280 at 224 px)': (H100_N / full, 'jest'),
              'JEST two-stage (N = 1280 stage 1 + 256 stage 2)': (H100_N / stage1 + H100_B / stage2, 'two-stage'),
-             'JEST two-stage, stage 2 on the GPU (CPU part)': (H100_N / stage1, None)}
+             'JEST two-stage, stage 2 on the GPU (CPU part)': (H100_N / stage1, None),
+             'JEST two-stage, stage 1 from stored thumbnails': (H100_N / rates[keys[5]] + H100_B / stage2,
+                                                               'two-stage, thumbnails')}
     wholes = {}
     for name, (core_s, mode) in cases.items():
         whole = H100_B * serial[mode].cpu_ms_per_trained / 1000 if mode in serial else None
@@ -345,7 +346,7 @@ def summary(cost: list[tuple[str, float]], full: float, stage1: float, stage2: f
             wholes: dict[str, float]) -> str:
     """The section's conclusions, from its numbers."""
     budget = 8 * H100_STEP_MS / 1000
-    two, gpu = cost[2][1] * full, cost[3][1] * full
+    two, gpu, thumbs = cost[2][1] * full, cost[3][1] * full, cost[4][1] * full
     fed = [name for name, c in core_s.items() if c <= budget]
     fed_whole = [name for name, c in wholes.items() if c <= budget]
     crit = 1000 * H100_B / (8 * stage2)
@@ -353,15 +354,17 @@ def summary(cost: list[tuple[str, float]], full: float, stage1: float, stage2: f
         f'Summary. Two-stage decoding cuts the CPU decode + transform cost per trained example from 5x uniform\'s to '
         f'{two:.2f}x with stage 2 on the CPU (target <= 2x: {"met" if two <= 2 else "not met"}: the draft decode '
         'still entropy-decodes the whole file, which DCT scaling does not shorten, so stage 1 costs '
-        f'{full / stage1:.2f} of a full decode + transform, not <= 0.2), and to {gpu:.2f}x of CPU with stage 2 on '
-        f'the GPU. Kept fed by 8 cores, counting decode + transform only: {"; ".join(fed) or "none"}; counting the '
+        f'{full / stage1:.2f} of a full decode + transform, not <= 0.2); to {thumbs:.2f}x with stage 1 from the '
+        f'thumbnails stored by `convert --scoring-side` (target {"met" if thumbs <= 2 else "not met"}), and to '
+        f'{gpu:.2f}x of CPU with stage 2 on the GPU. Kept fed by 8 cores, counting decode + transform only: '
+        f'{"; ".join(fed) or "none"}; counting the '
         f'whole loader (tokenization, collation, streaming): {"; ".join(fed_whole) or "none"}. Stage 2 runs in '
         'the trainer process after selection, on the '
         f'critical path: with 8 decode threads it adds ~{crit:.0f} ms to the {H100_STEP_MS} ms step '
         f'({H100_B} / (8 x {stage2:.0f}/s)); `decode_device: cuda` (`torchvision.io.decode_jpeg` on the GPU) moves '
         'it off the CPU, but no GPU was available to this session, so its speed is not measured. Scores from the '
-        'low-resolution path: within 1.7% of FlexiViT\'s features (relative to the spread between examples; '
-        'FlexiViT itself is 11% from native-patch features), `tests/test_two_stage.py`.')
+        'low-resolution path: within 1.7% of FlexiViT\'s features (2.5% from stored thumbnails; relative to the '
+        'spread between examples; FlexiViT itself is 11% from native-patch features), `tests/test_two_stage.py`.')
 
 
 def jpeg_suite(args) -> str:
@@ -390,16 +393,21 @@ def jpeg_suite(args) -> str:
 
         boto3.session.Session().client('s3', endpoint_url=url).create_bucket(Bucket='bench')
         local_dir, remote = os.path.join(workdir, 'jpegs'), 's3://bench/jpegs'
-        write_jpeg_shards(jpegs, local_dir, args.shard_size)
-        write_jpeg_shards(jpegs, remote, args.shard_size)
+        thumbs = [thumbnail(x, scoring) for x in jpegs]
+        dirs = {False: (local_dir, remote), True: (local_dir + '-thumbs', remote + '-thumbs')}
+        for with_thumbs, (local_out, remote_out) in dirs.items():
+            for out in (local_out, remote_out):
+                write_jpeg_shards(jpegs, out, args.shard_size, thumbs if with_thumbs else None)
         import open_clip
 
         tokenizer = open_clip.SimpleTokenizer(context_length=64)
         for workers in (int(w) for w in args.workers.split(',')):
-            for source in (None, remote):
-                for mode in ('uniform', 'jest', 'two-stage'):
+            for remote_source in (False, True):
+                for mode in ('uniform', 'jest', 'two-stage', 'two-stage, thumbnails'):
+                    local_in, remote_in = dirs[mode.endswith('thumbnails')]
+                    source = remote_in if remote_source else None
                     for attempt in range(3):  # /dev/shm is shared with other jobs: streaming's names can collide
-                        local = local_dir if source is None else tempfile.mkdtemp(dir=workdir)
+                        local = local_in if source is None else tempfile.mkdtemp(dir=workdir)
                         try:
                             row = time_jpeg_loader(source, local, tokenizer, mode, workers, b, n, scoring, len(jpegs))
                             break
@@ -430,7 +438,7 @@ def jpeg_markdown(args, rates, rows, sizes, b, f, n, scoring) -> str:
     cost_lines = ['| per trained example | CPU ms | x uniform |', '|---|---:|---:|']
     cost.append(('JEST two-stage, stage 2 on the GPU (`decode_device: cuda`): CPU part only', k / stage1))
     thumb = rates[keys[5]]
-    cost.append((f'(not implemented) two-stage, stage 1 from stored {scoring} px thumbnails', k / thumb + 1 / stage2))
+    cost.append((f'JEST two-stage, stage 1 from stored {scoring} px thumbnails', k / thumb + 1 / stage2))
     cost_lines += [f'| {name} | {1000 * c:.2f} | {c * full:.2f}x |' for name, c in cost]
     loader = ['| source | mode | workers | batch | images/s (loader) | per worker | stage 2 ms / step | ms / step '
               '| trained examples/s | CPU ms / trained example (workers = 0) |',
