@@ -426,7 +426,7 @@ def parse_keep_columns(spec: Union[None, str, Sequence[str]], taken: Sequence[st
         >>> parse_keep_columns('text')
         Traceback (most recent call last):
         ...
-        ValueError: keep_columns: 'text' is reserved (image, caption, meta, index, label, text, ref_image_features, ref_text_features, ref_logit_scale, ref_logit_bias); the label column is written with label_column / --label-column
+        ValueError: keep_columns: 'text' is reserved (image, caption, meta, index, label, text, image_scoring, ref_image_features, ref_text_features, ref_logit_scale, ref_logit_bias); the label column is written with label_column / --label-column
     """  # noqa: E501
     items = spec.split(',') if isinstance(spec, str) else list(spec or ())
     kept: dict[str, str] = {}
