@@ -15,8 +15,16 @@ from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_jest.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, subbatch_size, subset_batch
+from composer_jest.batch import (
+    CACHED_REFERENCE_KEYS,
+    ENCODED_IMAGE_KEY,
+    IMAGE_KEY,
+    TEXT_KEY,
+    subbatch_size,
+    subset_batch,
+)
 from composer_jest.contract import scoring_model
+from composer_jest.data.two_stage import FullResDecoder
 from composer_jest.flops import StepFlopMeter
 from composer_jest.reference import ReferenceSpec
 from composer_jest.score_inputs import ScoreInputs
@@ -75,6 +83,12 @@ class JEST(Algorithm):
             ``torch.compile`` keyword arguments). Off by default: worth it for fixed super-batch shapes
             on a GPU; compilation takes a while on the first steps, and caption-length buckets
             (``CLIPTowers.text_buckets``) vary in size from step to step (dynamic shapes).
+        full_res: two-stage decoding (:mod:`composer_jest.data.two_stage`): the loader yields low-resolution
+            scoring images plus the encoded files (``image_bytes``); the learner scores the low-resolution images
+            at the patch giving ``learner_patch_size``'s token grid, and only the selected examples are decoded at
+            full resolution by this :class:`~composer_jest.data.two_stage.FullResDecoder` (its augmentation
+            generator is checkpointed with the algorithm). Needs cached reference features when the score uses
+            the reference.
 
     Logs (per step): ``jest/examples_seen`` and ``jest/examples_trained`` (cumulative, summed over
     ranks like Composer's sample count), ``jest/learnability_superbatch``/``_selected`` (with
@@ -107,6 +121,7 @@ class JEST(Algorithm):
         seed: int = 0,
         fast_scoring: bool = True,
         compile_scoring: Union[bool, dict] = False,
+        full_res: Optional[FullResDecoder] = None,
     ):
         check_settings(filter_ratio=filter_ratio, n_chunks=n_chunks, score=score, selection=selection, loss=loss,
                        temperature=temperature)
@@ -122,6 +137,10 @@ class JEST(Algorithm):
         self.filter_ratio, self.n_chunks, self.score, self.selection = float(filter_ratio), n_chunks, score, selection
         self.loss, self.learner_patch_size, self.scope, self.temperature = loss, learner_patch_size, scope, temperature
         self.image_key, self.text_key, self.track_keys, self.seed = image_key, text_key, tuple(track_keys), seed
+        if full_res is not None and not isinstance(full_res, FullResDecoder):
+            raise ValueError(f'full_res must be a composer_jest.data.two_stage.FullResDecoder or None, '
+                             f'got {full_res!r}')
+        self.full_res = full_res
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
@@ -182,11 +201,37 @@ class JEST(Algorithm):
         return int(np.random.SeedSequence([self.seed, dist.get_global_rank()]).generate_state(1)[0])
 
     def _features(self, state: State, batch: dict) -> tuple[Optional[Features], Optional[Features]]:
-        return self._inputs(state, batch, self.image_key, self.text_key)
+        patch = self._two_stage_patch(batch) if ENCODED_IMAGE_KEY in batch else None
+        return self._inputs(state, batch, self.image_key, self.text_key, patch_size=patch)
+
+    def _two_stage_patch(self, batch: dict) -> Optional[int]:
+        """The patch at which the low-resolution images of a two-stage batch give the token grid of
+        ``learner_patch_size`` on full-resolution ones: ``p_learner * S_low / S``."""
+        if self.full_res is None:
+            raise ValueError(f'the batch carries {ENCODED_IMAGE_KEY!r} (two-stage decoding) but JEST has no full_res '
+                             'decoder: set train_loader.two_stage in the config, or pass JEST(full_res=...)')
+        if self.uses_reference and not all(k in batch for k in CACHED_REFERENCE_KEYS):
+            raise ValueError(f'two-stage decoding gives the scorers low-resolution images: score={self.score!r} needs '
+                             'cached reference features (`composer-jest embed-reference`, reference: cached)')
+        low, full = batch[self.image_key].shape[-1], self.full_res.image_size
+        if self.learner_patch_size is None:
+            if low != full:
+                raise ValueError(f'two-stage images of side {low} (training side {full}) need learner_patch_size '
+                                 f'= {full} * native patch / {low}')
+            return None
+        patch = self.learner_patch_size * low / full
+        if patch != int(patch):
+            raise ValueError(f'two-stage images of side {low} do not match learner_patch_size='
+                             f'{self.learner_patch_size} at training side {full}: {self.learner_patch_size} * {low} / '
+                             f'{full} is not an integer patch (see composer_jest.data.two_stage.scoring_image_size)')
+        return int(patch)
 
     def _select(self, state: State, logger: Logger) -> None:
         state.batch = state.device.batch_to_device(state.batch)
         batch = state.batch
+        if self.full_res is not None and ENCODED_IMAGE_KEY not in batch:
+            raise ValueError(f'JEST has a full_res decoder but the batch has no {ENCODED_IMAGE_KEY!r} column: build '
+                             'the loader with two-stage decoding (train_loader.two_stage)')
         n = batch[self.image_key].shape[0]
         b = self.subbatch_size(n)
         start = time.perf_counter()
@@ -211,8 +256,12 @@ class JEST(Algorithm):
         if not bool(finite):
             self._inputs.name_non_finite(batch, self.image_key, learner, reference, int(state.timestamp.batch))
         metrics = {f'jest/{k}': float(v) for k, v in selected.stats.items()}
+        state.batch = subset_batch(batch, local, n)
+        if self.full_res is not None:  # stage 2: only the selected examples, at full resolution
+            state.batch[self.image_key] = self.full_res(state.batch.pop(ENCODED_IMAGE_KEY))
+            state.batch = state.device.batch_to_device(state.batch)
         metrics.update(self._flops.metrics(
-            scoring_model(state.model), batch[self.image_key], batch[self.text_key], n, b,
+            scoring_model(state.model), state.batch[self.image_key], batch[self.text_key], n, b,
             reference_cached=all(k in batch for k in CACHED_REFERENCE_KEYS), learner_patch_size=self.learner_patch_size,
             reference_clip=self.reference, uses_reference=self.uses_reference, uses_learner=self.uses_learner))
         for key in self.track_keys:
@@ -222,7 +271,6 @@ class JEST(Algorithm):
             values = torch.as_tensor(batch[key]).float()
             metrics[f'jest/superbatch/{key}'] = float(values.mean())
             metrics[f'jest/selected/{key}'] = float(values[local.to(values.device)].mean())
-        state.batch = subset_batch(batch, local, n)
         self.last_indices = local
         self.examples_seen += n
         self.examples_trained += local.numel()
@@ -244,6 +292,8 @@ class JEST(Algorithm):
         sd.update(examples_seen=self.examples_seen, examples_trained=self.examples_trained, settings=self.settings())
         if self.generator is not None:
             sd['rng'] = self.generator.get_state()
+        if self.full_res is not None:
+            sd['full_res'] = self.full_res.state_dict()
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -256,6 +306,8 @@ class JEST(Algorithm):
                           stacklevel=2)
         self.examples_seen = state.get('examples_seen', 0)
         self.examples_trained = state.get('examples_trained', 0)
+        if self.full_res is not None and 'full_res' in state:
+            self.full_res.load_state_dict(state['full_res'])
         if 'rng' in state:
             if self.generator is not None:
                 self.generator.set_state(state['rng'])

@@ -1,8 +1,9 @@
 """The batch schema and the super-batch / sub-batch relation, in one place.
 
 Keys of the batches the data path yields and the model and JEST read: :data:`IMAGE_KEY`, :data:`TEXT_KEY`,
-:data:`INDEX_KEY` (a stable example id), :data:`LABEL_KEY` (zero-shot evaluation), and the cached reference
-columns :data:`CACHED_REFERENCE_KEYS` that ``composer-jest embed-reference`` writes.
+:data:`INDEX_KEY` (a stable example id), :data:`LABEL_KEY` (zero-shot evaluation), :data:`ENCODED_IMAGE_KEY`
+(two-stage decoding), and the cached reference columns :data:`CACHED_REFERENCE_KEYS` that
+``composer-jest embed-reference`` writes.
 
 JEST streams a super-batch of ``N`` examples per rank and trains on ``b`` of them, with filter ratio
 ``f = 1 - b / N``. The config says ``b`` (``global_train_batch_size``) and ``f``; the loader is told ``N``
@@ -18,10 +19,13 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ['IMAGE_KEY', 'TEXT_KEY', 'INDEX_KEY', 'LABEL_KEY', 'CACHED_REFERENCE_KEYS', 'superbatch_size',
-           'subbatch_size', 'subset_batch', 'loader_batch_keys']
+__all__ = ['IMAGE_KEY', 'TEXT_KEY', 'INDEX_KEY', 'LABEL_KEY', 'ENCODED_IMAGE_KEY', 'CACHED_REFERENCE_KEYS',
+           'superbatch_size', 'subbatch_size', 'subset_batch', 'loader_batch_keys']
 
 IMAGE_KEY, TEXT_KEY, INDEX_KEY, LABEL_KEY = 'image', 'text', 'index', 'label'
+# Two-stage decoding (composer_jest.data.two_stage): the encoded image file of each example, decoded in full only
+# if JEST selects it; the batch's IMAGE_KEY then holds the low-resolution scoring images.
+ENCODED_IMAGE_KEY = 'image_bytes'
 # Batch columns written by `composer-jest embed-reference`: features are L2-normalised float16.
 CACHED_REFERENCE_KEYS = ('ref_image_features', 'ref_text_features', 'ref_logit_scale', 'ref_logit_bias')
 

@@ -16,6 +16,7 @@ from composer_jest import registry
 from composer_jest.algorithm import JEST, jest_first
 from composer_jest.batch import CACHED_REFERENCE_KEYS, LABEL_KEY, loader_batch_keys, superbatch_size
 from composer_jest.checkpoint import check_resumable, load_checkpoint
+from composer_jest.data.two_stage import FullResDecoder, RandomResizedCropFlip
 from composer_jest.model import CLIPModel
 from composer_jest.reference import load_weights
 
@@ -29,6 +30,8 @@ __all__ = [
     'per_rank_batch_sizes',
     'resolve_classnames',
     'check_batch_keys',
+    'full_res_decoder',
+    'with_scoring_image_size',
 ]
 
 
@@ -68,7 +71,7 @@ def build_model(cfg: DictConfig) -> CLIPModel:
     return model
 
 
-def build_algorithms(cfg: DictConfig, missing_reference_ok: bool = False) -> list[Algorithm]:
+def build_algorithms(cfg: DictConfig, missing_reference_ok: bool = False, full_res: Any = None) -> list[Algorithm]:
     """``algorithms:`` by registered name, JEST first.
 
     A bare reference path takes the learner's architecture (checked at construction). With
@@ -85,6 +88,10 @@ def build_algorithms(cfg: DictConfig, missing_reference_ok: bool = False) -> lis
         else:
             reference = {'model': _plain(cfg.model.name), 'checkpoint': reference}
         section = {**section, 'jest': {**section['jest'], 'reference': reference}}
+    if full_res is not None:  # two-stage decoding: JEST decodes the selected examples
+        if 'jest' not in section:
+            raise ValueError('train_loader.two_stage needs algorithms.jest (JEST selects between the two stages)')
+        section = {**section, 'jest': {**section['jest'], 'full_res': full_res}}
     algorithms = registry.build_section(registry.algorithms, 'algorithm', section, 'algorithms')
     return sorted(algorithms, key=lambda a: not isinstance(a, JEST))
 
@@ -128,7 +135,7 @@ def build_components(cfg: DictConfig, world_size: Optional[int] = None,
     and the per-rank trained batch ``b`` and super-batch ``N``.
     """
     model = build_model(cfg.model)
-    algorithms = build_algorithms(cfg, missing_reference_ok)
+    algorithms = build_algorithms(cfg, missing_reference_ok, full_res=full_res_decoder(cfg.train_loader, model))
     b, n = per_rank_batch_sizes(cfg.global_train_batch_size, _filter_ratio(algorithms),
                                 world_size or dist.get_world_size())
     optimizer_cfg = dict(_plain(cfg.optimizer))
@@ -146,6 +153,29 @@ def build_components(cfg: DictConfig, world_size: Optional[int] = None,
     }
 
 
+def full_res_decoder(cfg: DictConfig, model: CLIPModel) -> Optional[FullResDecoder]:
+    """The stage-2 decoder of a loader config's ``two_stage`` section (``None`` without one)."""
+    two = cfg.get('two_stage')
+    if two is None:
+        return None
+    augment = None
+    if two.augment:
+        augment = RandomResizedCropFlip(scale=tuple(two.augment_scale), ratio=tuple(two.augment_ratio),
+                                        flip=two.augment_flip)
+    return FullResDecoder(model.preprocess_cfg(), threads=two.decode_threads, device=two.decode_device,
+                          augment=augment, seed=two.augment_seed, rank=dist.get_global_rank())
+
+
+def with_scoring_image_size(cfg: DictConfig, model: CLIPModel, algorithms: list[Algorithm]) -> DictConfig:
+    """A train loader config whose ``two_stage.scoring_image_size`` is set: the side at which the learner's native
+    patch gives ``algorithms.jest.learner_patch_size``'s token grid, unless given."""
+    if cfg.get('two_stage') is None or cfg.two_stage.scoring_image_size is not None:
+        return cfg
+    jest = next(a for a in algorithms if isinstance(a, JEST))
+    size = model.scoring_image_size(jest.learner_patch_size)
+    return OmegaConf.merge(cfg, {'two_stage': {'scoring_image_size': size}})
+
+
 def dry_run(cfg: DictConfig, world_size: Optional[int] = None) -> dict[str, Any]:
     """:func:`build_components` without data access: catches config errors before a run.
 
@@ -161,7 +191,8 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
     reproducibility.seed_all(cfg.seed)
     built = build_components(cfg)
     model, b = built['model'], built['b']
-    train_loader = build_dataloader(cfg.train_loader, model, built['N'], train=True)
+    train_cfg = with_scoring_image_size(cfg.train_loader, model, built['algorithms'])
+    train_loader = build_dataloader(train_cfg, model, built['N'], train=True)
     eval_loader = None
     if cfg.eval_loader is not None:
         eval_loader = build_dataloader(cfg.eval_loader, model, cfg.device_eval_batch_size, train=False)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-__all__ = ['ModelConfig', 'DataConfig', 'TrainConfig', 'load_config']
+__all__ = ['ModelConfig', 'TwoStageConfig', 'DataConfig', 'TrainConfig', 'load_config']
 
 
 @dataclass
@@ -27,6 +27,20 @@ class ModelConfig:
     low_res_patch_size: Optional[int] = None
     checkpoint: Optional[str] = None  # initial weights (Composer checkpoint or open_clip state_dict)
     pretrained: Optional[str] = None  # initial weights through open_clip: a tag of `name` (downloads) or a local file
+
+
+@dataclass
+class TwoStageConfig:
+    """Two-stage decoding of a JEST train loader (``two_stage: {}`` turns it on; composer_jest.data.two_stage)."""
+
+    scoring_image_size: Optional[int] = None  # default: image side * native patch / algorithms.jest.learner_patch_size
+    decode_threads: int = 4  # full-resolution decode of the selected examples
+    decode_device: str = 'cpu'  # cpu | cuda (torchvision decode_jpeg) | auto
+    augment: bool = False  # random resized crop + flip of the selected examples (seeded, checkpointed)
+    augment_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    augment_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    augment_flip: float = 0.5
+    augment_seed: int = 0
 
 
 @dataclass
@@ -47,6 +61,7 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the dataset
+    two_stage: Optional[TwoStageConfig] = None  # mds + JEST: score low-res decodes, decode only the selected
 
 
 @dataclass
@@ -118,6 +133,9 @@ def _check(cfg: DictConfig) -> None:
         registry.get(registry.data_sources, loader.source, 'data source', f'{name}.source')
         if loader.source == 'mds' and not (loader.remote or loader.local):
             raise ValueError(f'{name}: source=mds needs remote (e.g. s3://bucket/path) and/or local')
+        if loader.two_stage is not None and (name != 'train_loader' or loader.source != 'mds'):
+            raise ValueError(f'{name}.two_stage: two-stage decoding is for a train_loader with source: mds '
+                             f'(JEST selects between the stages), got {name} with source {loader.source!r}')
     if cfg.global_train_batch_size < 1:
         raise ValueError(f'global_train_batch_size must be >= 1, got {cfg.global_train_batch_size}')
     if cfg.optimizer is None or 'name' not in cfg.optimizer:

@@ -287,6 +287,22 @@ class CLIPModel(ComposerModel):
         """The eval-time PIL -> tensor transform the image tower expects (size, mean/std, resize mode)."""
         return eval_image_transform(self.towers.clip)
 
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """open_clip's preprocessing settings of the image tower (size, mean/std, interpolation, resize mode)."""
+        return dict(self.towers.clip.visual.preprocess_cfg)
+
+    def scoring_image_size(self, patch_size: Optional[int]) -> int:
+        """The image side whose native-patch token grid is that of a full-size image at ``patch_size`` (two-stage
+        decoding scores such images: :func:`composer_jest.data.two_stage.scoring_image_size`)."""
+        from composer_jest.data.two_stage import scoring_image_size  # noqa: PLC0415
+
+        visual = self.towers.clip.visual
+        size, native = visual.preprocess_cfg['size'], getattr(visual, 'patch_size', None)
+        if native is None:
+            raise ValueError('two-stage decoding needs a ViT image tower (a native patch size)')
+        native = native[0] if isinstance(native, (tuple, list)) else native
+        return scoring_image_size(size[0] if isinstance(size, (tuple, list)) else size, native, patch_size)
+
     def forward(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
         image, text = batch[self.image_key], batch[self.text_key]
         low_res = 0

@@ -55,14 +55,17 @@ class ScoreInputs:
         if self.uses_learner:
             model.check_scoring_patch_size(self.learner_patch_size)
 
-    def __call__(self, state: State, batch: dict, image_key: str, text_key: str
+    def __call__(self, state: State, batch: dict, image_key: str, text_key: str, patch_size: Optional[int] = None
                  ) -> tuple[Optional[Features], Optional[Features]]:
+        """Learner and reference features; ``patch_size`` overrides ``learner_patch_size`` (two-stage decoding
+        scores low-resolution images at the patch giving the same token grid)."""
         image, text = batch[image_key], batch[text_key]
         learner = reference = None
         precision = state.precision, state.precision_config
         with self._grad_mode(state, learner=True), get_precision_context(*precision):
             if self.uses_learner:  # eval semantics: the contract's promise
-                learner = dict(self._learner(state)(batch, self.learner_patch_size))
+                patch = patch_size if patch_size is not None else self.learner_patch_size
+                learner = dict(self._learner(state)(batch, patch))
         with self._grad_mode(state, learner=False), get_precision_context(*precision):
             if self.uses_reference:
                 reference = self.reference.features(batch, image, text)

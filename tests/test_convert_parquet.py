@@ -129,3 +129,21 @@ def test_parquet_and_its_image_paths_on_s3(s3_endpoint, tmp_path, streaming_shm)
     summary = convert_parquet(f's3://{s3_endpoint.bucket}/hf/data/', out, options=QUIET)
     assert summary.written == 3
     assert [s['image'] for s in _read(out)] == images, 'PNG bytes kept; the path-only row read from the s3 prefix'
+
+
+def test_parquet_scoring_thumbnails(tmp_path, streaming_shm):  # noqa: F811
+    """``--scoring-side`` works for parquet as for folders: a JPEG thumbnail of each kept image, shortest side S."""
+    from composer_jest.data.two_stage import SCORING_COLUMN
+
+    path = tmp_path / '00000.parquet'
+    images = _img2dataset_parquet(path)
+    out = str(tmp_path / 'mds')
+    summary = convert_parquet(str(path), out, skip_bad=True, scoring_side=6, options=QUIET)
+    assert summary.columns[SCORING_COLUMN] == 'bytes'
+    samples = _read(out)
+    for sample, source in zip(samples, [images[0], images[2], images[5]]):
+        thumb = Image.open(io.BytesIO(sample[SCORING_COLUMN]))
+        assert thumb.format == 'JPEG' and min(thumb.size) == 6
+        assert sample['image'] == source
+    with pytest.raises(ValueError, match='scoring_side'):
+        convert_parquet(str(path), str(tmp_path / 'bad'), scoring_side=0, options=QUIET)

@@ -59,6 +59,7 @@ from composer_jest.data.remote import (
     s3_client,
     split_s3_url,
 )
+from composer_jest.data.two_stage import SCORING_COLUMN, scoring_thumbnail
 
 __all__ = [
     'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary',
@@ -70,7 +71,7 @@ IMAGE_ENCODINGS = ('source', 'jpeg', 'png', 'bytes')
 SOURCE_FORMATS = ('JPEG', 'PNG')  # kept byte for byte by image_encoding='source'; other formats become PNG
 KEEP_TYPES = {'float': 'float64', 'int': 'int'}  # --keep-columns NAME[:float|:int] -> MDS encoding
 # Columns every conversion owns (or batch keys the reader makes): --keep-columns cannot take these names.
-_RESERVED = ('image', 'caption', 'meta', INDEX_KEY, LABEL_KEY, TEXT_KEY, *CACHED_REFERENCE_KEYS)
+_RESERVED = ('image', 'caption', 'meta', INDEX_KEY, LABEL_KEY, TEXT_KEY, SCORING_COLUMN, *CACHED_REFERENCE_KEYS)
 DEFAULT_HASHES = ('sha1', 'xxh64')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 CAPTION_EXTENSIONS = ('txt', 'caption')
@@ -396,6 +397,12 @@ def _png_mode(image: Image.Image) -> Image.Image:
     return image if image.mode in ('1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I', 'I;16') else image.convert('RGB')
 
 
+def _check_scoring_side(side: Optional[int]) -> None:
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+        raise ValueError(f'scoring_side must be a positive int (the two-stage scoring side, e.g. 112) or None, '
+                         f'got {side!r}')
+
+
 def _check_encoding(image_encoding: str) -> str:
     """The MDS encoding of the ``image`` column for ``image_encoding`` (``source`` and ``bytes`` store bytes)."""
     if image_encoding not in IMAGE_ENCODINGS:
@@ -420,7 +427,7 @@ def parse_keep_columns(spec: Union[None, str, Sequence[str]], taken: Sequence[st
         >>> parse_keep_columns('text')
         Traceback (most recent call last):
         ...
-        ValueError: keep_columns: 'text' is reserved (image, caption, meta, index, label, text, ref_image_features, ref_text_features, ref_logit_scale, ref_logit_bias); the label column is written with label_column / --label-column
+        ValueError: keep_columns: 'text' is reserved (image, caption, meta, index, label, text, image_scoring, ref_image_features, ref_text_features, ref_logit_scale, ref_logit_bias); the label column is written with label_column / --label-column
     """  # noqa: E501
     items = spec.split(',') if isinstance(spec, str) else list(spec or ())
     kept: dict[str, str] = {}
@@ -475,6 +482,7 @@ def convert_folder(
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
     captions_check: Optional[CaptionCheck] = None,
+    scoring_side: Optional[int] = None,
 ) -> ConvertSummary:
     """Convert an image folder described by a CSV or JSONL captions file.
 
@@ -493,10 +501,14 @@ def convert_folder(
         encoding: text encoding of the captions file (e.g. ``'latin-1'``, ``'utf-8-sig'``).
         skip_bad, options: see :func:`write_mds`.
         captions_check: caption length counting/rejection (:class:`CaptionCheck`).
+        scoring_side: also store a JPEG thumbnail with this shortest side in an ``image_scoring`` column: two-stage
+            decoding's stage 1 then decodes it instead of the full file (see :mod:`composer_jest.data.two_stage`;
+            use the scoring side, e.g. 112 for ViT-B/16 scored at patch 32).
 
     Other fields of a row go to the ``meta`` json column (which does not reach the batch).
     """
     _check_encoding(image_encoding)  # an unknown encoding fails before any file is read
+    _check_scoring_side(scoring_side)
     kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
     captions = Path(captions)
     images_dir = Path(images_dir) if images_dir is not None else captions.parent
@@ -511,7 +523,7 @@ def convert_folder(
         rows, total = _jsonl_rows(captions, encoding)
     else:
         raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
-    fields = _RowFields(image_column, caption_column, label_column, kept)
+    fields = _RowFields(image_column, caption_column, label_column, kept, scoring_side)
 
     def record(row_key: str, row: Any) -> Record:
         def load() -> dict:
@@ -526,7 +538,8 @@ def convert_folder(
             path = images_dir / rel
             image = _decode(f'{row_key} ({path})', path=path)
             raw = path.read_bytes() if _raw_bytes(image_encoding) else None
-            return _row_sample(row_key, row, _encode_image(image, raw, image_encoding), fields, f'{row_key} ({path})')
+            return _row_sample(row_key, row, _encode_image(image, raw, image_encoding), fields, f'{row_key} ({path})',
+                               decoded=image)
         return row_key, load
 
     return write_mds((record(k, r) for k, r in rows), out, fields.columns(image_encoding), skip_bad=skip_bad,
@@ -541,25 +554,32 @@ class _RowFields:
     caption: str
     label: Optional[str]
     kept: dict[str, str]
+    scoring_side: Optional[int] = None  # also a scoring thumbnail column (two-stage decoding's stage 1)
 
     def used(self) -> set[str]:
         return {self.image, self.caption, *([self.label] if self.label else []), *self.kept}
 
     def columns(self, image_encoding: str) -> dict[str, str]:
         """The MDS columns of a conversion writing these fields."""
-        return _row_columns(image_encoding, self.label, self.kept)
+        return _row_columns(image_encoding, self.label, self.kept, self.scoring_side)
 
 
-def _row_columns(image_encoding: str, label: Optional[str], kept: dict[str, str]) -> dict[str, str]:
-    """The MDS columns of a conversion of rows: image, caption, meta, the kept columns, ``label`` if given."""
+def _row_columns(image_encoding: str, label: Optional[str], kept: dict[str, str],
+                 scoring_side: Optional[int] = None) -> dict[str, str]:
+    """The MDS columns of a conversion of rows: image, caption, meta, the kept columns, ``label`` if given, the
+    scoring thumbnail if ``scoring_side`` is."""
     columns = {'image': _check_encoding(image_encoding), 'caption': 'str', 'meta': 'json', **kept}
     if label is not None:
         columns['label'] = 'int'
+    if scoring_side is not None:
+        columns[SCORING_COLUMN] = 'bytes'
     return columns
 
 
-def _row_sample(key: str, row: dict, image: Any, fields: _RowFields, image_key: Optional[str] = None) -> dict:
-    """The sample of a row whose image is already read: caption, ``label``, kept numeric columns, ``meta``.
+def _row_sample(key: str, row: dict, image: Any, fields: _RowFields, image_key: Optional[str] = None,
+                decoded: Optional[Image.Image] = None) -> dict:
+    """The sample of a row whose image is already read: caption, ``label``, kept numeric columns, ``meta``, and the
+    scoring thumbnail of the ``decoded`` image when ``fields.scoring_side`` is set.
 
     Bad values raise :class:`BadSampleError` naming ``key`` (``image_key``, naming the image too, for the caption).
     """
@@ -572,6 +592,8 @@ def _row_sample(key: str, row: dict, image: Any, fields: _RowFields, image_key: 
     if fields.label is not None:
         sample['label'] = _int_field(key, row, fields.label)
     sample.update({name: _numeric_field(key, row, name, enc) for name, enc in fields.kept.items()})
+    if fields.scoring_side is not None:
+        sample[SCORING_COLUMN] = scoring_thumbnail(decoded, fields.scoring_side)
     return sample
 
 
@@ -702,6 +724,7 @@ def convert_webdataset(
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
     captions_check: Optional[CaptionCheck] = None,
+    scoring_side: Optional[int] = None,
 ) -> ConvertSummary:
     """Convert webdataset tar shards (``key.jpg`` + ``key.txt`` [+ ``key.json``], as img2dataset writes).
 
@@ -713,24 +736,29 @@ def convert_webdataset(
         keep_columns: numeric fields of ``key.json`` kept as columns of their own (see :func:`convert_folder`).
         skip_bad, options: see :func:`write_mds`.
         captions_check: caption length counting/rejection (:class:`CaptionCheck`).
+        scoring_side: also store a scoring thumbnail (see :func:`convert_folder`).
 
     The rest of ``key.json`` goes to the ``meta`` column (plus ``key`` and ``shard``).
     """
     image_column_encoding = _check_encoding(image_encoding)
+    _check_scoring_side(scoring_side)
     kept = parse_keep_columns(keep_columns)
     paths = expand_shards(shards)
 
     def records() -> Iterator[Record]:
         for shard in paths:
             for key, group in _tar_groups(shard):
-                yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding, kept)
+                yield f'{shard}:{key}', _wds_loader(f'{shard}:{key}', key, shard, group, image_encoding, kept,
+                                                    scoring_side)
 
     columns = {'image': image_column_encoding, 'caption': 'str', 'meta': 'json', **kept}
+    if scoring_side is not None:
+        columns[SCORING_COLUMN] = 'bytes'
     return write_mds(records(), out, columns, skip_bad=skip_bad, options=options, captions=captions_check)
 
 
 def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_encoding: str,
-                kept: dict[str, str]) -> Callable[[], dict]:
+                kept: dict[str, str], scoring_side: Optional[int] = None) -> Callable[[], dict]:
     def load() -> dict:
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
         if image_ext is None:
@@ -754,8 +782,9 @@ def _wds_loader(name: str, key: str, shard: str, group: dict[str, bytes], image_
         meta = {k: v for k, v in meta.items() if k not in kept}
         meta.update(key=key, shard=shard)
         image = _decode(name, data=group[image_ext])
+        scoring = {SCORING_COLUMN: scoring_thumbnail(image, scoring_side)} if scoring_side is not None else {}
         return {'image': _encode_image(image, group[image_ext], image_encoding), 'caption': caption, 'meta': meta,
-                **numbers}
+                **numbers, **scoring}
     return load
 
 
@@ -781,6 +810,7 @@ def convert_parquet(
     skip_bad: bool = False,
     options: Optional[MDSOptions] = None,
     captions_check: Optional[CaptionCheck] = None,
+    scoring_side: Optional[int] = None,
 ) -> ConvertSummary:
     """Convert parquet files of image–caption rows: img2dataset's parquet output, Hugging Face datasets, your own.
 
@@ -799,11 +829,13 @@ def convert_parquet(
         images_dir: folder (or ``s3://`` prefix) that relative image paths are read from.
         skip_bad, options: see :func:`write_mds`.
         captions_check: caption length counting/rejection (:class:`CaptionCheck`).
+        scoring_side: also store a scoring thumbnail (see :func:`convert_folder`).
 
     Other columns go to the ``meta`` json column (binary ones are dropped). A file lacking a named column, or
     having none of the default names, is an error naming the file and its columns (not a bad row).
     """
     _check_encoding(image_encoding)
+    _check_scoring_side(scoring_side)
     kept = parse_keep_columns(keep_columns, taken=[c for c in (image_column, caption_column, label_column) if c])
     paths = expand_shards(files, PARQUET_SUFFIXES, 'parquet file')
 
@@ -814,12 +846,13 @@ def convert_parquet(
                 parquet = _parquet_file(path, local)
                 fields = _parquet_fields(path, list(parquet.schema_arrow.names), image_column, caption_column,
                                          label_column, kept)
+                fields.scoring_side = scoring_side
                 for key, row in _parquet_rows(path, parquet):
                     yield key, _parquet_loader(key, row, fields, base, image_encoding)
 
     total = sum(_parquet_file(p, p).metadata.num_rows for p in paths) if not any(map(is_remote, paths)) else None
-    return write_mds(records(), out, _row_columns(image_encoding, label_column, kept), skip_bad=skip_bad,
-                     options=options, total=total, captions=captions_check)
+    return write_mds(records(), out, _row_columns(image_encoding, label_column, kept, scoring_side),
+                     skip_bad=skip_bad, options=options, total=total, captions=captions_check)
 
 
 def _parquet_fields(path: str, columns: list[str], image: Optional[str], caption: Optional[str],
@@ -918,7 +951,7 @@ def _parquet_loader(key: str, row: dict, fields: _RowFields, base: str, image_en
         else:
             key_image, raw = key, bytes(value)
         image = _decode(key_image, data=raw)
-        return _row_sample(key, row, _encode_image(image, raw, image_encoding), fields, key_image)
+        return _row_sample(key, row, _encode_image(image, raw, image_encoding), fields, key_image, decoded=image)
     return load
 
 
@@ -1058,6 +1091,9 @@ def _parser() -> argparse.ArgumentParser:
                      help='treat captions longer than --caption-context as bad samples')
     bad.add_argument('--image-encoding', default='source', choices=IMAGE_ENCODINGS, help=_ENCODING_HELP)
     bad.add_argument('--keep-columns', default=None, metavar='NAME[:int],...', help=_KEEP_HELP)
+    bad.add_argument('--scoring-side', type=int, default=None, metavar='S',
+                     help='also store a JPEG thumbnail with shortest side S (image_scoring column) for two-stage '
+                          "decoding's stage 1 (e.g. 112: ViT-B/16 scored at patch 32)")
 
     parser = argparse.ArgumentParser(prog='composer-jest convert', description='Convert image-caption data to MDS.',
                                      formatter_class=_HelpFormatter)
@@ -1122,18 +1158,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary = convert_folder(args.captions, args.out, images_dir=args.images, image_column=args.image_column,
                                      caption_column=args.caption_column, label_column=args.label_column,
                                      keep_columns=args.keep_columns, image_encoding=args.image_encoding,
-                                     encoding=args.encoding,
+                                     encoding=args.encoding, scoring_side=args.scoring_side,
                                      skip_bad=args.skip_bad, options=options, captions_check=check)
         elif args.source == 'webdataset':
             summary = convert_webdataset(args.shards, args.out, image_encoding=args.image_encoding,
                                          keep_columns=args.keep_columns, skip_bad=args.skip_bad, options=options,
-                                         captions_check=check)
+                                         captions_check=check, scoring_side=args.scoring_side)
         elif args.source == 'parquet':
             summary = convert_parquet(args.files, args.out, image_column=args.image_column,
                                       caption_column=args.caption_column, label_column=args.label_column,
                                       keep_columns=args.keep_columns, images_dir=args.images,
                                       image_encoding=args.image_encoding, skip_bad=args.skip_bad, options=options,
-                                      captions_check=check)
+                                      captions_check=check, scoring_side=args.scoring_side)
         elif args.source == 'shapes':
             summary = convert_shapes(args.out, num_samples=args.num_samples, noise=args.noise, seed=args.seed,
                                      image_size=args.image_size, options=options)

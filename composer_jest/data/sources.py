@@ -26,6 +26,8 @@ def shapes_source(cfg: DictConfig, model, batch_size: int, train: bool) -> torch
     """The procedural shapes demo set (``num_samples``, ``noise``, ``seed``), at the model's image size."""
     from composer_jest.data.demo.shapes import ShapesDataset  # noqa: PLC0415
 
+    if cfg.get('two_stage') is not None:
+        raise ValueError('two_stage: two-stage decoding needs source: mds (JPEG files in MDS shards)')
     image_size = model.towers.clip.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     dataset = ShapesDataset(cfg.num_samples, noise=cfg.noise, seed=cfg.seed, image_size=image_size,
@@ -44,8 +46,17 @@ def mds_source(cfg: DictConfig, model, batch_size: int, train: bool):
     kwargs = _extra(cfg)
     if cfg.prefetch_factor is not None:
         kwargs['prefetch_factor'] = cfg.prefetch_factor
+    transform = model.image_transform()
+    if cfg.get('two_stage') is not None:  # stage 1: draft-mode decode at the scoring resolution, plus the bytes
+        from composer_jest.data.two_stage import ScoringTransform  # noqa: PLC0415
+
+        size = cfg.two_stage.scoring_image_size
+        if size is None:
+            raise ValueError('two_stage.scoring_image_size is not set (builders.build_trainer derives it from '
+                             'algorithms.jest.learner_patch_size)')
+        transform, kwargs['two_stage_size'] = ScoringTransform(model.preprocess_cfg(), size), size
     return build_streaming_dataloader(
-        cfg.remote, cfg.local, model.tokenizer, batch_size=batch_size, transform=model.image_transform(),
+        cfg.remote, cfg.local, model.tokenizer, batch_size=batch_size, transform=transform,
         shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, drop_last=train, num_workers=cfg.num_workers,
         cache_limit=cfg.cache_limit, predownload=cfg.predownload, **kwargs,
     )

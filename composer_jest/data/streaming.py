@@ -24,7 +24,6 @@ the files on disk per dataset construction (``benchmarks/streaming_throughput.py
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -33,12 +32,12 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.hashing import get_hash
 
-from composer_jest.batch import IMAGE_KEY, INDEX_KEY, TEXT_KEY
+from composer_jest.batch import ENCODED_IMAGE_KEY, IMAGE_KEY, INDEX_KEY, TEXT_KEY
 from composer_jest.data.remote import RemoteAccessError, describe_remote_error, download_s3_file, is_remote
+from composer_jest.data.two_stage import SCORING_COLUMN, open_rgb
 
 __all__ = ['ImageTextStreamingDataset', 'ShardError', 'VerifiedStream', 'build_streaming_dataloader']
 
@@ -159,6 +158,11 @@ class ImageTextStreamingDataset(StreamingDataset):
         verify_local: check the size and hash of the shard files already on disk when the dataset is opened
             (:class:`VerifiedStream`): a damaged cached file is fetched again, a damaged local-only one is an
             error. Ignored when ``streams`` are passed.
+        two_stage_size: two-stage decoding (:mod:`composer_jest.data.two_stage`): JPEGs are decoded in draft mode
+            (DCT scaling) to at least this side before ``transform`` (which should then output the scoring
+            resolution), and each sample also carries its encoded image bytes as ``image_bytes``, decoded in full
+            only if selected. Needs the image column stored as ``bytes`` (``convert``'s default). Shards with an
+            ``image_scoring`` column (``convert --scoring-side``) are decoded from that thumbnail instead.
         **kwargs: :class:`~streaming.StreamingDataset` arguments (``shuffle``, ``shuffle_seed``, ``batch_size``,
             ``cache_limit``, ``predownload``, ``epoch_size``…). ``download_retry`` (attempts per file, default
             6) and ``download_timeout`` (seconds per connect / read of an attempt, default 30) bound how long a
@@ -179,8 +183,14 @@ class ImageTextStreamingDataset(StreamingDataset):
         keep_caption: bool = False,
         validate_hash: Optional[str] = 'auto',
         verify_local: bool = True,
+        two_stage_size: Optional[int] = None,
         **kwargs: Any,
     ):
+        if two_stage_size is not None and (isinstance(two_stage_size, bool) or not isinstance(two_stage_size, int)
+                                           or two_stage_size < 1):
+            raise ValueError(f'two_stage_size must be a positive int (the scoring image side) or None, '
+                             f'got {two_stage_size!r}')
+        self.two_stage_size = two_stage_size
         if tokenizer is None:
             raise ValueError('tokenizer is required (e.g. CLIPModel(...).tokenizer or open_clip.get_tokenizer(name))')
         if transform is None:
@@ -234,8 +244,14 @@ class ImageTextStreamingDataset(StreamingDataset):
                 raise ValueError(f'extra_columns {missing} are not in the shards (columns: {sorted(encodings)})')
             self.extra_columns = [c for c in extra_columns if c not in skip]
         self.column_encodings = encodings  # the shards' MDS columns and their encodings
+        if self.two_stage_size is not None and encodings[self.image_key] != 'bytes':
+            raise ValueError(f'{self.remote_name}: two-stage decoding needs the {self.image_key!r} column stored as '
+                             f"the encoded file ('bytes'), got {encodings[self.image_key]!r}; convert with "
+                             '`composer-jest convert --image-encoding source` (the default) or bytes')
+        self._thumbnails = encodings.get(SCORING_COLUMN) == 'bytes'
         caption = ('caption',) if self.keep_caption else ()
-        self.batch_keys = (IMAGE_KEY, TEXT_KEY, INDEX_KEY, *self.extra_columns, *caption)
+        encoded = (ENCODED_IMAGE_KEY,) if self.two_stage_size is not None else ()
+        self.batch_keys = (IMAGE_KEY, TEXT_KEY, INDEX_KEY, *self.extra_columns, *caption, *encoded)
 
     # -- samples ------------------------------------------------------------------------------------
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
@@ -249,10 +265,12 @@ class ImageTextStreamingDataset(StreamingDataset):
 
     def decode_sample(self, sample: dict[str, Any]) -> dict[str, Any]:
         """One raw MDS sample -> ``{image, text, index, *extra}`` tensors."""
-        image = sample[self.image_key]
-        if isinstance(image, (bytes, bytearray, memoryview)):  # 'bytes' column: the original file
-            image = Image.open(io.BytesIO(image))
-        if image.mode != 'RGB':
+        image = encoded = sample[self.image_key]
+        if self.two_stage_size is not None and self._thumbnails:  # stage 1 from the stored scoring thumbnail
+            image = self._thumbnail(sample[SCORING_COLUMN])
+        elif isinstance(image, (bytes, bytearray, memoryview)):  # 'bytes' column: the original file
+            image = open_rgb(bytes(image), draft=self.two_stage_size)  # draft: stage 1 of two-stage decoding
+        elif image.mode != 'RGB':
             image = image.convert('RGB')
         caption = sample[self.caption_key]
         out = {
@@ -264,7 +282,17 @@ class ImageTextStreamingDataset(StreamingDataset):
             out[name] = _to_tensor(sample[name])
         if self.keep_caption:
             out['caption'] = caption
+        if self.two_stage_size is not None:
+            out[ENCODED_IMAGE_KEY] = bytes(encoded)  # decoded in full after selection (FullResDecoder)
         return out
+
+    def _thumbnail(self, data: bytes) -> Any:
+        image = open_rgb(bytes(data))
+        if min(image.size) < self.two_stage_size:
+            raise ValueError(f'the {SCORING_COLUMN!r} thumbnail is {image.size[0]}x{image.size[1]}, smaller than the '
+                             f'scoring side {self.two_stage_size}: re-convert with --scoring-side '
+                             f'{self.two_stage_size} or more')
+        return image
 
     # -- loud shard failures ------------------------------------------------------------------------
     def _shard_name(self, sample_id: int) -> str:
