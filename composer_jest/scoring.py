@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from composer_jest.losses import LOSSES
+from composer_jest.objectives import BLOCKWISE_LOSSES, Objective, build_objective
 from composer_jest.selection import (
     SCORE_METHODS,
     SCORE_TERMS,
@@ -51,7 +52,7 @@ from composer_jest.selection import (
 )
 
 __all__ = ['Features', 'AllGather', 'Selection', 'BLOCK_ELEMENTS', 'STAT_BLOCK', 'conditional_scorer', 'jest_select',
-           'selection_flops', 'check_settings', 'all_finite', 'check_finite']
+           'selection_flops', 'check_settings', 'check_scope', 'all_finite', 'check_finite']
 
 # Largest temporary (elements) of one block product: 2**24 float32 = 64 MiB.
 BLOCK_ELEMENTS = 1 << 24
@@ -356,6 +357,80 @@ class _SoftmaxBlocks(_Blockwise):
                 'learnability_selected': (selected / b_global).float()}
 
 
+class _DenseBlocks:
+    """One rank's exact scores for any objective (false negatives included) from ``N x N`` logit matrices.
+
+    The path of the objectives the matrix-free scorers do not cover (``world_size = 1`` only): the
+    objective's own conditional scorer (:class:`~composer_jest.objectives.AnchorScorer` or the pair matrix),
+    ``objective.per_example`` for independent selection. Statistics: the selected set's ``L(B) / b``
+    exactly; the uniform-batch figure is the mean of ``L(block) / b`` over consecutive ``b``-blocks.
+    """
+
+    def __init__(self, objective: Objective, given: dict[str, Optional[Features]], score: str, track: bool,
+                 joint: bool, quota: int, mask: Optional[torch.Tensor]):
+        self.objective, self.mask, self.quota = objective, mask, quota
+        self.comm = _Comm(0, 1, None)
+        if score not in SCORE_METHODS:
+            raise ValueError(f'score must be one of {SCORE_METHODS}, got {score!r}')
+        needed = {name for name, _ in SCORE_TERMS[score]} | ({name for name, _ in STAT_TERMS} if track else set())
+        for name in sorted(needed):
+            if given[name] is None:
+                raise ValueError(f'score={score!r} needs {name} features')
+        self.models = {name: (objective.logits(given[name]), objective.scale(given[name]))
+                       for name in ('learner', 'reference') if name in needed}
+        sizes = {name: lg.shape[0] for name, (lg, _) in self.models.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f'learner and reference features must cover the same super-batch, got sizes {sizes}')
+        anchor = (given['learner'] or given['reference'])['image_features']
+        self.num_items, self.device = anchor.shape[0], anchor.device
+        terms = [(*self.models[name], w) for name, w in SCORE_TERMS[score]]
+        self.stat_terms = [(*self.models[name], w) for name, w in STAT_TERMS] if track else []
+        self.chosen = torch.empty(0, dtype=torch.long, device=self.device)
+        self.scorer = None
+        if not terms:
+            self.cond = torch.zeros(self.num_items, device=self.device)
+        elif joint:
+            self.scorer = objective.scorer([(lg, w, scale) for lg, scale, w in terms], mask)
+            self.cond = self.scorer.initial()
+        else:
+            self.cond = sum(w * objective.per_example(lg, mask, scale) for lg, scale, w in terms)
+
+    def initial(self) -> torch.Tensor:
+        return self.cond
+
+    def add(self, new: torch.Tensor, need_cond: bool) -> Optional[torch.Tensor]:
+        self.chosen = torch.cat([self.chosen, new])
+        if not need_cond:
+            return None
+        if self.scorer is not None:
+            self.cond = self.scorer.add(new)
+        return self.cond
+
+    def _value(self, indices: torch.Tensor) -> torch.Tensor:
+        return sum(w * self.objective.set_loss(lg, indices, self.mask, scale) for lg, scale, w in self.stat_terms)
+
+    def stat_partials(self) -> torch.Tensor:
+        """``[L(B), sum of L(block) over the local b-blocks, number of blocks]`` (learnability)."""
+        n_blocks = self.num_items // self.quota
+        blocks = torch.arange(n_blocks * self.quota, device=self.device).view(n_blocks, self.quota)
+        uniform = sum((self._value(block) for block in blocks), torch.zeros((), device=self.device))
+        return torch.stack([self._value(self.chosen), uniform, torch.full((), float(n_blocks), device=self.device)])
+
+    def finalize(self, totals: torch.Tensor, n_global: int, b_global: int) -> dict[str, torch.Tensor]:
+        selected, uniform, n_blocks = totals
+        return {'learnability_superbatch': (uniform / (n_blocks.clamp(min=1) * self.quota)).float(),
+                'learnability_selected': (selected / b_global).float()}
+
+
+def check_scope(objective: Objective, world_size: int, masked: bool = False) -> None:
+    """Raise ``ValueError`` if ``objective`` cannot be scored across ``world_size > 1`` ranks (``scope='global'``)."""
+    if world_size > 1 and (not objective.blockwise or masked):
+        raise ValueError(
+            f'loss {objective.spec()!r} cannot be scored across ranks (scope=global, world_size={world_size}): the '
+            f'matrix-free global path supports the losses {BLOCKWISE_LOSSES} without false_negatives; use '
+            "scope='local' for this loss")
+
+
 def conditional_scorer(
     learner: Optional[Features],
     reference: Optional[Features],
@@ -421,6 +496,7 @@ def jest_select(
     rank: int = 0,
     world_size: int = 1,
     all_gather: Optional[AllGather] = None,
+    mask: Optional[torch.Tensor] = None,
 ) -> Selection:
     """Score this rank's super-batch and draw its ``n_select`` examples of a (possibly global) selection.
 
@@ -433,7 +509,11 @@ def jest_select(
         learner, reference: :class:`Features` of this rank's super-batch; either may be ``None`` if the
             score does not use it (``SCORE_TERMS``). With both, the learnability statistics are returned.
         n_select: this rank's sub-batch size ``b``.
-        score, selection, loss, n_chunks, temperature: see :class:`~composer_jest.algorithm.JEST`.
+        score, selection, n_chunks, temperature: see :class:`~composer_jest.algorithm.JEST`.
+        loss: a loss spec (:func:`~composer_jest.objectives.build_objective`): ``sigmoid`` and ``softmax``
+            run matrix-free (any world size); the others, and any loss with ``mask``, through ``N x N``
+            logits at world size 1 (:func:`check_scope`).
+        mask: ``[N, N]`` bool false negatives (:class:`~composer_jest.objectives.FalseNegatives`), or ``None``.
         generator: seeded (CPU) generator; one value is drawn per call.
         rank, world_size, all_gather: this rank, the number of ranks selecting together, and the
             all-gather (``composer.utils.dist.all_gather``); none is called at world size 1.
@@ -455,8 +535,19 @@ def jest_select(
         raise ValueError('need learner or reference features (the super-batch size is taken from them)')
     _validate_sizes((learner or reference)['image_features'].shape[0], n_select, n_chunks, 1)
     _validate_temperature(temperature)
-    scorer = conditional_scorer(learner, reference, score=score, loss=loss, joint=joint, quota=n_select, rank=rank,
-                                world_size=world_size, all_gather=all_gather, track=track)
+    objective = build_objective(loss)
+    check_scope(objective, world_size, masked=mask is not None)
+    if objective.blockwise and mask is None:
+        # the objective's scale (a fixed temperature) replaces the model's
+        learner, reference = ({**f, 'logit_scale': objective.scale(f)} if f is not None else None
+                              for f in (learner, reference))
+        scorer = conditional_scorer(learner, reference, score=score, loss=objective.name, joint=joint,
+                                    quota=n_select, rank=rank, world_size=world_size, all_gather=all_gather,
+                                    track=track)
+    else:
+        _Comm(rank, world_size, all_gather)  # the argument checks
+        scorer = _DenseBlocks(objective, {'learner': learner, 'reference': reference}, score, track, joint,
+                              n_select, mask)
     picks = blockwise_sample(scorer, n_select, n_chunks, generator, group=rank, temperature=temperature,
                              joint=joint, add_all=track)
     partials = scorer.stat_partials() if track else torch.zeros(0, device=picks.device)
@@ -503,8 +594,8 @@ def check_settings(*, filter_ratio: float, n_chunks: int, score: str, selection:
     for name, value, allowed in (('score', score, SCORE_METHODS), ('selection', selection, SELECTION_METHODS)):
         if value not in allowed:
             raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
-    if loss is not None and loss not in LOSSES:
-        raise ValueError(f'loss must be one of {LOSSES} or None (follow the model), got {loss!r}')
+    if loss is not None:
+        build_objective(loss, 'loss')  # names the registered losses and their parameters
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')
 

@@ -223,3 +223,59 @@ def test_spec_round_trips():
     spec = {'name': 'dcl', 'temperature': 0.1, 'false_negatives': {'key': 'dup_id', 'modality': 'image'}}
     assert build_objective(spec).spec() == spec
     assert build_objective(build_objective(spec).spec()).spec() == spec
+
+
+# -- jest_select: every objective through the scoring core ---------------------------------------------------------
+
+def _select(spec, mask=None, selection='joint', seed=0, **kw):
+    from composer_jest.scoring import jest_select
+
+    learner, reference = features(20, seed=10), features(20, seed=11, scale=9.0, bias=-4.0)
+    return jest_select(learner, reference, 5, loss=spec, n_chunks=3, selection=selection, mask=mask,
+                       generator=torch.Generator().manual_seed(seed), **kw), learner, reference
+
+
+@pytest.mark.parametrize('spec', SPECS, ids=str)
+@pytest.mark.parametrize('masked', [False, True])
+def test_jest_select_draws_what_the_dense_sampler_draws(spec, masked):
+    from composer_jest.selection import independent_sample
+
+    mask = label_mask(20, 12) if masked else None
+    obj = build_objective(spec)
+    for selection in ('joint', 'independent'):
+        sel, learner, reference = _select(spec, mask, selection)
+        terms = [(obj.logits(f), w, obj.scale(f)) for f, w in ((learner, 1.0), (reference, -1.0))]
+        gen = torch.Generator().manual_seed(0)
+        if selection == 'joint':
+            expected = joint_sample(obj.scorer(terms, mask), 5, 3, gen)
+        else:
+            per_example = sum(w * obj.per_example(lg, mask, s) for lg, w, s in terms)
+            expected = independent_sample(torch.diag(per_example), 5, gen)
+        assert torch.equal(sel.indices, expected), (selection, sel.indices, expected)
+        selected = sum(w * obj.set_loss(lg, expected, mask, s) for lg, w, s in terms) / 5
+        assert float(sel.stats['learnability_selected']) == pytest.approx(float(selected), rel=1e-5, abs=1e-5)
+        if obj.name == 'sigmoid' and not masked:
+            continue  # the matrix-free sigmoid path estimates the uniform figure from pairs (test_scoring.py)
+        blocks = [torch.arange(5 * i, 5 * i + 5) for i in range(4)]
+        uniform = sum(float(w * obj.set_loss(lg, blk, mask, s)) for lg, w, s in terms for blk in blocks) / 20
+        assert float(sel.stats['learnability_superbatch']) == pytest.approx(uniform, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize('spec', ['sigmoid', 'softmax', {'name': 'softmax', 'temperature': 0.3}])
+def test_matrix_free_and_dense_paths_agree(spec):
+    # an all-False mask routes the blockwise losses through the dense path: same draws, same selected statistic
+    blockwise = _select(spec)[0]
+    dense = _select(spec, mask=torch.zeros(20, 20, dtype=torch.bool))[0]
+    assert torch.equal(blockwise.indices, dense.indices)
+    for key in ('learnability_selected',) + (('learnability_superbatch',) if spec != 'sigmoid' else ()):
+        assert float(blockwise.stats[key]) == pytest.approx(float(dense.stats[key]), rel=1e-5, abs=1e-5)
+
+
+def test_global_scope_fails_early_for_losses_it_cannot_score():
+    from composer_jest.scoring import jest_select
+
+    learner = features(8, seed=0)
+    for spec, mask in (('dcl', None), ('softmax', torch.zeros(8, 8, dtype=torch.bool))):
+        with pytest.raises(ValueError, match=r"supports the losses \('sigmoid', 'softmax'\) without false_negatives"):
+            jest_select(learner, learner, 2, loss=spec, mask=mask, generator=torch.Generator().manual_seed(0),
+                        rank=0, world_size=2, all_gather=lambda t: [t, t])
