@@ -56,7 +56,7 @@ def resolve_classnames(spec: Any) -> Optional[list[str]]:
 
 def build_model(cfg: DictConfig) -> CLIPModel:
     model = CLIPModel(
-        _plain(cfg.name), loss=cfg.loss, classnames=resolve_classnames(_plain(cfg.classnames)),
+        _plain(cfg.name), loss=_plain(cfg.loss), classnames=resolve_classnames(_plain(cfg.classnames)),
         class_templates=list(cfg.class_templates), low_res_fraction=cfg.low_res_fraction,
         low_res_patch_size=cfg.low_res_patch_size,
     )

@@ -45,7 +45,8 @@ __all__ = ['LOSS_REGISTRY', 'BLOCKWISE_LOSSES', 'Objective', 'Sigmoid', 'Softmax
            'FalseNegatives', 'AnchorScorer', 'build_objective', 'loss_names']
 
 LOSS_REGISTRY = catalogue.create('composer_jest', 'losses', entry_points=True)
-# Losses JEST can score matrix-free and across ranks (scoring.py's blockwise path), without false negatives.
+# Losses JEST can score matrix-free and across ranks (scoring.py's blockwise path; a fixed temperature
+# replaces the model's scale), without false negatives.
 BLOCKWISE_LOSSES = ('sigmoid', 'softmax')
 _NEG_INF = -math.inf
 
@@ -149,8 +150,7 @@ class Objective:
     @property
     def blockwise(self) -> bool:
         """Whether JEST can score it matrix-free and across ranks (``scope='global'``)."""
-        return self.name in BLOCKWISE_LOSSES and self.false_negatives is None and self.params().get(
-            'temperature') is None
+        return self.name in BLOCKWISE_LOSSES and self.false_negatives is None
 
     def scale(self, features: Features) -> torch.Tensor:
         """The logit scale ``t`` the objective uses."""
