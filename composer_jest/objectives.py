@@ -41,7 +41,7 @@ import catalogue
 import torch
 import torch.nn.functional as F
 
-__all__ = ['LOSS_REGISTRY', 'BLOCKWISE_LOSSES', 'Objective', 'Sigmoid', 'Softmax', 'DCL', 'HCL', 'Triplet', 'NPair',
+__all__ = ['LOSS_REGISTRY', 'BLOCKWISE_LOSSES', 'QUEUE_KEYS', 'QueueLogits', 'Objective', 'Sigmoid', 'Softmax', 'DCL', 'HCL', 'Triplet', 'NPair',
            'FalseNegatives', 'AnchorScorer', 'build_objective', 'loss_names']
 
 LOSS_REGISTRY = catalogue.create('composer_jest', 'losses', entry_points=True)
@@ -123,6 +123,31 @@ def _negatives(n: int, mask: Optional[torch.Tensor], device) -> torch.Tensor:
     return valid if mask is None else valid & ~mask.to(device)
 
 
+QUEUE_KEYS = ('queue_image_features', 'queue_text_features', 'queue_valid')
+
+
+@dataclass
+class QueueLogits:
+    """Logits of a batch's anchors against ``K`` queued negatives (a momentum encoder's earlier examples).
+
+    ``image[i, q] = t x_i·y^Q_q`` (image anchors vs queued texts), ``text[i, q] = t y_i·x^Q_q``; ``valid[q]``:
+    the slot holds an example (the queue fills up during the first steps).
+    """
+
+    image: torch.Tensor  # [N, K]
+    text: torch.Tensor  # [N, K]
+    valid: torch.Tensor  # [K] bool
+
+    def rows(self, indices: torch.Tensor) -> QueueLogits:
+        return QueueLogits(self.image[indices], self.text[indices], self.valid)
+
+
+def _term(term: Sequence) -> tuple:
+    """``(logits, weight, scale, queue)`` from a 3- or 4-tuple term."""
+    logits, w, scale = term[:3]
+    return logits.float(), float(w), scale, (term[3] if len(term) > 3 else None)
+
+
 class Objective:
     """A contrastive loss: its logits, batch loss ``L(B)`` (summed over anchors) and JEST scorer.
 
@@ -167,23 +192,36 @@ class Objective:
             logits = logits + torch.as_tensor(bias, device=logits.device).float().reshape(())
         return logits
 
+    def queue_logits(self, features: Features) -> Optional[QueueLogits]:
+        """The anchors' logits against the queued negatives ``features`` carries (``QUEUE_KEYS``), or ``None``."""
+        if QUEUE_KEYS[1] not in features:
+            return None
+        if self.pair:
+            raise ValueError(f'a negatives queue needs an anchor (softmax-family) loss, not {self.name!r}')
+        scale = self.scale(features)
+        image, text = features['image_features'].float(), features['text_features'].float()
+        return QueueLogits(scale * image @ features[QUEUE_KEYS[1]].float().T,
+                           scale * text @ features[QUEUE_KEYS[0]].float().T, features[QUEUE_KEYS[2]].bool())
+
     def set_loss(self, logits: torch.Tensor, indices: Optional[torch.Tensor] = None,
-                 mask: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``L(B)``: the summed loss of the set ``indices`` (default: all) on ``logits``."""
+                 mask: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                 queue: Optional[QueueLogits] = None) -> torch.Tensor:
+        """``L(B)``: the summed loss of the set ``indices`` (default: all) on ``logits`` (+ ``queue`` negatives)."""
         raise NotImplementedError
 
     def training_loss(self, features: Features, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The mean loss ``L(B) / |B|`` of a (possibly globally gathered) batch's features."""
+        """The mean loss ``L(B) / |B|`` of a (possibly globally gathered) batch's features (and its queue)."""
         logits = self.logits(features)
-        return self.set_loss(logits, mask=mask, scale=self.scale(features)) / logits.shape[0]
+        return self.set_loss(logits, mask=mask, scale=self.scale(features),
+                             queue=self.queue_logits(features)) / logits.shape[0]
 
     def per_example(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                    scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    scale: Optional[torch.Tensor] = None, queue: Optional[QueueLogits] = None) -> torch.Tensor:
         """``[N]``: each example's own terms with all the others as negatives (independent selection)."""
         raise NotImplementedError
 
     def scorer(self, terms: Sequence[tuple[torch.Tensor, float, torch.Tensor]], mask: Optional[torch.Tensor] = None):
-        """The exact conditional scorer of ``Σ_t w_t L_t`` over terms ``(logits, weight, scale)``."""
+        """The exact conditional scorer of ``Σ_t w_t L_t`` over terms ``(logits, weight, scale[, queue])``."""
         raise NotImplementedError
 
 
@@ -204,19 +242,19 @@ class Sigmoid(Objective):
                            F.softplus(-logits), loss)
         return loss if mask is None else loss.masked_fill(mask.to(loss.device), 0.0)
 
-    def set_loss(self, logits, indices=None, mask=None, scale=None):
+    def set_loss(self, logits, indices=None, mask=None, scale=None, queue=None):
         if indices is not None:
             logits = logits[indices][:, indices]
             mask = mask[indices][:, indices] if mask is not None else None
         return self.pair_loss(logits, mask).sum()
 
-    def per_example(self, logits, mask=None, scale=None):
+    def per_example(self, logits, mask=None, scale=None, queue=None):
         return torch.diagonal(self.pair_loss(logits, mask))
 
     def scorer(self, terms, mask=None):
         from composer_jest.selection import PairScorer  # noqa: PLC0415  (selection imports nothing of ours)
 
-        return PairScorer(sum(w * self.pair_loss(logits, mask) for logits, w, _ in terms))
+        return PairScorer(sum(w * self.pair_loss(logits, mask) for logits, w, _, _ in map(_term, terms)))
 
 
 class _Anchor(Objective):
@@ -258,33 +296,40 @@ class _Anchor(Objective):
         raise NotImplementedError
 
     # -- derived ---------------------------------------------------------------------------------------------
-    def _views(self, logits: torch.Tensor, valid: torch.Tensor):
+    def _views(self, logits: torch.Tensor, valid: torch.Tensor, queue: Optional[QueueLogits] = None):
+        """Per direction: ``(view, ok, queued)`` with ``view[i, j]`` anchor ``i``'s logit with in-batch ``j``,
+        ``ok`` its negatives, ``queued`` ``(logits [N, K], ok [N, K])`` against the queue or ``None``."""
         for direction in self.directions:
-            yield (logits, valid) if direction == 'image' else (logits.T, valid.T)
+            queued = None
+            if queue is not None:
+                q = queue.image if direction == 'image' else queue.text
+                queued = (q, queue.valid[None, :].expand_as(q))
+            yield (logits, valid, queued) if direction == 'image' else (logits.T, valid.T, queued)
+
+    def _stat(self, neg: torch.Tensor, ok: torch.Tensor, queued: Optional[tuple], rows, pos: torch.Tensor) -> tuple:
+        """The statistic of in-batch negatives ``neg`` plus the queue's negatives of anchors ``rows``."""
+        if queued is not None:
+            neg, ok = torch.cat([neg, queued[0][rows]], 1), torch.cat([ok, queued[1][rows]], 1)
+        return self.reduce(neg, ok, pos)
 
     @property
     def _weight(self) -> float:
         return 1.0 / len(self.directions)
 
-    def set_loss(self, logits, indices=None, mask=None, scale=None):
+    def set_loss(self, logits, indices=None, mask=None, scale=None, queue=None):
         if indices is not None:
             logits = logits[indices][:, indices]
             mask = mask[indices][:, indices] if mask is not None else None
-        scale = _default_scale(scale, logits)
-        valid = _negatives(logits.shape[0], mask, logits.device)
-        total = logits.new_zeros(())
-        for view, ok in self._views(logits, valid):
-            pos = torch.diagonal(view)
-            total = total + self.value(self.reduce(view, ok, pos), pos, scale).sum()
-        return self._weight * total
+            queue = queue.rows(indices) if queue is not None else None
+        return self.per_example(logits, mask, scale, queue).sum()
 
-    def per_example(self, logits, mask=None, scale=None):
+    def per_example(self, logits, mask=None, scale=None, queue=None):
         scale = _default_scale(scale, logits)
         valid = _negatives(logits.shape[0], mask, logits.device)
         out = logits.new_zeros(logits.shape[0])
-        for view, ok in self._views(logits, valid):
+        for view, ok, queued in self._views(logits, valid, queue):
             pos = torch.diagonal(view)
-            out = out + self._weight * self.value(self.reduce(view, ok, pos), pos, scale)
+            out = out + self._weight * self.value(self._stat(view, ok, queued, slice(None), pos), pos, scale)
         return out
 
     def scorer(self, terms, mask=None):
@@ -433,32 +478,37 @@ class AnchorScorer:
     chunk is drawn uniformly. (Generalises :class:`~composer_jest.losses.SoftmaxScorer` to any statistic.)
     """
 
-    def __init__(self, objective: _Anchor, terms: Sequence[tuple[torch.Tensor, float, torch.Tensor]],
-                 mask: Optional[torch.Tensor] = None):
+    def __init__(self, objective: _Anchor, terms: Sequence[tuple], mask: Optional[torch.Tensor] = None):
         if not terms:
-            raise ValueError('AnchorScorer needs at least one (logits, weight, scale) term')
+            raise ValueError('AnchorScorer needs at least one (logits, weight, scale[, queue]) term')
         self.objective = objective
-        self.terms = [(logits.float(), float(w), scale) for logits, w, scale in terms]
+        self.terms = [_term(t) for t in terms]
         self.num_items = self.terms[0][0].shape[0]
         device = self.terms[0][0].device
         self.valid = _negatives(self.num_items, mask, device)
         self._chosen = torch.empty(0, dtype=torch.long, device=device)
 
     def initial(self) -> torch.Tensor:
-        return torch.zeros(self.num_items, device=self.terms[0][0].device)
+        """Zero (a singleton has no negatives) unless a queue gives every example its queued negatives."""
+        total = torch.zeros(self.num_items, device=self.terms[0][0].device)
+        for logits, w, scale, queue in self.terms:
+            if queue is not None:
+                no_batch = torch.ones_like(logits, dtype=torch.bool)  # every in-batch pair masked: the queue only
+                total = total + w * self.objective.per_example(logits, no_batch, scale, queue)
+        return total
 
     def add(self, new: torch.Tensor) -> torch.Tensor:
         self._chosen = torch.cat([self._chosen, new])
-        return sum(w * self._gain(logits, scale) for logits, w, scale in self.terms)
+        return sum(w * self._gain(logits, scale, queue) for logits, w, scale, queue in self.terms)
 
-    def _gain(self, logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _gain(self, logits: torch.Tensor, scale: torch.Tensor, queue: Optional[QueueLogits]) -> torch.Tensor:
         obj, c = self.objective, self._chosen
         total = torch.zeros(self.num_items, device=logits.device)
-        for view, ok in obj._views(logits, self.valid):
+        for view, ok, queued in obj._views(logits, self.valid, queue):
             pos = torch.diagonal(view)
-            own = obj.value(obj.reduce(view[:, c], ok[:, c], pos), pos, scale)  # k's anchor, C its negatives
+            own = obj.value(obj._stat(view[:, c], ok[:, c], queued, slice(None), pos), pos, scale)  # C: k's negatives
             pos_c = pos[c][:, None]
-            old = obj.reduce(view[c][:, c], ok[c][:, c], pos[c])  # s_i over C \ {i}
+            old = obj._stat(view[c][:, c], ok[c][:, c], queued, c, pos[c])  # s_i over C \ {i} and the queue
             old = tuple(s[:, None] for s in old)
             before = obj.value(old, pos_c, scale)
             after = obj.value(obj.merge(old, view[c, :], pos_c), pos_c, scale)  # [|C|, N]: k joins i's negatives

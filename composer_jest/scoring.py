@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from composer_jest.losses import LOSSES
-from composer_jest.objectives import BLOCKWISE_LOSSES, Objective, build_objective
+from composer_jest.objectives import BLOCKWISE_LOSSES, QUEUE_KEYS, Objective, build_objective
 from composer_jest.selection import (
     SCORE_METHODS,
     SCORE_TERMS,
@@ -376,9 +376,10 @@ class _DenseBlocks:
         for name in sorted(needed):
             if given[name] is None:
                 raise ValueError(f'score={score!r} needs {name} features')
-        self.models = {name: (objective.logits(given[name]), objective.scale(given[name]))
+        self.models = {name: (objective.logits(given[name]), objective.scale(given[name]),
+                              objective.queue_logits(given[name]))  # the model's negatives queue, if it has one
                        for name in ('learner', 'reference') if name in needed}
-        sizes = {name: lg.shape[0] for name, (lg, _) in self.models.items()}
+        sizes = {name: lg.shape[0] for name, (lg, _, _) in self.models.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f'learner and reference features must cover the same super-batch, got sizes {sizes}')
         anchor = (given['learner'] or given['reference'])['image_features']
@@ -390,10 +391,10 @@ class _DenseBlocks:
         if not terms:
             self.cond = torch.zeros(self.num_items, device=self.device)
         elif joint:
-            self.scorer = objective.scorer([(lg, w, scale) for lg, scale, w in terms], mask)
+            self.scorer = objective.scorer([(lg, w, scale, queue) for lg, scale, queue, w in terms], mask)
             self.cond = self.scorer.initial()
         else:
-            self.cond = sum(w * objective.per_example(lg, mask, scale) for lg, scale, w in terms)
+            self.cond = sum(w * objective.per_example(lg, mask, scale, queue) for lg, scale, queue, w in terms)
 
     def initial(self) -> torch.Tensor:
         return self.cond
@@ -407,7 +408,8 @@ class _DenseBlocks:
         return self.cond
 
     def _value(self, indices: torch.Tensor) -> torch.Tensor:
-        return sum(w * self.objective.set_loss(lg, indices, self.mask, scale) for lg, scale, w in self.stat_terms)
+        return sum(w * self.objective.set_loss(lg, indices, self.mask, scale, queue)
+                   for lg, scale, queue, w in self.stat_terms)
 
     def stat_partials(self) -> torch.Tensor:
         """``[L(B), sum of L(block) over the local b-blocks, number of blocks]`` (learnability)."""
@@ -427,8 +429,8 @@ def check_scope(objective: Objective, world_size: int, masked: bool = False) -> 
     if world_size > 1 and (not objective.blockwise or masked):
         raise ValueError(
             f'loss {objective.spec()!r} cannot be scored across ranks (scope=global, world_size={world_size}): the '
-            f'matrix-free global path supports the losses {BLOCKWISE_LOSSES} without false_negatives; use '
-            "scope='local' for this loss")
+            f'matrix-free global path supports the losses {BLOCKWISE_LOSSES} without false_negatives or a '
+            "negatives queue; use scope='local' for this loss")
 
 
 def conditional_scorer(
@@ -514,6 +516,7 @@ def jest_select(
             run matrix-free (any world size); the others, and any loss with ``mask``, through ``N x N``
             logits at world size 1 (:func:`check_scope`).
         mask: ``[N, N]`` bool false negatives (:class:`~composer_jest.objectives.FalseNegatives`), or ``None``.
+            Features that carry a negatives queue (``QUEUE_KEYS``) count it in that model's loss.
         generator: seeded (CPU) generator; one value is drawn per call.
         rank, world_size, all_gather: this rank, the number of ranks selecting together, and the
             all-gather (``composer.utils.dist.all_gather``); none is called at world size 1.
@@ -536,8 +539,9 @@ def jest_select(
     _validate_sizes((learner or reference)['image_features'].shape[0], n_select, n_chunks, 1)
     _validate_temperature(temperature)
     objective = build_objective(loss)
-    check_scope(objective, world_size, masked=mask is not None)
-    if objective.blockwise and mask is None:
+    queued = any(f is not None and QUEUE_KEYS[1] in f for f in (learner, reference))
+    check_scope(objective, world_size, masked=mask is not None or queued)
+    if objective.blockwise and mask is None and not queued:
         # the objective's scale (a fixed temperature) replaces the model's
         learner, reference = ({**f, 'logit_scale': objective.scale(f)} if f is not None else None
                               for f in (learner, reference))

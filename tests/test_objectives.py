@@ -31,7 +31,10 @@ def label_mask(n: int, seed: int) -> torch.Tensor:
 
 
 def plain_loss(spec, f: dict, mask=None) -> float:
-    """The per-anchor formulas written out with Python loops (no shared code with the objectives)."""
+    """The per-anchor formulas written out with Python loops (no shared code with the objectives).
+
+    A queue in ``f`` (``queue_image_features``/``queue_text_features``/``queue_valid``) adds its valid slots to
+    every anchor's negatives: queued texts for image anchors, queued images for text anchors."""
     obj = build_objective(spec)
     x, y = f['image_features'].double(), f['text_features'].double()
     n = x.shape[0]
@@ -55,10 +58,17 @@ def plain_loss(spec, f: dict, mask=None) -> float:
                 total += -math.log(1 / (1 + math.exp(-z * float(logits[i, j]))))
         return total / n
     directions = [logits] if name == 'npair' else [logits, logits.T]
-    for view in directions:
+    queued = [[], []]
+    if 'queue_text_features' in f:
+        slots = [q for q in range(f['queue_valid'].numel()) if bool(f['queue_valid'][q])]
+        qi, qt = f['queue_image_features'].double(), f['queue_text_features'].double()
+        queued = [[[t * float(x[i] @ qt[q]) for q in slots] for i in range(n)],
+                  [[t * float(y[i] @ qi[q]) for q in slots] for i in range(n)]]
+    for d, view in enumerate(directions):
         for i in range(n):
             pos = float(view[i, i])
             negs = [float(view[i, j]) for j in range(n) if j != i and not masked(i, j)]
+            negs += queued[d][i] if queued[d] else []
             if not negs:
                 continue
             if name == 'softmax':
@@ -279,3 +289,54 @@ def test_global_scope_fails_early_for_losses_it_cannot_score():
         with pytest.raises(ValueError, match=r"supports the losses \('sigmoid', 'softmax'\) without false_negatives"):
             jest_select(learner, learner, 2, loss=spec, mask=mask, generator=torch.Generator().manual_seed(0),
                         rank=0, world_size=2, all_gather=lambda t: [t, t])
+
+
+# -- a negatives queue -------------------------------------------------------------------------------------------
+
+QUEUED = [s for s in SPECS if s != 'sigmoid']
+
+
+def with_queue(f: dict, k: int = 6, filled: int = 4, seed: int = 20) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.arange(k) < filled  # a queue still filling up: the empty slots are no negatives
+    return {**f, 'queue_image_features': F.normalize(torch.randn(k, 8, generator=g), dim=-1),
+            'queue_text_features': F.normalize(torch.randn(k, 8, generator=g), dim=-1), 'queue_valid': valid}
+
+
+@pytest.mark.parametrize('spec', QUEUED, ids=str)
+def test_queue_negatives_in_the_training_loss(spec):
+    f = with_queue(features(10, seed=1))
+    mask = label_mask(10, 2)
+    got = build_objective(spec).training_loss(f, mask)
+    assert float(got) == pytest.approx(plain_loss(spec, f, mask), rel=1e-5, abs=1e-6)
+    assert float(got) != pytest.approx(plain_loss(spec, features(10, seed=1), mask), rel=1e-3)  # the queue counts
+
+
+@pytest.mark.parametrize('spec', QUEUED, ids=str)
+def test_queue_negatives_in_the_conditional_score(spec):
+    n = 12
+    obj = build_objective(spec)
+    learner, reference = with_queue(features(n, seed=4)), features(n, seed=5, scale=9.0)
+    terms = [(obj.logits(f), w, obj.scale(f), obj.queue_logits(f)) for f, w in ((learner, 1.0), (reference, -1.0))]
+    assert terms[0][3] is not None and terms[1][3] is None
+
+    def learnability(idx):
+        return float(sum(w * obj.set_loss(lg, idx, None, s, q) for lg, w, s, q in terms)) if idx.numel() else 0.0
+
+    scorer = obj.scorer(terms)
+    cond = scorer.initial()
+    assert cond.abs().sum() > 0  # with a queue a singleton has negatives
+    chosen = torch.tensor([], dtype=torch.long)
+    for new in (None, torch.tensor([0, 5]), torch.tensor([3, 9])):
+        if new is not None:
+            cond = scorer.add(new)
+            chosen = torch.cat([chosen, new])
+        for k in range(n):
+            if k not in chosen:
+                brute = learnability(torch.cat([chosen, torch.tensor([k])])) - learnability(chosen)
+                assert float(cond[k]) == pytest.approx(brute, rel=1e-4, abs=1e-4), (k, float(cond[k]), brute)
+
+
+def test_queue_needs_an_anchor_loss():
+    with pytest.raises(ValueError, match="negatives queue needs an anchor .* not 'sigmoid'"):
+        build_objective('sigmoid').training_loss(with_queue(features(4, seed=0)))
