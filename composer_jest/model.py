@@ -25,6 +25,7 @@ from torchmetrics import Metric
 
 from composer_jest.batch import IMAGE_KEY, LABEL_KEY, TEXT_KEY
 from composer_jest.flexi import check_patch_size
+from composer_jest.negatives import NegativesQueue
 from composer_jest.objectives import Objective, build_objective
 from composer_jest.text_buckets import (
     DEFAULT_TEXT_BUCKET_OVERHEAD,
@@ -248,6 +249,13 @@ class CLIPModel(ComposerModel):
         self.spec: Optional[ModelSpec] = model if not isinstance(model, nn.Module) else None
         self.towers = CLIPTowers(clip)
         self.objective = objective
+        # Parameters the loss never reads get no gradient, hence no optimizer state, which a resume would look for.
+        if not objective.needs_bias and getattr(clip, 'logit_bias', None) is not None:
+            clip.logit_bias.requires_grad_(False)
+        if not objective.uses_model_scale:
+            clip.logit_scale.requires_grad_(False)
+        # a negatives queue (loss spec `negatives: {queue_size: K}`): momentum towers + their embeddings, checkpointed
+        self.negatives = NegativesQueue(self.towers, objective.negatives) if objective.negatives is not None else None
         self.loss_name = objective.spec()  # the contract's loss spec (JEST scores with it unless told otherwise)
         self.image_key, self.text_key = image_key, text_key
         self.tokenizer = tokenizer if tokenizer is not None else tokenizer_for(model, clip)
@@ -307,7 +315,11 @@ class CLIPModel(ComposerModel):
             if signature is not None:
                 signature = torch.cat(dist.all_gather(signature.to(features['image_features'].device)))
         mask = fn.mask(signature.to(features['image_features'].device)) if signature is not None else None
-        return self.objective.training_loss(features, mask)
+        if self.negatives is None:
+            return self.objective.training_loss(features, mask)
+        loss = self.objective.training_loss({**features, **self.negatives.features()}, mask)
+        self.negatives.update(self.towers, batch[self.image_key], batch[self.text_key])  # for the next steps
+        return loss
 
     # -- the scoring contract (composer_jest.contract.ScoringModel): what JEST calls -----------------------
     def score_features(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
@@ -316,9 +328,12 @@ class CLIPModel(ComposerModel):
         was_training = self.training
         self.eval()
         try:
-            return dict(self(batch, patch_size=patch_size))
+            features = dict(self(batch, patch_size=patch_size))
         finally:
             self.train(was_training)
+        if self.negatives is not None:  # the training loss's queued negatives count in the scores too
+            features.update(self.negatives.features())
+        return features
 
     def check_scoring_patch_size(self, patch_size: Optional[int]) -> None:
         check_patch_size(self.towers.clip.visual, patch_size, 'learner_patch_size')

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['LOSS_REGISTRY', 'BLOCKWISE_LOSSES', 'QUEUE_KEYS', 'QueueLogits', 'Objective', 'Sigmoid', 'Softmax', 'DCL', 'HCL', 'Triplet', 'NPair',
-           'FalseNegatives', 'AnchorScorer', 'build_objective', 'loss_names']
+           'FalseNegatives', 'Negatives', 'AnchorScorer', 'build_objective', 'loss_names']
 
 LOSS_REGISTRY = catalogue.create('composer_jest', 'losses', entry_points=True)
 # Losses JEST can score matrix-free and across ranks (scoring.py's blockwise path; a fixed temperature
@@ -117,6 +117,36 @@ class FalseNegatives:
         return same & ~torch.eye(signature.shape[0], dtype=torch.bool, device=signature.device)
 
 
+@dataclass(frozen=True)
+class Negatives:
+    """A negatives queue (MoCo): the last ``queue_size`` examples' embeddings by a momentum copy of the learner
+    (``θ_m ← momentum θ_m + (1 - momentum) θ`` each step) are extra negatives of every anchor.
+
+    The model keeps the copy and the queue (:class:`~composer_jest.negatives.NegativesQueue`); the loss and JEST's
+    learner scores count the queue's filled slots (``QUEUE_KEYS`` of the features).
+    """
+
+    queue_size: int
+    momentum: float = 0.999
+
+    def __post_init__(self):
+        if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise ValueError(f'negatives.queue_size must be an int >= 1, got {self.queue_size!r}')
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ValueError(f'negatives.momentum must be a float in [0, 1), got {self.momentum!r}')
+
+
+def _negatives_spec(spec: Optional[Mapping]) -> Optional[Negatives]:
+    if spec is None or isinstance(spec, Negatives):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(f'negatives must be a dict {{queue_size: ..., momentum: ...}}, got {spec!r}')
+    unknown = sorted(set(spec) - {'queue_size', 'momentum'})
+    if unknown:
+        raise ValueError(f'negatives: unknown key(s) {unknown}; valid keys: [queue_size, momentum]')
+    return Negatives(**dict(spec))
+
+
 def _negatives(n: int, mask: Optional[torch.Tensor], device) -> torch.Tensor:
     """``[n, n]`` bool: ``j`` is a negative of anchor ``i`` (off the diagonal and not a false negative)."""
     valid = ~torch.eye(n, dtype=torch.bool, device=device)
@@ -159,6 +189,7 @@ class Objective:
     pair: ClassVar[bool] = False
     needs_bias: ClassVar[bool] = False
     false_negatives: Optional[FalseNegatives] = None
+    negatives: Optional[Negatives] = None
 
     def params(self) -> dict[str, Any]:
         return {}
@@ -170,12 +201,19 @@ class Objective:
             fn = self.false_negatives
             p['false_negatives'] = {k: v for k, v in (('key', fn.key), ('threshold', fn.threshold),
                                                       ('modality', fn.modality)) if v is not None}
+        if self.negatives is not None:
+            p['negatives'] = {'queue_size': self.negatives.queue_size, 'momentum': self.negatives.momentum}
         return {'name': self.name, **p} if p else self.name
 
     @property
     def blockwise(self) -> bool:
         """Whether JEST can score it matrix-free and across ranks (``scope='global'``)."""
-        return self.name in BLOCKWISE_LOSSES and self.false_negatives is None
+        return self.name in BLOCKWISE_LOSSES and self.false_negatives is None and self.negatives is None
+
+    @property
+    def uses_model_scale(self) -> bool:
+        """Whether the loss reads the model's learned logit scale (not a fixed temperature, not cosines)."""
+        return True
 
     def scale(self, features: Features) -> torch.Tensor:
         """The logit scale ``t`` the objective uses."""
@@ -267,7 +305,9 @@ class _Anchor(Objective):
 
     directions: ClassVar[tuple[str, ...]] = ('image', 'text')
 
-    def __init__(self, temperature: Optional[float] = None, false_negatives: Optional[Mapping] = None):
+    def __init__(self, temperature: Optional[float] = None, false_negatives: Optional[Mapping] = None,
+                 negatives: Optional[Mapping] = None):
+        self.negatives = _negatives_spec(negatives)
         if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f'{self.name}.temperature must be a float > 0 (fixed) or null (learned), got '
                              f'{temperature!r}')
@@ -276,6 +316,10 @@ class _Anchor(Objective):
 
     def params(self) -> dict[str, Any]:
         return {'temperature': self.temperature} if self.temperature is not None else {}
+
+    @property
+    def uses_model_scale(self) -> bool:
+        return self.temperature is None
 
     def scale(self, features):
         if self.temperature is None:
@@ -387,8 +431,8 @@ class HCL(_Anchor):
     name = 'hcl'
 
     def __init__(self, beta: float = 1.0, tau_plus: float = 0.1, temperature: Optional[float] = None,
-                 false_negatives: Optional[Mapping] = None):
-        super().__init__(temperature, false_negatives)
+                 false_negatives: Optional[Mapping] = None, negatives: Optional[Mapping] = None):
+        super().__init__(temperature, false_negatives, negatives)
         if not (isinstance(beta, (int, float)) and beta >= 0):
             raise ValueError(f'hcl.beta must be a float >= 0, got {beta!r}')
         if not (isinstance(tau_plus, (int, float)) and 0 <= tau_plus < 1):
@@ -434,8 +478,9 @@ class Triplet(_Anchor):
     name = 'triplet'
     MINING: ClassVar[tuple[str, ...]] = ('hardest', 'semi-hard')
 
-    def __init__(self, margin: float = 0.2, mining: str = 'hardest', false_negatives: Optional[Mapping] = None):
-        super().__init__(None, false_negatives)
+    def __init__(self, margin: float = 0.2, mining: str = 'hardest', false_negatives: Optional[Mapping] = None,
+                 negatives: Optional[Mapping] = None):
+        super().__init__(None, false_negatives, negatives)
         if not (isinstance(margin, (int, float)) and margin >= 0):
             raise ValueError(f'triplet.margin must be a float >= 0, got {margin!r}')
         if mining not in self.MINING:
@@ -444,6 +489,10 @@ class Triplet(_Anchor):
 
     def params(self):
         return {'margin': self.margin, 'mining': self.mining}
+
+    @property
+    def uses_model_scale(self) -> bool:
+        return False
 
     def scale(self, features):
         return torch.ones((), device=features['image_features'].device)
