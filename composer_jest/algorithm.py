@@ -18,9 +18,9 @@ from composer.utils import dist
 from composer_jest.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, subbatch_size, subset_batch
 from composer_jest.contract import scoring_model
 from composer_jest.flops import StepFlopMeter
+from composer_jest.objectives import build_objective
 from composer_jest.reference import ReferenceSpec
 from composer_jest.score_inputs import ScoreInputs
-from composer_jest.objectives import build_objective
 from composer_jest.scoring import Features, all_finite, check_scope, check_settings, jest_select
 from composer_jest.selection import SCORE_TERMS
 

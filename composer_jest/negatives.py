@@ -28,7 +28,10 @@ def _embed_dim(towers: nn.Module) -> int:
     dim = getattr(getattr(clip, 'visual', None), 'output_dim', None)
     if dim is None:
         projection = getattr(clip, 'text_projection', None)
-        dim = projection.shape[-1] if isinstance(projection, torch.Tensor) else getattr(projection, 'out_features', None)
+        if isinstance(projection, torch.Tensor):
+            dim = projection.shape[-1]
+        else:
+            dim = getattr(projection, 'out_features', None)
     if dim is None:
         raise ValueError('negatives: cannot infer the embedding size of these towers (no visual.output_dim)')
     return int(dim)

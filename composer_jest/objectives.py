@@ -27,6 +27,20 @@ Logits are ``l_ij = t x_i·y_j (+ b)`` with ``t`` the model's learned scale, or 
 spec): in-batch pairs ``(i, j)``, ``i ≠ j``, that share an id column or whose reference image–image /
 text–text cosine similarity exceeds ``threshold`` are no negatives of each other: they leave every sum,
 max and count above (sigmoid: the pair term is dropped). See :class:`FalseNegatives`.
+
+*A negatives queue* (``negatives: {queue_size: K, momentum: m}`` in an anchor objective's spec): the model keeps a
+momentum copy of its towers and their embeddings of the last ``K`` trained examples
+(:class:`~composer_jest.negatives.NegativesQueue`); they join every anchor's negatives in the training loss and in
+the learner's JEST scores (features with ``QUEUE_KEYS``; with a queue a singleton's loss is no longer zero).
+
+Example:
+    >>> import torch, torch.nn.functional as F
+    >>> x = F.normalize(torch.randn(6, 4), dim=-1)
+    >>> f = {'image_features': x, 'text_features': x, 'logit_scale': 10.0, 'logit_bias': -5.0}
+    >>> dcl = build_objective({'name': 'dcl', 'false_negatives': {'key': 'label'}})
+    >>> mask = dcl.false_negatives.mask(torch.tensor([0, 0, 1, 2, 3, 4]))  # 0 and 1 share a label
+    >>> bool(dcl.training_loss(f, mask) < dcl.training_loss(f))  # a false negative no longer pushes 0 from 1
+    True
 """
 
 from __future__ import annotations
@@ -41,8 +55,8 @@ import catalogue
 import torch
 import torch.nn.functional as F
 
-__all__ = ['LOSS_REGISTRY', 'BLOCKWISE_LOSSES', 'QUEUE_KEYS', 'QueueLogits', 'Objective', 'Sigmoid', 'Softmax', 'DCL', 'HCL', 'Triplet', 'NPair',
-           'FalseNegatives', 'Negatives', 'AnchorScorer', 'build_objective', 'loss_names']
+__all__ = ['LOSS_REGISTRY', 'BLOCKWISE_LOSSES', 'QUEUE_KEYS', 'QueueLogits', 'Objective', 'Sigmoid', 'Softmax', 'DCL',
+           'HCL', 'Triplet', 'NPair', 'FalseNegatives', 'Negatives', 'AnchorScorer', 'build_objective', 'loss_names']
 
 LOSS_REGISTRY = catalogue.create('composer_jest', 'losses', entry_points=True)
 # Losses JEST can score matrix-free and across ranks (scoring.py's blockwise path; a fixed temperature
@@ -84,7 +98,8 @@ class FalseNegatives:
             raise ValueError(f'false_negatives needs exactly one of key (a batch column) or threshold (reference '
                              f'similarity), got key={self.key!r}, threshold={self.threshold!r}')
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and -1 < self.threshold < 1):
-            raise ValueError(f'false_negatives.threshold must be a cosine similarity in (-1, 1), got {self.threshold!r}')
+            raise ValueError(f'false_negatives.threshold must be a cosine similarity in (-1, 1), got '
+                             f'{self.threshold!r}')
         if self.modality not in self.MODALITIES:
             raise ValueError(f'false_negatives.modality must be one of {self.MODALITIES}, got {self.modality!r}')
 
@@ -99,7 +114,8 @@ class FalseNegatives:
             for name in ('ref_image_features', 'ref_text_features'):
                 if name not in batch:
                     raise ValueError(f'false_negatives.threshold needs the reference embeddings: a reference model in '
-                                     f'JEST, or the batch columns ref_image_features/ref_text_features (missing {name})')
+                                     'JEST, or the batch columns ref_image_features/ref_text_features (missing '
+                                     f'{name})')
             reference = {'image_features': batch['ref_image_features'], 'text_features': batch['ref_text_features']}
         parts = [reference[f'{m}_features'] for m in ('image', 'text') if self.modality in (m, 'either')]
         return torch.cat([F.normalize(p.float(), dim=-1) for p in parts], 1)

@@ -12,8 +12,8 @@ from test_algorithm_boundary import N, _batch, _Logger, _state
 from test_objectives import SPECS, plain_loss
 
 from composer_jest import JEST
-from composer_jest.config import load_config
 from composer_jest.builders import build_model
+from composer_jest.config import load_config
 from composer_jest.objectives import FalseNegatives, build_objective
 from composer_jest.scoring import jest_select
 
@@ -53,9 +53,11 @@ def test_yaml_model_loss_takes_a_name_or_parameters():
         load_config(overrides=['model.loss=infonce'])
 
 
-@pytest.mark.parametrize('loss', ['dcl', {'name': 'triplet', 'mining': 'semi-hard', 'false_negatives': {'key': 'label'}},
-                                  {'name': 'softmax', 'false_negatives': {'threshold': 0.2, 'modality': 'either'}}],
-                         ids=str)
+JEST_LOSSES = ['dcl', {'name': 'triplet', 'mining': 'semi-hard', 'false_negatives': {'key': 'label'}},
+               {'name': 'softmax', 'false_negatives': {'threshold': 0.2, 'modality': 'either'}}]
+
+
+@pytest.mark.parametrize('loss', JEST_LOSSES, ids=str)
 def test_jest_scores_with_the_models_loss_and_its_false_negatives(loss, tokenizer):
     # JEST follows the model's loss (false negatives included) and draws what jest_select draws with that mask
     model, reference = make_model(loss=loss, seed=0), make_model(seed=1)
