@@ -55,13 +55,10 @@ import catalogue
 import torch
 import torch.nn.functional as F
 
-__all__ = ['LOSS_REGISTRY', 'BLOCKWISE_LOSSES', 'QUEUE_KEYS', 'QueueLogits', 'Objective', 'Sigmoid', 'Softmax', 'DCL',
+__all__ = ['LOSS_REGISTRY', 'QUEUE_KEYS', 'QueueLogits', 'Objective', 'Sigmoid', 'Softmax', 'DCL',
            'HCL', 'Triplet', 'NPair', 'FalseNegatives', 'Negatives', 'AnchorScorer', 'build_objective', 'loss_names']
 
 LOSS_REGISTRY = catalogue.create('composer_jest', 'losses', entry_points=True)
-# Losses JEST can score matrix-free and across ranks (scoring.py's blockwise path; a fixed temperature
-# replaces the model's scale), without false negatives.
-BLOCKWISE_LOSSES = ('sigmoid', 'softmax')
 _NEG_INF = -math.inf
 
 Features = Mapping[str, Any]
@@ -223,8 +220,9 @@ class Objective:
 
     @property
     def blockwise(self) -> bool:
-        """Whether JEST can score it matrix-free and across ranks (``scope='global'``)."""
-        return self.name in BLOCKWISE_LOSSES and self.false_negatives is None and self.negatives is None
+        """Whether JEST can score it matrix-free and across ranks (``scope='global'``): every objective can,
+        but not with false negatives or a negatives queue."""
+        return self.false_negatives is None and self.negatives is None
 
     @property
     def uses_model_scale(self) -> bool:
@@ -355,6 +353,14 @@ class _Anchor(Objective):
         """The anchor loss ``g``."""
         raise NotImplementedError
 
+    def empty(self, n: int, device) -> tuple:
+        """The statistic of no negatives, for ``n`` anchors."""
+        raise NotImplementedError
+
+    def combine(self, a: tuple, b: tuple) -> tuple:
+        """The statistic of two disjoint sets of negatives (blockwise scoring absorbs a block at a time)."""
+        raise NotImplementedError
+
     # -- derived ---------------------------------------------------------------------------------------------
     def _views(self, logits: torch.Tensor, valid: torch.Tensor, queue: Optional[QueueLogits] = None):
         """Per direction: ``(view, ok, queued)`` with ``view[i, j]`` anchor ``i``'s logit with in-batch ``j``,
@@ -415,6 +421,12 @@ class Softmax(_Anchor):
     def merge(self, stat, value, pos):
         return (torch.logaddexp(stat[0], value),)
 
+    def empty(self, n, device):
+        return (torch.full((n,), _NEG_INF, device=device),)
+
+    def combine(self, a, b):
+        return (torch.logaddexp(a[0], b[0]),)
+
     def value(self, stat, pos, scale):
         return torch.logaddexp(stat[0], pos) - pos
 
@@ -466,6 +478,13 @@ class HCL(_Anchor):
     def merge(self, stat, value, pos):
         a, b, m = stat
         return torch.logaddexp(a, (1 + self.beta) * value), torch.logaddexp(b, self.beta * value), m + 1
+
+    def empty(self, n, device):
+        inf = torch.full((n,), _NEG_INF, device=device)
+        return inf, inf.clone(), torch.zeros(n, device=device)
+
+    def combine(self, a, b):
+        return torch.logaddexp(a[0], b[0]), torch.logaddexp(a[1], b[1]), a[2] + b[2]
 
     def value(self, stat, pos, scale):
         a, b, m = stat
@@ -522,6 +541,13 @@ class Triplet(_Anchor):
         hardest, below, least = stat
         below = torch.where(value < pos, torch.maximum(below, value), below)
         return torch.maximum(hardest, value), below, torch.minimum(least, value)
+
+    def empty(self, n, device):
+        inf = torch.full((n,), math.inf, device=device)
+        return -inf, -inf, inf.clone()
+
+    def combine(self, a, b):
+        return torch.maximum(a[0], b[0]), torch.maximum(a[1], b[1]), torch.minimum(a[2], b[2])
 
     def value(self, stat, pos, scale):
         hardest, below, least = stat
