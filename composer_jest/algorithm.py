@@ -59,7 +59,7 @@ class JEST(Algorithm):
             model's ``loss_name``. Its ``false_negatives`` mask the scores (ids from a batch column, or the
             reference's similarity; a live reference's embeddings then travel with the sub-batch as
             ``ref_image_features``/``ref_text_features`` for the training loss's mask). ``scope='global'``
-            takes ``sigmoid``/``softmax`` without false negatives.
+            takes every loss, but without false negatives or a negatives queue.
         learner_patch_size: score the learner at this patch size (FlexiViT); ``None`` = native.
         scope: ``local`` (each rank selects from its own super-batch) or ``global`` (one selection over all
             ranks' super-batches: each rank draws its quota of its own examples, scoring them against the

@@ -18,6 +18,11 @@ the super-batch) and updates the conditional scores of *its own* candidates agai
   in all) and every rank keeps the chosen set's embeddings (``b_g x d`` per tensor); temporaries stay
   blockwise.
 
+* **other objectives** (``dcl``, ``hcl``, ``triplet``, ``npair``; :mod:`composer_jest.objectives`): the softmax
+  scheme with the objective's per-anchor statistic of its negatives (LSE, max, count...) in place of the
+  normaliser (``_AnchorBlocks``). With false negatives or a negatives queue every objective is scored from
+  ``N x N`` logits at one rank (``_DenseBlocks``; ``scope='global'`` fails early, :func:`check_scope`).
+
 Statistics (when both models are given): the learnability ``s(B) / b_g`` of the selected batch is exact
 (accumulated chunk by chunk from the same blocks). The uniform-batch figure is an estimate from each
 rank's own super-batch (the loader shuffles, so its items are a uniform sample): sigmoid
@@ -34,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, TypedDict
+from typing import Any, NamedTuple, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -566,18 +571,19 @@ def conditional_scorer(
     reference: Optional[Features],
     *,
     score: str = 'learnability',
-    loss: str = 'sigmoid',
+    loss: Any = 'sigmoid',
     joint: bool = True,
     quota: int,
     rank: int = 0,
     world_size: int = 1,
     all_gather: Optional[AllGather] = None,
     track: bool = False,
-) -> _SigmoidBlocks | _SoftmaxBlocks:
+) -> _SigmoidBlocks | _SoftmaxBlocks | _AnchorBlocks:
     """The blockwise :class:`~composer_jest.selection.BlockScorer` of this rank's candidates.
 
-    ``track``: also accumulate the learnability statistics (needs both models). ``quota``: this rank's
-    sub-batch size (the softmax scorer keeps the chosen set's embeddings, ``quota x world_size`` rows).
+    ``loss``: a loss spec without false negatives or a queue. ``track``: also accumulate the learnability
+    statistics (needs both models). ``quota``: this rank's sub-batch size (the softmax and anchor scorers keep
+    the chosen set's embeddings, ``quota x world_size`` rows).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -648,9 +654,9 @@ def jest_select(
             score does not use it (``SCORE_TERMS``). With both, the learnability statistics are returned.
         n_select: this rank's sub-batch size ``b``.
         score, selection, n_chunks, temperature: see :class:`~composer_jest.algorithm.JEST`.
-        loss: a loss spec (:func:`~composer_jest.objectives.build_objective`): ``sigmoid`` and ``softmax``
-            run matrix-free (any world size); the others, and any loss with ``mask``, through ``N x N``
-            logits at world size 1 (:func:`check_scope`).
+        loss: a loss spec (:func:`~composer_jest.objectives.build_objective`): every registered loss runs
+            matrix-free (any world size); with ``mask`` or a queue in the features, through ``N x N`` logits at
+            world size 1 (:func:`check_scope`).
         mask: ``[N, N]`` bool false negatives (:class:`~composer_jest.objectives.FalseNegatives`), or ``None``.
             Features that carry a negatives queue (``QUEUE_KEYS``) count it in that model's loss.
         generator: seeded (CPU) generator; one value is drawn per call.

@@ -285,9 +285,11 @@ def test_global_scope_fails_early_for_losses_it_cannot_score():
     from composer_jest.scoring import jest_select
 
     learner = features(8, seed=0)
-    for spec, mask in (('dcl', None), ('softmax', torch.zeros(8, 8, dtype=torch.bool))):
-        with pytest.raises(ValueError, match=r"supports the losses \('sigmoid', 'softmax'\) without false_negatives"):
-            jest_select(learner, learner, 2, loss=spec, mask=mask, generator=torch.Generator().manual_seed(0),
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    for spec, m, f in (('dcl', mask, learner), ('softmax', mask, learner), ('npair', None, with_queue(learner))):
+        with pytest.raises(ValueError, match=r"takes every registered loss \(\['dcl', .*\]\) but without "
+                                             'false_negatives or a negatives queue'):
+            jest_select(f, learner, 2, loss=spec, mask=m, generator=torch.Generator().manual_seed(0),
                         rank=0, world_size=2, all_gather=lambda t: [t, t])
 
 

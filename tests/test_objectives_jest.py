@@ -87,13 +87,15 @@ def test_jest_scores_with_the_models_loss_and_its_false_negatives(loss, tokenize
 def test_global_scope_refuses_losses_it_cannot_score(monkeypatch):
     import composer_jest.algorithm as algorithm_module
 
-    with pytest.raises(ValueError, match=r"loss 'dcl' cannot be scored across ranks .* \('sigmoid', 'softmax'\)"):
-        JEST(reference='cached', loss='dcl', scope='global')
+    with pytest.raises(ValueError, match=r"loss \{'name': 'dcl', 'false_negatives': .* cannot be scored across ranks"):
+        JEST(reference='cached', loss={'name': 'dcl', 'false_negatives': {'key': 'label'}}, scope='global')
     with pytest.raises(ValueError, match='without false_negatives'):
         JEST(reference='cached', loss={'name': 'sigmoid', 'false_negatives': {'key': 'label'}}, scope='global')
-    JEST(reference='cached', loss={'name': 'softmax', 'temperature': 0.1}, scope='global')  # matrix-free
+    for matrix_free in ({'name': 'softmax', 'temperature': 0.1}, 'dcl', 'hcl', 'triplet', 'npair'):
+        JEST(reference='cached', loss=matrix_free, scope='global')
     # following the model's loss: refused at FIT_START, before any step
     monkeypatch.setattr(algorithm_module, 'dist', SimpleNamespace(get_global_rank=lambda: 0, get_world_size=lambda: 2))
     jest = JEST(score='hard_learner', scope='global')
-    with pytest.raises(ValueError, match="loss 'npair' cannot be scored across ranks"):
-        jest.apply(Event.FIT_START, _state(make_model(loss='npair')), _Logger())
+    with pytest.raises(ValueError, match=r"loss \{'name': 'npair', 'negatives'.* cannot be scored across ranks"):
+        jest.apply(Event.FIT_START, _state(make_model(loss={'name': 'npair', 'negatives': {'queue_size': 64}})),
+                   _Logger())
