@@ -117,8 +117,7 @@ class JEST(Algorithm):
         if scope not in SCOPES:
             raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
         if scope == 'global' and loss is not None:
-            objective = build_objective(loss)
-            check_scope(objective, world_size=2, masked=objective.false_negatives is not None)  # fails before fit
+            check_scope(build_objective(loss), world_size=2)  # a loss global scope cannot score fails before fit
         if learner_patch_size is not None and (not isinstance(learner_patch_size, int) or learner_patch_size < 1):
             raise ValueError(f'learner_patch_size must be a positive int or None, got {learner_patch_size!r}')
         if 'reference' in dict(SCORE_TERMS[score]) and reference is None:
@@ -181,7 +180,7 @@ class JEST(Algorithm):
             self.loss = model.loss_name
         self._objective = build_objective(self.loss, 'JEST loss')
         if self.scope == 'global':
-            check_scope(self._objective, dist.get_world_size(), masked=self._objective.false_negatives is not None)
+            check_scope(self._objective, dist.get_world_size())
         # the training loss's similarity mask reads the reference's embeddings of the trained examples
         trained = build_objective(model.loss_name, 'model loss').false_negatives
         self._carry_reference = trained is not None and trained.threshold is not None
