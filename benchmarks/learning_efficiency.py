@@ -164,12 +164,14 @@ RUNS = (
     RunSpec('jest-0.8-cached', 'jest', 0.8, cached=True),
     RunSpec('jest-0.8-flexi-cached', 'jest', 0.8, flexi=True, cached=True),
     RunSpec('jest-0.8-cached-multires', 'jest', 0.8, cached=True, multires=True),
-    # issue 16: other objectives and false-negative masking (one seed first)
-    RunSpec('jest-0.8-softmax', 'jest', 0.8, loss='softmax'),
-    RunSpec('jest-0.8-dcl', 'jest', 0.8, loss='dcl'),
-    RunSpec('jest-0.8-fnref', 'jest', 0.8, loss=FN_REFERENCE),
-    RunSpec('uniform-softmax', 'uniform', loss='softmax'),
-    RunSpec('uniform-dcl', 'uniform', loss='dcl'),
+    # issue 16: other objectives and false-negative masking
+    RunSpec('jest-0.8-softmax', 'jest', 0.8, loss='softmax', n_seeds=3),
+    RunSpec('jest-0.8-dcl', 'jest', 0.8, loss='dcl', n_seeds=3),
+    RunSpec('jest-0.8-fnref', 'jest', 0.8, loss=FN_REFERENCE, n_seeds=3),
+    RunSpec('indep-0.8-softmax', 'jest', 0.8, selection='independent', loss='softmax', n_seeds=3),
+    RunSpec('indep-0.8-dcl', 'jest', 0.8, selection='independent', loss='dcl', n_seeds=3),
+    RunSpec('uniform-softmax', 'uniform', loss='softmax', n_seeds=3),
+    RunSpec('uniform-dcl', 'uniform', loss='dcl', n_seeds=3),
 )
 
 
