@@ -698,6 +698,8 @@ def plot(runs: dict[str, list[dict]], res: dict[str, Any], out: Path, reference:
         'compute': ('uniform', 'oracle', 'jest-0.8', 'jest-0.8-cached', 'jest-0.8-flexi-cached',
                     'jest-0.8-cached-multires', 'jest-0.8-fast'),
         'ablations': ('uniform', 'oracle', 'jest-0.8', 'indep-0.8', 'indep-0.9', 'easyref-0.8', 'hardlearner-0.8'),
+        'objectives': ('uniform', 'uniform-softmax', 'uniform-dcl', 'jest-0.8', 'jest-0.8-softmax', 'jest-0.8-dcl',
+                       'jest-0.8-fnref', 'indep-0.8-softmax', 'indep-0.8-dcl'),
     }
     for group, names in groups.items():
         for metric, label in (('zero_shot', 'zero-shot accuracy'), ('i2t_r1', 'attribute-aware i2t R@1')):
