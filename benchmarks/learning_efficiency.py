@@ -139,6 +139,7 @@ class RunSpec:
     cached: bool = False  # reference embeddings precomputed into the batch
     multires: bool = False  # half of every trained batch at 2x the native patch
     temperature: float = 1.0  # sample ∝ exp(s(B) / temperature)
+    loss: Any = 'sigmoid'  # the learner's loss spec (composer_jest.objectives); JEST scores with it
 
     @property
     def uses(self) -> tuple[bool, bool, bool]:
@@ -146,6 +147,8 @@ class RunSpec:
         return (self.fast or self.flexi, self.fast or self.cached, self.fast or self.multires)
 
 
+# sigmoid with in-batch pairs whose reference images are this similar dropped from the negatives (score and loss)
+FN_REFERENCE = {'name': 'sigmoid', 'false_negatives': {'threshold': 0.9, 'modality': 'image'}}
 RUNS = (
     RunSpec('uniform', 'uniform', n_seeds=3),
     RunSpec('oracle', 'oracle', n_seeds=3),
@@ -161,6 +164,14 @@ RUNS = (
     RunSpec('jest-0.8-cached', 'jest', 0.8, cached=True),
     RunSpec('jest-0.8-flexi-cached', 'jest', 0.8, flexi=True, cached=True),
     RunSpec('jest-0.8-cached-multires', 'jest', 0.8, cached=True, multires=True),
+    # issue 16: other objectives and false-negative masking
+    RunSpec('jest-0.8-softmax', 'jest', 0.8, loss='softmax', n_seeds=3),
+    RunSpec('jest-0.8-dcl', 'jest', 0.8, loss='dcl', n_seeds=3),
+    RunSpec('jest-0.8-fnref', 'jest', 0.8, loss=FN_REFERENCE, n_seeds=3),
+    RunSpec('indep-0.8-softmax', 'jest', 0.8, selection='independent', loss='softmax', n_seeds=3),
+    RunSpec('indep-0.8-dcl', 'jest', 0.8, selection='independent', loss='dcl', n_seeds=3),
+    RunSpec('uniform-softmax', 'uniform', loss='softmax', n_seeds=3),
+    RunSpec('uniform-dcl', 'uniform', loss='dcl', n_seeds=3),
 )
 
 
@@ -300,9 +311,10 @@ def model_config(s: Settings) -> dict:
     )
 
 
-def make_model(s: Settings, tokenizer: CompactTokenizer, seed: int, multires: bool = False) -> CLIPModel:
+def make_model(s: Settings, tokenizer: CompactTokenizer, seed: int, multires: bool = False,
+               loss: Any = 'sigmoid') -> CLIPModel:
     torch.manual_seed(seed)  # benchmark script: the model init is the one global draw
-    model = CLIPModel(model_config(s), loss='sigmoid', classnames=zero_shot_classnames(),
+    model = CLIPModel(model_config(s), loss=loss, classnames=zero_shot_classnames(),
                       class_templates=ZERO_SHOT_TEMPLATES,
                       low_res_fraction=0.5 if multires else 0.0,
                       low_res_patch_size=2 * s.patch_size if multires else None,
@@ -491,7 +503,7 @@ def run_one(spec: RunSpec, seed: int, s: Settings, data: dict[str, Any], referen
     pool = data['pool']
     subset = np.flatnonzero(pool['clean']) if spec.kind == 'oracle' else None
     flexi, cached, multires = spec.uses
-    model = make_model(s, data['tokenizer'], seed=seed, multires=multires)
+    model = make_model(s, data['tokenizer'], seed=seed, multires=multires, loss=spec.loss)
     algorithms = []
     if spec.kind == 'jest':
         n = int(round(b / (1.0 - spec.filter_ratio)))
@@ -686,6 +698,8 @@ def plot(runs: dict[str, list[dict]], res: dict[str, Any], out: Path, reference:
         'compute': ('uniform', 'oracle', 'jest-0.8', 'jest-0.8-cached', 'jest-0.8-flexi-cached',
                     'jest-0.8-cached-multires', 'jest-0.8-fast'),
         'ablations': ('uniform', 'oracle', 'jest-0.8', 'indep-0.8', 'indep-0.9', 'easyref-0.8', 'hardlearner-0.8'),
+        'objectives': ('uniform', 'uniform-softmax', 'uniform-dcl', 'jest-0.8', 'jest-0.8-softmax', 'jest-0.8-dcl',
+                       'jest-0.8-fnref', 'indep-0.8-softmax', 'indep-0.8-dcl'),
     }
     for group, names in groups.items():
         for metric, label in (('zero_shot', 'zero-shot accuracy'), ('i2t_r1', 'attribute-aware i2t R@1')):

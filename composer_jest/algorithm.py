@@ -26,9 +26,10 @@ from composer_jest.batch import (
 from composer_jest.contract import scoring_model
 from composer_jest.data.two_stage import FullResDecoder
 from composer_jest.flops import StepFlopMeter
+from composer_jest.objectives import build_objective
 from composer_jest.reference import ReferenceSpec
 from composer_jest.score_inputs import ScoreInputs
-from composer_jest.scoring import Features, all_finite, check_settings, jest_select
+from composer_jest.scoring import Features, all_finite, check_scope, check_settings, jest_select
 from composer_jest.selection import SCORE_TERMS
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ class JEST(Algorithm):
         n_chunks: chunks of the joint sampler (paper: 16).
         score: ``learnability`` | ``easy_reference`` | ``hard_learner`` | ``uniform``.
         selection: ``joint`` | ``independent`` (per-example prioritisation baseline).
-        loss: ``sigmoid`` | ``softmax`` scoring loss; ``None`` follows the model's ``loss_name``.
+        loss: the scoring loss spec (:func:`~composer_jest.objectives.build_objective`: ``sigmoid``, ``softmax``,
+            ``dcl``, ``hcl``, ``triplet``, ``npair`` or ``{name: ..., <parameters>}``); ``None`` follows the
+            model's ``loss_name``. Its ``false_negatives`` mask the scores (ids from a batch column, or the
+            reference's similarity; a live reference's embeddings then travel with the sub-batch as
+            ``ref_image_features``/``ref_text_features`` for the training loss's mask). ``scope='global'``
+            takes every loss, but without false negatives or a negatives queue.
         learner_patch_size: score the learner at this patch size (FlexiViT); ``None`` = native.
         scope: ``local`` (each rank selects from its own super-batch) or ``global`` (one selection over all
             ranks' super-batches: each rank draws its quota of its own examples, scoring them against the
@@ -127,6 +133,8 @@ class JEST(Algorithm):
                        temperature=temperature)
         if scope not in SCOPES:
             raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
+        if scope == 'global' and loss is not None:
+            check_scope(build_objective(loss), world_size=2)  # a loss global scope cannot score fails before fit
         if learner_patch_size is not None and (not isinstance(learner_patch_size, int) or learner_patch_size < 1):
             raise ValueError(f'learner_patch_size must be a positive int or None, got {learner_patch_size!r}')
         if 'reference' in dict(SCORE_TERMS[score]) and reference is None:
@@ -142,6 +150,8 @@ class JEST(Algorithm):
                              f'got {full_res!r}')
         self.full_res = full_res
         self.generator: Optional[torch.Generator] = None
+        self._objective = build_objective(loss) if loss is not None else None  # else: the model's, at fit start
+        self._carry_reference = False
         self._pending_rng: Optional[torch.Tensor] = None
         self.examples_seen = 0
         self.examples_trained = 0
@@ -189,6 +199,12 @@ class JEST(Algorithm):
         self._inputs.prepare(state, model)
         if self.loss is None:
             self.loss = model.loss_name
+        self._objective = build_objective(self.loss, 'JEST loss')
+        if self.scope == 'global':
+            check_scope(self._objective, dist.get_world_size())
+        # the training loss's similarity mask reads the reference's embeddings of the trained examples
+        trained = build_objective(model.loss_name, 'model loss').false_negatives
+        self._carry_reference = trained is not None and trained.threshold is not None
         # The trained batch is the sub-batch: never split it further unless asked to.
         batch_size = getattr(state.dataloader, 'batch_size', None)
         mb = state.device_train_microbatch_size
@@ -244,8 +260,10 @@ class JEST(Algorithm):
         selected = jest_select(
             learner, reference, b, score=self.score, selection=self.selection, loss=self.loss,
             n_chunks=self.n_chunks, generator=self.generator, temperature=self.temperature,
-            rank=rank, world_size=world, all_gather=dist.all_gather,
+            rank=rank, world_size=world, all_gather=dist.all_gather, mask=self._false_negatives(batch, reference),
         )
+        if self._carry_reference and reference is not None and CACHED_REFERENCE_KEYS[0] not in batch:
+            batch.update(zip(CACHED_REFERENCE_KEYS[:2], (reference['image_features'], reference['text_features'])))
         self.last_global_indices = selected.global_indices
         # Keep the loader's (random) order: draw order is biased (early chunks favour high diagonal scores),
         # and multi-resolution training encodes the first part of the batch at low resolution.
@@ -281,6 +299,14 @@ class JEST(Algorithm):
             'jest/scoring_time': scoring_time,
         })
         logger.log_metrics(metrics)
+
+    def _false_negatives(self, batch: dict, reference: Optional[Features]) -> Optional[torch.Tensor]:
+        """``[N, N]`` false negatives of the super-batch under the scoring loss, or ``None``."""
+        fn = self._objective.false_negatives
+        if fn is None:
+            return None
+        device = batch[self.image_key].device
+        return fn.mask(fn.signature(batch, reference).to(device))
 
     # -- checkpointing ------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:

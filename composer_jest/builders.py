@@ -62,7 +62,7 @@ def build_model(cfg: DictConfig) -> CLIPModel:
         raise ValueError('model: give checkpoint (a checkpoint of this package or a state_dict) or pretrained (an '
                          f'open_clip tag or weights file), not both; got {cfg.checkpoint!r} and {cfg.pretrained!r}')
     model = CLIPModel(
-        _plain(cfg.name), loss=cfg.loss, classnames=resolve_classnames(_plain(cfg.classnames)),
+        _plain(cfg.name), loss=_plain(cfg.loss), classnames=resolve_classnames(_plain(cfg.classnames)),
         class_templates=list(cfg.class_templates), low_res_fraction=cfg.low_res_fraction,
         low_res_patch_size=cfg.low_res_patch_size, pretrained=cfg.pretrained,
     )

@@ -20,7 +20,7 @@ __all__ = ['ModelConfig', 'TwoStageConfig', 'DataConfig', 'TrainConfig', 'load_c
 @dataclass
 class ModelConfig:
     name: Any = 'jest-tiny'  # open_clip model name, or an open_clip CLIP config dict
-    loss: str = 'sigmoid'  # sigmoid | softmax
+    loss: Any = 'sigmoid'  # a loss spec: sigmoid | softmax | dcl | hcl | triplet | npair, or {name: ..., params}
     classnames: Any = 'shapes'  # zero-shot classes: shapes | fashion_mnist | a list | null
     class_templates: list[str] = field(default_factory=lambda: ['a {name}', 'a picture of a {name}'])
     low_res_fraction: Optional[float] = None  # multi-resolution training; default 0.5 with low_res_patch_size
@@ -136,6 +136,10 @@ def _check(cfg: DictConfig) -> None:
         if loader.two_stage is not None and (name != 'train_loader' or loader.source != 'mds'):
             raise ValueError(f'{name}.two_stage: two-stage decoding is for a train_loader with source: mds '
                              f'(JEST selects between the stages), got {name} with source {loader.source!r}')
+    from composer_jest.objectives import build_objective  # noqa: PLC0415
+
+    build_objective(OmegaConf.to_container(cfg.model.loss) if isinstance(cfg.model.loss, DictConfig)
+                    else cfg.model.loss, 'model.loss')
     if cfg.global_train_batch_size < 1:
         raise ValueError(f'global_train_batch_size must be >= 1, got {cfg.global_train_batch_size}')
     if cfg.optimizer is None or 'name' not in cfg.optimizer:

@@ -18,13 +18,14 @@ class ScoringModel(Protocol):
     """The learner as JEST scores it.
 
     Attributes:
-        loss_name: the contrastive loss the model trains with (``'sigmoid'`` | ``'softmax'``); JEST scores with
-            it unless given ``loss=``.
+        loss_name: the loss spec the model trains with (a registered name such as ``'sigmoid'`` | ``'softmax'``,
+            or ``{'name': ..., <parameters>}``, see :func:`composer_jest.objectives.build_objective`); JEST scores
+            with it unless given ``loss=``.
         spec: the architecture (e.g. an open_clip model name or config) a bare reference checkpoint path is
             loaded into, or ``None`` (then the reference must be given as a module or ``{model, checkpoint}``).
     """
 
-    loss_name: str
+    loss_name: Any
     spec: Any
 
     def score_features(self, batch: dict, patch_size: Optional[int] = None) -> Features:

@@ -25,7 +25,8 @@ from torchmetrics import Metric
 
 from composer_jest.batch import IMAGE_KEY, LABEL_KEY, TEXT_KEY
 from composer_jest.flexi import check_patch_size
-from composer_jest.losses import LOSSES
+from composer_jest.negatives import NegativesQueue
+from composer_jest.objectives import Objective, build_objective
 from composer_jest.text_buckets import (
     DEFAULT_TEXT_BUCKET_OVERHEAD,
     DEFAULT_TEXT_BUCKETS,
@@ -221,7 +222,9 @@ class CLIPModel(ComposerModel):
 
     Args:
         model: open_clip model name (e.g. ``'jest-tiny'``, shipped), config dict, or module.
-        loss: ``'sigmoid'`` (SigLIP; needs a model with ``init_logit_bias``) or ``'softmax'`` (CLIP).
+        loss: a loss spec (:mod:`composer_jest.objectives`): a registered name (``'sigmoid'``: SigLIP, needs a
+            model with ``init_logit_bias``; ``'softmax'``: CLIP; ``'dcl'``, ``'hcl'``, ``'triplet'``, ``'npair'``)
+            or ``{'name': ..., <parameters>, 'false_negatives': {...}}``. ``loss_name`` holds its canonical spec.
         classnames: zero-shot class names; enables the ``ZeroShotAccuracy`` eval metric (batches then
             need a ``label`` key).
         class_templates: prompt templates with ``{name}``; embeddings averaged over templates.
@@ -246,7 +249,7 @@ class CLIPModel(ComposerModel):
     def __init__(
         self,
         model: ModelSpec = 'jest-tiny',
-        loss: str = 'sigmoid',
+        loss: Union[str, dict, Objective] = 'sigmoid',
         classnames: Optional[Sequence[str]] = None,
         class_templates: Sequence[str] = ('a {name}',),
         image_key: str = IMAGE_KEY,
@@ -257,8 +260,7 @@ class CLIPModel(ComposerModel):
         pretrained: Optional[str] = None,
     ):
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+        objective = build_objective(loss)
         if low_res_fraction is None:
             low_res_fraction = 0.5 if low_res_patch_size is not None else 0.0
         if not (isinstance(low_res_fraction, (int, float)) and 0.0 <= low_res_fraction < 1.0):
@@ -266,12 +268,20 @@ class CLIPModel(ComposerModel):
         if low_res_fraction > 0 and low_res_patch_size is None:
             raise ValueError('low_res_fraction > 0 needs low_res_patch_size (e.g. twice the native patch size)')
         clip = build_clip(model, pretrained, field='model.pretrained')
-        if loss == 'sigmoid' and getattr(clip, 'logit_bias', None) is None:
-            raise ValueError("loss='sigmoid' needs a model with a logit bias (open_clip init_logit_bias)")
+        if objective.needs_bias and getattr(clip, 'logit_bias', None) is None:
+            raise ValueError(f'loss={objective.name!r} needs a model with a logit bias (open_clip init_logit_bias)')
         # The open_clip name or config this model was built from (a bare reference checkpoint loads into it).
         self.spec: Optional[ModelSpec] = model if not isinstance(model, nn.Module) else None
         self.towers = CLIPTowers(clip)
-        self.loss_name = loss
+        self.objective = objective
+        # Parameters the loss never reads get no gradient, hence no optimizer state, which a resume would look for.
+        if not objective.needs_bias and getattr(clip, 'logit_bias', None) is not None:
+            clip.logit_bias.requires_grad_(False)
+        if not objective.uses_model_scale:
+            clip.logit_scale.requires_grad_(False)
+        # a negatives queue (loss spec `negatives: {queue_size: K}`): momentum towers + their embeddings, checkpointed
+        self.negatives = NegativesQueue(self.towers, objective.negatives) if objective.negatives is not None else None
+        self.loss_name = objective.spec()  # the contract's loss spec (JEST scores with it unless told otherwise)
         self.image_key, self.text_key = image_key, text_key
         self.tokenizer = tokenizer if tokenizer is not None else tokenizer_for(model, clip)
         self.classnames = list(classnames) if classnames else None
@@ -313,19 +323,44 @@ class CLIPModel(ComposerModel):
         return self.towers(image, text, patch_size=patch_size, low_res=low_res,
                            low_res_patch_size=self.low_res_patch_size)
 
-    def _build_loss(self) -> nn.Module:
+    def _build_loss(self) -> Optional[nn.Module]:
+        """open_clip's loss for plain ``sigmoid`` / ``softmax``; ``None``: the objective's own (gathered) loss."""
         rank, world = dist.get_global_rank(), dist.get_world_size()
         if self.loss_name == 'sigmoid':
             return open_clip.loss.SigLipLoss(rank=rank, world_size=world)
-        return open_clip.loss.ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
+        if self.loss_name == 'softmax':
+            return open_clip.loss.ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
+        return None
 
     def loss(self, outputs: dict[str, Any], batch: Any, *args, **kwargs) -> torch.Tensor:
         if self._loss_fn is None:  # built lazily: rank/world size are known only once dist is up
-            self._loss_fn = self._build_loss()
+            self._loss_fn = self._build_loss() or self._objective_loss
         o = outputs
         if self.loss_name == 'sigmoid':
             return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'], o['logit_bias'])
-        return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'])
+        if self.loss_name == 'softmax':
+            return self._loss_fn(o['image_features'], o['text_features'], o['logit_scale'])
+        return self._loss_fn(o, batch)
+
+    def _objective_loss(self, outputs: dict[str, Any], batch: Any) -> torch.Tensor:
+        """The objective's ``L(B) / |B|`` over every rank's batch (features gathered with their gradients, as
+        open_clip's ``ClipLoss(local_loss=False, gather_with_grad=True)``), false negatives masked."""
+        rank, world = dist.get_global_rank(), dist.get_world_size()
+        features = dict(outputs)
+        fn = self.objective.false_negatives
+        signature = fn.signature(batch) if fn is not None else None
+        if world > 1:
+            features['image_features'], features['text_features'] = open_clip.loss.gather_features(
+                outputs['image_features'], outputs['text_features'], local_loss=False, gather_with_grad=True,
+                rank=rank, world_size=world)
+            if signature is not None:
+                signature = torch.cat(dist.all_gather(signature.to(features['image_features'].device)))
+        mask = fn.mask(signature.to(features['image_features'].device)) if signature is not None else None
+        if self.negatives is None:
+            return self.objective.training_loss(features, mask)
+        loss = self.objective.training_loss({**features, **self.negatives.features()}, mask)
+        self.negatives.update(self.towers, batch[self.image_key], batch[self.text_key])  # for the next steps
+        return loss
 
     # -- the scoring contract (composer_jest.contract.ScoringModel): what JEST calls -----------------------
     def score_features(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
@@ -334,9 +369,12 @@ class CLIPModel(ComposerModel):
         was_training = self.training
         self.eval()
         try:
-            return dict(self(batch, patch_size=patch_size))
+            features = dict(self(batch, patch_size=patch_size))
         finally:
             self.train(was_training)
+        if self.negatives is not None:  # the training loss's queued negatives count in the scores too
+            features.update(self.negatives.features())
+        return features
 
     def check_scoring_patch_size(self, patch_size: Optional[int]) -> None:
         check_patch_size(self.towers.clip.visual, patch_size, 'learner_patch_size')

@@ -25,8 +25,8 @@ from composer import optim as composer_optim
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 
-__all__ = ['algorithms', 'callbacks', 'loggers', 'optimizers', 'schedulers', 'data_sources', 'build', 'build_section',
-           'check_kwargs', 'has', 'names']
+__all__ = ['algorithms', 'callbacks', 'loggers', 'optimizers', 'schedulers', 'data_sources', 'losses', 'build',
+           'build_section', 'check_kwargs', 'has', 'names']
 
 algorithms = catalogue.create('composer_jest', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_jest', 'callbacks', entry_points=True)
@@ -35,6 +35,8 @@ optimizers = catalogue.create('composer_jest', 'optimizers', entry_points=True)
 schedulers = catalogue.create('composer_jest', 'schedulers', entry_points=True)
 # `train_loader.source` / `eval_loader.source`: (cfg, model, batch_size, train) -> DataLoader
 data_sources = catalogue.create('composer_jest', 'data_sources', entry_points=True)
+# `model.loss` / `JEST(loss=...)`: contrastive objectives (composer_jest.objectives.build_objective builds them)
+from composer_jest.objectives import LOSS_REGISTRY as losses  # noqa: E402
 
 
 def _module_name(cls: type, strip: str = '') -> str:

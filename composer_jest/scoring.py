@@ -18,6 +18,11 @@ the super-batch) and updates the conditional scores of *its own* candidates agai
   in all) and every rank keeps the chosen set's embeddings (``b_g x d`` per tensor); temporaries stay
   blockwise.
 
+* **other objectives** (``dcl``, ``hcl``, ``triplet``, ``npair``; :mod:`composer_jest.objectives`): the softmax
+  scheme with the objective's per-anchor statistic of its negatives (LSE, max, count...) in place of the
+  normaliser (``_AnchorBlocks``). With false negatives or a negatives queue every objective is scored from
+  ``N x N`` logits at one rank (``_DenseBlocks``; ``scope='global'`` fails early, :func:`check_scope`).
+
 Statistics (when both models are given): the learnability ``s(B) / b_g`` of the selected batch is exact
 (accumulated chunk by chunk from the same blocks). The uniform-batch figure is an estimate from each
 rank's own super-batch (the loader shuffles, so its items are a uniform sample): sigmoid
@@ -34,12 +39,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, TypedDict
+from typing import Any, NamedTuple, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
 
-from composer_jest.losses import LOSSES
+from composer_jest.objectives import QUEUE_KEYS, Objective, build_objective, loss_names
 from composer_jest.selection import (
     SCORE_METHODS,
     SCORE_TERMS,
@@ -51,7 +56,7 @@ from composer_jest.selection import (
 )
 
 __all__ = ['Features', 'AllGather', 'Selection', 'BLOCK_ELEMENTS', 'STAT_BLOCK', 'conditional_scorer', 'jest_select',
-           'selection_flops', 'check_settings', 'all_finite', 'check_finite']
+           'selection_flops', 'check_settings', 'check_scope', 'all_finite', 'check_finite']
 
 # Largest temporary (elements) of one block product: 2**24 float32 = 64 MiB.
 BLOCK_ELEMENTS = 1 << 24
@@ -356,23 +361,229 @@ class _SoftmaxBlocks(_Blockwise):
                 'learnability_selected': (selected / b_global).float()}
 
 
+class _AnchorBlocks(_Blockwise):
+    """Exact conditional scores of any anchor objective (:mod:`composer_jest.objectives`), matrix-free.
+
+    The softmax scorer's scheme with the objective's statistic in place of the log-normaliser: every local
+    item keeps, per model and direction, the statistic ``s_k`` of its negatives in the chosen set ``C``
+    (``combine`` absorbs each gathered chunk; an item never counts itself: the payload carries global ids).
+    ``k``'s own terms are ``g(s_k, l_kk)``; as a new negative of every chosen ``i`` (their statistics
+    all-gathered each chunk, their positives recomputed from the kept embeddings) it adds
+    ``g(merge(s_i, l_ik)) - g(s_i)``. Costs as the softmax scorer's.
+    """
+
+    def __init__(self, models, score, track, comm, n, device, joint: bool, quota: int, objective,
+                 scales: dict[str, torch.Tensor]):
+        super().__init__(models, score, track, comm, n, device)
+        self.objective, self.scales, self.sub_batch = objective, scales, quota
+        self.gid = (torch.arange(n, device=device) + comm.rank * n).float()  # exact below 2**24 items
+        if n * comm.world_size >= 1 << 24:
+            raise ValueError('the anchor scorer numbers items in float32: N x world_size must be < 2**24')
+        self.stats = {k: {d: objective.empty(n, device) for d in objective.directions} for k in models}
+        width = sum(2 * m.dim for m in models.values()) + 1
+        self.buffer = torch.empty(quota if joint else 0, comm.world_size, width, device=device)
+        self.filled = 0
+        self.cond = torch.zeros(n, device=device) if joint else self._per_example()
+
+    def _payload(self, new: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super()._payload(new), self.gid[new, None]], 1)
+
+    def _negatives(self, m: _Model, direction: str, rows, xs_d: torch.Tensor, y_d: torch.Tensor) -> torch.Tensor:
+        """``l`` of anchors ``rows`` (local) against the gathered items: ``l_kj`` (image) or ``l_jk`` (text)."""
+        return m.logits(m.xs[rows], y_d) if direction == 'image' else m.logits(m.y[rows], xs_d)
+
+    def _per_example(self) -> torch.Tensor:
+        """``sum_m w_m g(s_k over the local super-batch)``: independent selection, in row blocks."""
+        obj, total = self.objective, torch.zeros(self.num_items, device=self.device)
+        every = torch.arange(self.num_items, device=self.device)
+        for name, w in self.score_w.items():
+            m = self.models[name]
+            for block in every.split(self.max_rows):
+                valid = every[None, :] != block[:, None]
+                for d in obj.directions:
+                    stat = obj.reduce(self._negatives(m, d, block, m.xs, m.y), valid, m.diag[block])
+                    total[block] += w * obj._weight * obj.value(stat, m.diag[block], self.scales[name])
+        return total
+
+    def initial(self) -> torch.Tensor:
+        return self.cond
+
+    def add(self, new: torch.Tensor, need_cond: bool) -> Optional[torch.Tensor]:
+        self.chosen = torch.cat([self.chosen, new])
+        if not self.models:
+            return self.cond
+        if not need_cond:  # statistics only: the chosen rows absorb the new picks, gathered in bounded pieces
+            for piece in new.split(self.piece):
+                self._absorb(_row_blocks(self.comm.gather(self._payload(piece)), self.max_rows), self.chosen)
+            return None
+        gathered = self.comm.gather(self._payload(new))
+        c = new.numel()
+        for r, piece in enumerate(gathered):
+            self.buffer[self.filled:self.filled + c, r] = piece
+        self._absorb(self.buffer[self.filled:self.filled + c].flatten(0, 1).split(self.max_rows), slice(None))
+        self.filled += c
+        self.cond = self._conditional()
+        return self.cond
+
+    def _absorb(self, blocks, rows) -> None:
+        """The statistics of ``rows`` absorb the gathered items (each row skipping itself)."""
+        obj = self.objective
+        for block in blocks:
+            valid = block[None, :, -1] != self.gid[rows][:, None]
+            for name, m, xs_d, y_d in self._split(block):
+                for d in obj.directions:
+                    part = obj.reduce(self._negatives(m, d, rows, xs_d, y_d), valid, m.diag[rows])
+                    merged = obj.combine(tuple(s[rows] for s in self.stats[name][d]), part)
+                    for s, v in zip(self.stats[name][d], merged):
+                        s[rows] = v
+
+    def _conditional(self) -> torch.Tensor:
+        obj = self.objective
+        keys = [(k, d) for k in self.models for d in obj.directions]
+        # the chosen items' statistics, in the buffer's row order: [chunk rows, rank, statistics]
+        local = torch.stack([t[self.chosen] for k, d in keys for t in self.stats[k][d]], 1)
+        stats = torch.stack(self.comm.gather(local), 1).flatten(0, 1)
+        chosen_rows = self.buffer[:self.filled].flatten(0, 1)
+        width = len(obj.empty(0, self.device))
+        total = torch.zeros(self.num_items, device=self.device)
+        start = 0
+        for name, m in self.models.items():
+            w = self.score_w.get(name)
+            if w is not None:
+                total = total + w * self._model_gain(name, m, chosen_rows, stats, start, keys, width)
+            start += 2 * m.dim
+        return total
+
+    def _model_gain(self, name, m, chosen_rows, stats, start, keys, width) -> torch.Tensor:
+        obj, scale = self.objective, self.scales[name]
+        gain = torch.zeros(self.num_items, device=self.device)
+        for d in obj.directions:
+            gain = gain + obj._weight * obj.value(self.stats[name][d], m.diag, scale)  # k's own terms
+        for block, stat in zip(chosen_rows.split(self.max_rows), stats.split(self.max_rows)):
+            xs_c, y_c = block[:, start:start + m.dim], block[:, start + m.dim:start + 2 * m.dim]
+            pos = ((xs_c * y_c).sum(1) + (m.bias.reshape(()) if m.bias is not None else 0.0))[:, None]
+            for d in obj.directions:
+                col = keys.index((name, d)) * width
+                s_i = tuple(stat[:, col + j, None] for j in range(width))
+                # l_ik: chosen anchor i against candidate k (its text for image anchors, its image for text ones)
+                l_ik = m.logits(xs_c, m.y) if d == 'image' else m.logits(y_c, m.xs)
+                change = obj.value(obj.merge(s_i, l_ik, pos), pos, scale) - obj.value(s_i, pos, scale)
+                gain = gain + obj._weight * change.sum(0)
+        return gain
+
+    def stat_partials(self) -> torch.Tensor:
+        """``[L(B) rows of this rank, sum of L(block) over local b-blocks, number of blocks]`` (learnability)."""
+        obj = self.objective
+        selected = torch.zeros((), device=self.device)
+        uniform = torch.zeros((), device=self.device)
+        n_blocks = self.num_items // self.sub_batch
+        blocks = torch.arange(n_blocks * self.sub_batch, device=self.device).view(n_blocks, self.sub_batch)
+        for name, w in self.stat_w.items():
+            m, c, scale = self.models[name], self.chosen, self.scales[name]
+            for d in obj.directions:  # after the last chunk every chosen item's statistic covers B \ {i}
+                stat = tuple(s[c] for s in self.stats[name][d])
+                selected = selected + w * obj._weight * obj.value(stat, m.diag[c], scale).sum()
+            for block in blocks:
+                uniform = uniform + w * obj.set_loss(m.logits(m.xs[block], m.y[block]), scale=scale)
+        return torch.stack([selected, uniform, torch.full((), float(n_blocks), device=self.device)])
+
+    finalize = _SoftmaxBlocks.finalize
+
+
+class _DenseBlocks:
+    """One rank's exact scores for any objective (false negatives included) from ``N x N`` logit matrices.
+
+    The path of the objectives the matrix-free scorers do not cover (``world_size = 1`` only): the
+    objective's own conditional scorer (:class:`~composer_jest.objectives.AnchorScorer` or the pair matrix),
+    ``objective.per_example`` for independent selection. Statistics: the selected set's ``L(B) / b``
+    exactly; the uniform-batch figure is the mean of ``L(block) / b`` over consecutive ``b``-blocks.
+    """
+
+    def __init__(self, objective: Objective, given: dict[str, Optional[Features]], score: str, track: bool,
+                 joint: bool, quota: int, mask: Optional[torch.Tensor]):
+        self.objective, self.mask, self.quota = objective, mask, quota
+        self.comm = _Comm(0, 1, None)
+        if score not in SCORE_METHODS:
+            raise ValueError(f'score must be one of {SCORE_METHODS}, got {score!r}')
+        needed = {name for name, _ in SCORE_TERMS[score]} | ({name for name, _ in STAT_TERMS} if track else set())
+        for name in sorted(needed):
+            if given[name] is None:
+                raise ValueError(f'score={score!r} needs {name} features')
+        self.models = {name: (objective.logits(given[name]), objective.scale(given[name]),
+                              objective.queue_logits(given[name]))  # the model's negatives queue, if it has one
+                       for name in ('learner', 'reference') if name in needed}
+        sizes = {name: lg.shape[0] for name, (lg, _, _) in self.models.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f'learner and reference features must cover the same super-batch, got sizes {sizes}')
+        anchor = (given['learner'] or given['reference'])['image_features']
+        self.num_items, self.device = anchor.shape[0], anchor.device
+        terms = [(*self.models[name], w) for name, w in SCORE_TERMS[score]]
+        self.stat_terms = [(*self.models[name], w) for name, w in STAT_TERMS] if track else []
+        self.chosen = torch.empty(0, dtype=torch.long, device=self.device)
+        self.scorer = None
+        if not terms:
+            self.cond = torch.zeros(self.num_items, device=self.device)
+        elif joint:
+            self.scorer = objective.scorer([(lg, w, scale, queue) for lg, scale, queue, w in terms], mask)
+            self.cond = self.scorer.initial()
+        else:
+            self.cond = sum(w * objective.per_example(lg, mask, scale, queue) for lg, scale, queue, w in terms)
+
+    def initial(self) -> torch.Tensor:
+        return self.cond
+
+    def add(self, new: torch.Tensor, need_cond: bool) -> Optional[torch.Tensor]:
+        self.chosen = torch.cat([self.chosen, new])
+        if not need_cond:
+            return None
+        if self.scorer is not None:
+            self.cond = self.scorer.add(new)
+        return self.cond
+
+    def _value(self, indices: torch.Tensor) -> torch.Tensor:
+        return sum(w * self.objective.set_loss(lg, indices, self.mask, scale, queue)
+                   for lg, scale, queue, w in self.stat_terms)
+
+    def stat_partials(self) -> torch.Tensor:
+        """``[L(B), sum of L(block) over the local b-blocks, number of blocks]`` (learnability)."""
+        n_blocks = self.num_items // self.quota
+        blocks = torch.arange(n_blocks * self.quota, device=self.device).view(n_blocks, self.quota)
+        uniform = sum((self._value(block) for block in blocks), torch.zeros((), device=self.device))
+        return torch.stack([self._value(self.chosen), uniform, torch.full((), float(n_blocks), device=self.device)])
+
+    def finalize(self, totals: torch.Tensor, n_global: int, b_global: int) -> dict[str, torch.Tensor]:
+        selected, uniform, n_blocks = totals
+        return {'learnability_superbatch': (uniform / (n_blocks.clamp(min=1) * self.quota)).float(),
+                'learnability_selected': (selected / b_global).float()}
+
+
+def check_scope(objective: Objective, world_size: int, masked: bool = False) -> None:
+    """Raise ``ValueError`` if ``objective`` cannot be scored across ``world_size > 1`` ranks (``scope='global'``)."""
+    if world_size > 1 and (not objective.blockwise or masked):
+        raise ValueError(
+            f'loss {objective.spec()!r} cannot be scored across ranks (scope=global, world_size={world_size}): the '
+            f'matrix-free global path takes every registered loss ({loss_names()}) but without false_negatives or '
+            "a negatives queue; use scope='local' for this loss")
+
+
 def conditional_scorer(
     learner: Optional[Features],
     reference: Optional[Features],
     *,
     score: str = 'learnability',
-    loss: str = 'sigmoid',
+    loss: Any = 'sigmoid',
     joint: bool = True,
     quota: int,
     rank: int = 0,
     world_size: int = 1,
     all_gather: Optional[AllGather] = None,
     track: bool = False,
-) -> _SigmoidBlocks | _SoftmaxBlocks:
+) -> _SigmoidBlocks | _SoftmaxBlocks | _AnchorBlocks:
     """The blockwise :class:`~composer_jest.selection.BlockScorer` of this rank's candidates.
 
-    ``track``: also accumulate the learnability statistics (needs both models). ``quota``: this rank's
-    sub-batch size (the softmax scorer keeps the chosen set's embeddings, ``quota x world_size`` rows).
+    ``loss``: a loss spec without false negatives or a queue. ``track``: also accumulate the learnability
+    statistics (needs both models). ``quota``: this rank's sub-batch size (the softmax and anchor scorers keep
+    the chosen set's embeddings, ``quota x world_size`` rows).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -382,11 +593,16 @@ def conditional_scorer(
         >>> scorer.add(torch.tensor([0]), need_cond=True).shape
         torch.Size([6])
     """
-    for name, value, allowed in (('score', score, SCORE_METHODS), ('loss', loss, LOSSES)):
-        if value not in allowed:
-            raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+    if score not in SCORE_METHODS:
+        raise ValueError(f'score must be one of {SCORE_METHODS}, got {score!r}')
+    objective = build_objective(loss)
+    if not objective.blockwise:
+        raise ValueError(f'loss {objective.spec()!r} has no matrix-free scorer (false negatives or a negatives '
+                         'queue): jest_select scores it from N x N logits')
     comm = _Comm(rank, world_size, all_gather)
-    given = {'learner': learner, 'reference': reference}
+    # the objective's scale (a fixed temperature; 1 for cosine losses) replaces the model's
+    given = {name: ({**f, 'logit_scale': objective.scale(f)} if f is not None else None)
+             for name, f in (('learner', learner), ('reference', reference))}
     for name, _ in SCORE_TERMS[score]:
         if given[name] is None:
             raise ValueError(f'score={score!r} needs {name} features')
@@ -397,14 +613,17 @@ def conditional_scorer(
     anchor = (learner or reference)['image_features']
     needed = [name for name in ('learner', 'reference')
               if name in dict(SCORE_TERMS[score]) or (track and name in dict(STAT_TERMS))]
-    models = {name: _Model.build(given[name], name, loss) for name in needed}
+    models = {name: _Model.build(given[name], name, objective.name) for name in needed}
     sizes = {name: m.xs.shape[0] for name, m in models.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(f'learner and reference features must cover the same super-batch, got sizes {sizes}')
     args = (models, score, track, comm, anchor.shape[0], anchor.device)
-    if loss == 'sigmoid':
+    if objective.name == 'sigmoid':
         return _SigmoidBlocks(*args)
-    return _SoftmaxBlocks(*args, joint=joint, quota=quota, sub_batch=quota)
+    if objective.name == 'softmax':
+        return _SoftmaxBlocks(*args, joint=joint, quota=quota, sub_batch=quota)
+    scales = {name: objective.scale(given[name]) for name in needed}
+    return _AnchorBlocks(*args, joint=joint, quota=quota, objective=objective, scales=scales)
 
 
 def jest_select(
@@ -421,6 +640,7 @@ def jest_select(
     rank: int = 0,
     world_size: int = 1,
     all_gather: Optional[AllGather] = None,
+    mask: Optional[torch.Tensor] = None,
 ) -> Selection:
     """Score this rank's super-batch and draw its ``n_select`` examples of a (possibly global) selection.
 
@@ -433,7 +653,12 @@ def jest_select(
         learner, reference: :class:`Features` of this rank's super-batch; either may be ``None`` if the
             score does not use it (``SCORE_TERMS``). With both, the learnability statistics are returned.
         n_select: this rank's sub-batch size ``b``.
-        score, selection, loss, n_chunks, temperature: see :class:`~composer_jest.algorithm.JEST`.
+        score, selection, n_chunks, temperature: see :class:`~composer_jest.algorithm.JEST`.
+        loss: a loss spec (:func:`~composer_jest.objectives.build_objective`): every registered loss runs
+            matrix-free (any world size); with ``mask`` or a queue in the features, through ``N x N`` logits at
+            world size 1 (:func:`check_scope`).
+        mask: ``[N, N]`` bool false negatives (:class:`~composer_jest.objectives.FalseNegatives`), or ``None``.
+            Features that carry a negatives queue (``QUEUE_KEYS``) count it in that model's loss.
         generator: seeded (CPU) generator; one value is drawn per call.
         rank, world_size, all_gather: this rank, the number of ranks selecting together, and the
             all-gather (``composer.utils.dist.all_gather``); none is called at world size 1.
@@ -455,8 +680,17 @@ def jest_select(
         raise ValueError('need learner or reference features (the super-batch size is taken from them)')
     _validate_sizes((learner or reference)['image_features'].shape[0], n_select, n_chunks, 1)
     _validate_temperature(temperature)
-    scorer = conditional_scorer(learner, reference, score=score, loss=loss, joint=joint, quota=n_select, rank=rank,
-                                world_size=world_size, all_gather=all_gather, track=track)
+    objective = build_objective(loss)
+    queued = any(f is not None and QUEUE_KEYS[1] in f for f in (learner, reference))
+    check_scope(objective, world_size, masked=mask is not None or queued)
+    if objective.blockwise and mask is None and not queued:
+        scorer = conditional_scorer(learner, reference, score=score, loss=objective, joint=joint,
+                                    quota=n_select, rank=rank, world_size=world_size, all_gather=all_gather,
+                                    track=track)
+    else:
+        _Comm(rank, world_size, all_gather)  # the argument checks
+        scorer = _DenseBlocks(objective, {'learner': learner, 'reference': reference}, score, track, joint,
+                              n_select, mask)
     picks = blockwise_sample(scorer, n_select, n_chunks, generator, group=rank, temperature=temperature,
                              joint=joint, add_all=track)
     partials = scorer.stat_partials() if track else torch.zeros(0, device=picks.device)
@@ -503,8 +737,8 @@ def check_settings(*, filter_ratio: float, n_chunks: int, score: str, selection:
     for name, value, allowed in (('score', score, SCORE_METHODS), ('selection', selection, SELECTION_METHODS)):
         if value not in allowed:
             raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
-    if loss is not None and loss not in LOSSES:
-        raise ValueError(f'loss must be one of {LOSSES} or None (follow the model), got {loss!r}')
+    if loss is not None:
+        build_objective(loss, 'loss')  # names the registered losses and their parameters
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')
 

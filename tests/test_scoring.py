@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from composer_jest import scoring
 from composer_jest.losses import SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
+from composer_jest.objectives import build_objective
 from composer_jest.scoring import STAT_BLOCK, conditional_scorer, jest_select
 from composer_jest.selection import (
     SCORE_METHODS,
@@ -34,7 +35,11 @@ from composer_jest.selection import (
 )
 
 N_LOCAL, B_LOCAL, N_CHUNKS, DIM = 13, 5, 3, 8  # N not a multiple of the chunk count; chunks of 2, 2, 1
-CASES = list(itertools.product(('joint', 'independent'), ('sigmoid', 'softmax'), SCORE_METHODS))
+# the other objectives run through the generic anchor scorer (composer_jest.objectives); their dense reference is
+# the objective's own AnchorScorer / per_example on the concatenated super-batch
+ANCHOR_LOSSES = ('dcl', 'hcl', 'npair', 'triplet', 'triplet-semi-hard')
+LOSS_SPECS = {'triplet-semi-hard': {'name': 'triplet', 'mining': 'semi-hard'}}
+CASES = list(itertools.product(('joint', 'independent'), ('sigmoid', 'softmax') + ANCHOR_LOSSES, SCORE_METHODS))
 
 
 def global_features(world: int, seed: int) -> tuple[dict, dict]:
@@ -75,6 +80,19 @@ def dense_select(learner, reference, world, selection, loss, score, seed, temper
         scores = score_matrix(score, losses['learner'], losses['reference'])
     elif score == 'uniform':
         scores = PairScorer(torch.zeros(n, n))
+    elif loss in ANCHOR_LOSSES:
+        obj = build_objective(LOSS_SPECS.get(loss, loss))
+        given = {'learner': learner, 'reference': reference}
+        terms = [(obj.logits(given[k]), w, obj.scale(given[k])) for k, w in SCORE_TERMS[score]]
+        if selection == 'joint':
+            scores = obj.scorer(terms)
+        else:  # each example's loss within its own rank's super-batch
+            per_example = torch.zeros(n)
+            for r in range(world):
+                blk = torch.arange(r * N_LOCAL, (r + 1) * N_LOCAL)
+                for lg, w, s in terms:
+                    per_example[blk] += w * obj.per_example(lg[blk][:, blk], scale=s)
+            scores = torch.diag(per_example)
     else:
         logits = {k: pair_logits(f['image_features'], f['text_features'], f['logit_scale'])
                   for k, f in (('learner', learner), ('reference', reference)) if f is not None}
@@ -112,6 +130,17 @@ def brute_force_stats(learner, reference, idx, world, loss) -> dict:
                 count += blk.numel() * (blk.numel() - 1)
         uniform = float(torch.diagonal(s).mean()) + (b - 1) * off / count
         selected = float(batch_score(s, idx)) / b
+    elif loss in ANCHOR_LOSSES:
+        obj = build_objective(LOSS_SPECS.get(loss, loss))
+
+        def value(indices):
+            return float(obj.set_loss(obj.logits(learner), indices, scale=obj.scale(learner))
+                         - obj.set_loss(obj.logits(reference), indices, scale=obj.scale(reference)))
+
+        blocks = [torch.arange(r * N_LOCAL + k * B_LOCAL, r * N_LOCAL + (k + 1) * B_LOCAL)
+                  for r in range(world) for k in range(N_LOCAL // B_LOCAL)]
+        uniform = sum(value(blk) for blk in blocks) / (len(blocks) * B_LOCAL)
+        selected = value(idx) / b
     else:
         ll = pair_logits(learner['image_features'], learner['text_features'], learner['logit_scale'])
         lr = pair_logits(reference['image_features'], reference['text_features'], reference['logit_scale'])
@@ -128,7 +157,8 @@ def blockwise_all_cases(rank: int, world: int, all_gather, seed: int) -> list:
     out = []
     for selection, loss, score in CASES:
         lf, rf = used(score, local(learner, rank), local(reference, rank))
-        sel = jest_select(lf, rf, B_LOCAL, score=score, selection=selection, loss=loss, n_chunks=N_CHUNKS,
+        sel = jest_select(lf, rf, B_LOCAL, score=score, selection=selection, loss=LOSS_SPECS.get(loss, loss),
+                          n_chunks=N_CHUNKS,
                           generator=torch.Generator().manual_seed(seed), rank=rank, world_size=world,
                           all_gather=all_gather)
         out.append((sel.indices, sel.global_indices, {k: float(v) for k, v in sel.stats.items()}))
@@ -215,12 +245,20 @@ def test_temperature_and_repeated_draws_match_dense():
             assert torch.equal(got.indices, expected)
 
 
-@pytest.mark.parametrize('loss', ['sigmoid', 'softmax'])
+@pytest.mark.parametrize('loss', ('sigmoid', 'softmax') + ANCHOR_LOSSES)
 def test_blockwise_conditional_equals_brute_force_gain(loss):
     learner, reference = global_features(1, 5)
     n = N_LOCAL
-    scorer = conditional_scorer(learner, reference, score='learnability', loss=loss, quota=6)
-    if loss == 'sigmoid':
+    scorer = conditional_scorer(learner, reference, score='learnability', loss=LOSS_SPECS.get(loss, loss), quota=6)
+    if loss in ANCHOR_LOSSES:
+        obj = build_objective(LOSS_SPECS.get(loss, loss))
+
+        def value(idx):
+            if not idx.numel():
+                return 0.0
+            return float(sum(w * obj.set_loss(obj.logits(f), idx, scale=obj.scale(f))
+                             for f, w in ((learner, 1.0), (reference, -1.0))))
+    elif loss == 'sigmoid':
         s = sigmoid_pair_loss(**learner) - sigmoid_pair_loss(**reference)
 
         def value(idx):
