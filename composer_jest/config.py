@@ -35,6 +35,7 @@ class DataConfig:
     num_samples: int = 4096
     noise: float = 0.0
     seed: int = 0
+    label: str = 'shape'  # what the `label` column holds: shape | color | position
     # mds
     remote: Optional[str] = None
     local: Optional[str] = None

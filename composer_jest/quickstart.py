@@ -12,7 +12,7 @@ Example:
     >>> from composer_jest.quickstart import RunResult, comparison_table
     >>> r = RunResult('uniform', [(3200, 0.2), (6400, 0.31)], 6400, 6400, 0.25, 0.25, 12.0)
     >>> print(comparison_table([r]).splitlines()[2])
-    uniform       0.310      6400      6400       0.25       0.25      12
+    uniform        0.310      6400      6400       0.25       0.25      12
 """
 
 from __future__ import annotations

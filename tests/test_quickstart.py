@@ -8,7 +8,7 @@ import pytest
 
 from composer_jest.quickstart import RECIPES, STAGES, comparison_table, run_comparison, run_stage
 
-QUIET = ['log_to_console=false', 'print_metrics=false', 'eval_loader.num_samples=256']
+QUIET = ['print_metrics=false', 'metrics_file=null', 'eval_loader.num_samples=256']
 
 
 @pytest.fixture(scope='module')
@@ -16,8 +16,8 @@ def reference(tmp_path_factory):
     """The quickstart reference, trained shorter (80 of 150 batches: ~0.9 zero-shot on the colours)."""
     folder = tmp_path_factory.mktemp('quickstart-reference')
     result, _ = run_stage('reference', RECIPES / 'quickstart_reference.yaml',
-                          [*QUIET, 'max_duration=80ba', 'eval_interval=80ba', 'save_interval=80ba', 'scheduler.t_warmup=30ba',
-                           f'save_folder={folder}'])
+                          [*QUIET, 'max_duration=80ba', 'eval_interval=80ba', 'save_interval=80ba',
+                           'scheduler.t_warmup=30ba', f'save_folder={folder}'])
     assert result.zero_shot > 0.6, result  # the reference must know the colours for selection to mean anything
     return folder / 'reference.pt'
 
