@@ -22,9 +22,11 @@ def reference(tmp_path_factory):
     return folder / 'reference.pt'
 
 
+@pytest.mark.slow  # ~80 s of CPU: 3 seeds x (uniform + JEST) x 60 steps, and the reference (fixture)
 def test_jest_beats_uniform_at_equal_trained_examples_over_3_seeds(reference):
     """The quickstart's learners, reduced (60 of 150 batches), over 3 seeds: JEST trains on cleaner pairs and
-    reaches a higher zero-shot accuracy than uniform on every seed, with exactly as many trained examples."""
+    reaches a higher zero-shot accuracy than uniform on every seed, with exactly as many trained examples (measured
+    here: gaps of +0.16, +0.61 and +0.32 on 6 colours; the full-length default run ends ~+0.55 apart)."""
     gaps = []
     for seed in (0, 1, 2):
         common = [*QUIET, f'seed={seed}', f'train_loader.shuffle_seed={seed}', 'max_duration=60ba',
@@ -36,7 +38,7 @@ def test_jest_beats_uniform_at_equal_trained_examples_over_3_seeds(reference):
         assert jest.examples_seen == 4 * jest.examples_trained  # f = 0.75: N = 4b
         assert jest.clean_trained > uniform.clean_trained + 0.15, (jest, uniform)
         gaps.append(jest.zero_shot - uniform.zero_shot)
-    assert min(gaps) > 0.1 and mean(gaps) > 0.2, gaps
+    assert min(gaps) > 0.05 and mean(gaps) > 0.2, gaps
 
 
 def test_main_job_prints_the_table_and_writes_the_plot(tmp_path, monkeypatch, capsys):
