@@ -6,7 +6,7 @@ from statistics import mean
 
 import pytest
 
-from composer_jest.quickstart import RECIPES, STAGES, comparison_table, run_comparison, run_stage
+from composer_jest.quickstart import RECIPES, STAGES, comparison_table, run_stage
 
 QUIET = ['print_metrics=false', 'metrics_file=null', 'eval_loader.num_samples=256']
 
