@@ -64,3 +64,17 @@ def test_comparison_table_columns():
 
     table = comparison_table([RunResult('jest', [(10, 0.5), (20, 0.9)], 80, 20, 0.25, 0.6, 3.0)])
     assert table.splitlines()[2].split() == ['jest', '0.900', '80', '20', '0.25', '0.60', '3']
+
+
+def test_shapes_label_names_its_attribute():
+    """`label: color` is the quickstart's zero-shot task: the label is the attribute the (clean) caption names."""
+    from composer_jest.data.demo.shapes import ShapesDataset, shape_classnames
+
+    for label in ('shape', 'color', 'position'):
+        ds = ShapesDataset(16, seed=3, label=label)
+        for i in range(16):
+            example = ds.example(i)
+            name, caption = shape_classnames(label)[example['label']], example['caption']
+            assert f' {name}' in f' {caption}', (label, example)  # noise 0: every caption is its own
+    with pytest.raises(ValueError, match=r"label must be one of \('shape', 'color', 'position'\), got 'size'"):
+        ShapesDataset(4, label='size')
