@@ -6,7 +6,8 @@ minutes): ``quickstart_reference`` (a tiny model on clean pairs), then ``quickst
 describe another image) for the same number of *trained* examples (``max_duration`` in batches of the same
 size). It ends with a table (zero-shot accuracy, examples seen/trained, clean fraction of what was streamed
 and of what was trained on, wall time) and one PNG: the learning curves of both learners against examples
-trained on, and the pairwise learnability of one super-batch, rows and columns ordered by JEST's selection.
+trained on, and the pairwise learnability of one super-batch (scored with the JEST learner of its first
+evaluation), rows and columns ordered by JEST's selection.
 
 Example:
     >>> from composer_jest.quickstart import RunResult, comparison_table
@@ -17,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Sequence
@@ -99,12 +101,24 @@ class _History(LoggerDestination):
                          clean_seen, clean_trained, wall_s)
 
 
-def run_stage(name: str, yaml: Path, overrides: Sequence[str] = ()):
-    """Train one recipe; return its :class:`RunResult` and the fitted (closed) trainer."""
+class _LearnerAtFirstEval(LoggerDestination):
+    """A copy of the learner at its first evaluation: the heatmap shows what JEST scores while it learns (at the
+    end, learner and reference agree on the clean pairs and the matrix is nearly flat there)."""
+
+    def __init__(self):
+        self.model = None
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        if self.model is None:
+            self.model = copy.deepcopy(state.model)
+
+
+def run_stage(name: str, yaml: Path, overrides: Sequence[str] = (), extra: Sequence[LoggerDestination] = ()):
+    """Train one recipe (``extra`` callbacks ride along); return its :class:`RunResult` and the closed trainer."""
     cfg = load_config(yaml, list(overrides))
     history = _History()
     start = time.perf_counter()
-    trainer = build_trainer(cfg, extra_loggers=[history])
+    trainer = build_trainer(cfg, extra_loggers=[history, *extra])
     trainer.fit()
     wall = time.perf_counter() - start
     trainer.close()
@@ -120,17 +134,18 @@ def comparison_table(results: Sequence[RunResult]) -> str:
     return '\n'.join([head, '-' * len(head), *rows])
 
 
-def learnability_matrix(trainer, seed: int = 0) -> tuple[torch.Tensor, int, torch.Tensor]:
+def learnability_matrix(trainer, learner: Optional[torch.nn.Module] = None,
+                        seed: int = 0) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Pair learnability ``S_ij = ℓ_learner(i, j) - ℓ_reference(i, j)`` of one super-batch, ordered by selection.
 
-    The super-batch is the first of the trainer's train loader, scored by the trained learner (through the
-    scoring contract) and JEST's reference with the per-pair sigmoid loss; the order is a JEST draw with JEST's
-    settings. Returns ``(S, b, clean)``: the first ``b`` rows/columns are the selected sub-batch (in draw order),
-    then the rest; ``clean`` holds the batch's clean flags in the same order.
+    The super-batch is the first of the trainer's train loader, scored by ``learner`` (default: the trained one;
+    through the scoring contract) and JEST's reference with the per-pair sigmoid loss; the order is a JEST draw
+    with JEST's settings. Returns ``(S, b, clean)``: the first ``b`` rows/columns are the selected sub-batch (in
+    draw order), then the rest; ``clean`` holds the batch's clean flags in the same order.
     """
     jest = next(a for a in trainer.state.algorithms if isinstance(a, JEST))
     batch = next(iter(trainer.state.train_dataloader))
-    model = scoring_model(trainer.state.model)
+    model = scoring_model(learner if learner is not None else trainer.state.model)
     with torch.no_grad():
         learner = model.score_features(batch)
         reference = jest.reference(batch['image'], batch['text'])
@@ -146,7 +161,8 @@ def learnability_matrix(trainer, seed: int = 0) -> tuple[torch.Tensor, int, torc
     return scores[order][:, order], b, torch.as_tensor(batch[CLEAN])[order]
 
 
-def plot(results: Sequence[RunResult], scores: torch.Tensor, b: int, clean: torch.Tensor, path: Path) -> Path:
+def plot(results: Sequence[RunResult], scores: torch.Tensor, b: int, clean: torch.Tensor, path: Path,
+         scored_at: Optional[int] = None) -> Path:
     """Learning curves of the learners (left) and the ordered learnability matrix (right) in one PNG."""
     import matplotlib  # noqa: PLC0415  (plotting only here)
 
@@ -168,8 +184,9 @@ def plot(results: Sequence[RunResult], scores: torch.Tensor, b: int, clean: torc
     right.scatter([-2.5] * len(mismatched), mismatched, marker='_', s=12, color='k', clip_on=False)
     right.axhline(b - 0.5, color='k', lw=0.8)
     right.axvline(b - 0.5, color='k', lw=0.8)
-    right.set(title=f'learnability (learner − reference loss) of one super-batch\nfirst {b} = selected, '
-                    f'ticks at left: mismatched captions', xlabel='caption j', ylabel='image i')
+    when = f'learner at {scored_at} trained; ' if scored_at is not None else ''
+    right.set(title=f'learnability (learner − reference loss), one super-batch\n{when}first {b} = selected; '
+                    f'ticks: mismatched', xlabel='caption j', ylabel='image i')
     fig.colorbar(image, ax=right, fraction=0.046)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,13 +204,14 @@ def run_comparison(overrides: Sequence[str] = (), out: Path = Path('runs/quickst
     """
     if 'OMP_NUM_THREADS' not in os.environ:
         torch.set_num_threads(1)
-    results, trainer = [], None
+    results, trainer, snapshot = [], None, _LearnerAtFirstEval()
     for name, yaml in STAGES:
         print(f'== {name} ({yaml}) ==', flush=True)
-        result, trainer = run_stage(name, RECIPES / yaml, overrides)
+        result, trainer = run_stage(name, RECIPES / yaml, overrides, extra=[snapshot] if name == 'jest' else [])
         results.append(result)
-    scores, b, clean = learnability_matrix(trainer)
-    png = plot(results, scores, b, clean, out / 'quickstart.png')
+    scores, b, clean = learnability_matrix(trainer, snapshot.model)
+    scored_at = results[-1].curve[0][0] if snapshot.model is not None and results[-1].curve else None
+    png = plot(results, scores, b, clean, out / 'quickstart.png', scored_at)
     print(f'\n== JEST vs uniform on the same noisy pool, same number of trained examples ==\n'
           f'{comparison_table(results)}\ncurves and the learnability matrix: {png}\n', flush=True)
     return results
