@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from composer import Trainer
-from composer.core import Algorithm
+from composer.core import Algorithm, DataSpec
 from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,6 +16,7 @@ from composer_jest import registry
 from composer_jest.algorithm import JEST, jest_first
 from composer_jest.batch import CACHED_REFERENCE_KEYS, LABEL_KEY, loader_batch_keys, superbatch_size
 from composer_jest.checkpoint import check_resumable, load_checkpoint
+from composer_jest.console import EvalSummary, metrics_file_logger, show_progress, split_eval_batch
 from composer_jest.data.two_stage import FullResDecoder, RandomResizedCropFlip
 from composer_jest.model import CLIPModel
 from composer_jest.reference import load_weights
@@ -198,19 +199,24 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
         eval_loader = build_dataloader(cfg.eval_loader, model, cfg.device_eval_batch_size, train=False)
     microbatch = cfg.device_train_microbatch_size if cfg.device_train_microbatch_size is not None else b
     check_batch_keys(built['model'], built['algorithms'], train_loader, eval_loader)
+    if eval_loader is not None:
+        eval_loader = DataSpec(eval_loader, split_batch=split_eval_batch)  # no warning on a short last batch
+    console = [EvalSummary()] if cfg.eval_summary else []
+    if cfg.metrics_file:
+        console.append(metrics_file_logger(cfg.metrics_file))
     _check_checkpoints(cfg)
     return Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=train_loader, eval_dataloader=eval_loader,
         max_duration=cfg.max_duration, eval_interval=cfg.eval_interval, optimizers=built['optimizer'],
         schedulers=built['schedulers'], algorithms=built['algorithms'], algorithm_passes=[jest_first],
-        callbacks=built['callbacks'], loggers=built['loggers'] + list(extra_loggers or []),
+        callbacks=built['callbacks'], loggers=built['loggers'] + console + list(extra_loggers or []),
         precision=cfg.precision, device_train_microbatch_size=microbatch, seed=cfg.seed,
         parallelism_config=_plain(cfg.parallelism_config), compile_config=_plain(cfg.compile_config),
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval, save_filename=cfg.save_filename,
         save_latest_filename=cfg.save_latest_filename, save_overwrite=cfg.save_overwrite,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep, load_path=cfg.load_path,
-        autoresume=cfg.autoresume, dist_timeout=cfg.dist_timeout, progress_bar=cfg.progress_bar,
+        autoresume=cfg.autoresume, dist_timeout=cfg.dist_timeout, progress_bar=show_progress(cfg.progress_bar),
         log_to_console=cfg.log_to_console, console_log_interval=cfg.console_log_interval,
     )
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-__all__ = ['ModelConfig', 'TwoStageConfig', 'DataConfig', 'TrainConfig', 'load_config']
+__all__ = ['ModelConfig', 'TwoStageConfig', 'DataConfig', 'TrainConfig', 'load_config', 'batches_for_examples']
 
 
 @dataclass
@@ -50,6 +50,7 @@ class DataConfig:
     num_samples: int = 4096
     noise: float = 0.0
     seed: int = 0
+    label: str = 'shape'  # what the `label` column holds: shape | color | position
     # mds
     remote: Optional[str] = None
     local: Optional[str] = None
@@ -74,7 +75,8 @@ class TrainConfig:
     global_train_batch_size: int = 64  # the trained (selected) batch, summed over ranks
     device_eval_batch_size: int = 128
     device_train_microbatch_size: Optional[Any] = None
-    max_duration: str = '100ba'
+    max_duration: str = '100ba'  # in batches (ba): equal trained examples for uniform and JEST (README)
+    max_examples_trained: Optional[int] = None  # if set: max_duration = this / global_train_batch_size batches
     eval_interval: str = '50ba'
     precision: Optional[str] = None
     optimizer: dict[str, Any] = field(
@@ -97,9 +99,11 @@ class TrainConfig:
     load_path: Optional[str] = None
     autoresume: bool = False
     dist_timeout: float = 300.0
-    progress_bar: bool = False
-    log_to_console: bool = True
+    progress_bar: Optional[bool] = None  # Composer's progress bar; null: only when stderr is a terminal
+    log_to_console: bool = False  # Composer's metric dump on the console, every console_log_interval
     console_log_interval: str = '10ba'
+    eval_summary: bool = True  # one line per evaluation (composer_jest.console.EvalSummary)
+    metrics_file: Optional[str] = 'runs/{run_name}/metrics-rank{rank}.txt'  # every metric, every step; null: none
     print_metrics: bool = True  # print a summary table after fit
     variables: dict[str, Any] = field(default_factory=dict)
 
@@ -120,7 +124,23 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         key = getattr(e, 'full_key', None) or getattr(e, 'key', None)
         raise ValueError(f'invalid config key {key!r} in {path or "<defaults>"}: {e.msg}') from None
     _check(cfg)
+    if cfg.max_examples_trained is not None:
+        cfg.max_duration = f'{batches_for_examples(cfg.max_examples_trained, cfg.global_train_batch_size)}ba'
     return cfg
+
+
+def batches_for_examples(examples: int, global_train_batch_size: int) -> int:
+    """Steps that train exactly ``examples`` examples: every step trains ``global_train_batch_size`` examples
+    (with JEST, the selected sub-batches; Composer's ``sp`` counts the streamed super-batches instead).
+
+    Example:
+        >>> batches_for_examples(4800, 32)
+        150
+    """
+    if examples < 1 or examples % global_train_batch_size:
+        raise ValueError(f'max_examples_trained={examples} must be a positive multiple of global_train_batch_size='
+                         f'{global_train_batch_size} (every step trains that many examples)')
+    return examples // global_train_batch_size
 
 
 def _check(cfg: DictConfig) -> None:

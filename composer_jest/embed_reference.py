@@ -21,6 +21,7 @@ import torch
 from streaming import MDSWriter, StreamingDataset
 
 from composer_jest.batch import CACHED_REFERENCE_KEYS
+from composer_jest.console import show_progress
 from composer_jest.model import eval_image_transform, tokenizer_for
 from composer_jest.reference import load_reference
 
@@ -46,7 +47,7 @@ def embed_reference(
     device: str = 'cpu',
     compression: Optional[str] = 'zstd',
     hashes: Sequence[str] = ('xxh64',),
-    progress: bool = True,
+    progress: Optional[bool] = None,
     pretrained: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write a copy of an MDS dataset with the reference's embeddings added as columns.
@@ -58,6 +59,7 @@ def embed_reference(
         out: output directory or ``s3://`` prefix.
         remote, local: the input dataset (as for streaming).
         batch_size: reference forward batch.
+        progress: a progress bar on stderr; ``None``: only when stderr is a terminal (none in a log file).
         device: where the reference runs.
         pretrained: instead of ``checkpoint``, open_clip's pretrained weights of ``model``: a tag (downloaded when
             online) or a local weights file (:mod:`composer_jest.pretrained`).
@@ -86,7 +88,7 @@ def embed_reference(
     n = dataset.num_samples
     written = 0
     iterator = range(0, n, batch_size)
-    if progress:
+    if show_progress(progress):
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc='embed-reference', unit='batch')
@@ -150,12 +152,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--out', required=True, help='output directory or s3:// prefix')
     parser.add_argument('--batch-size', type=int, default=256)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--no-progress', action='store_true')
+    parser.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
+                        help='progress bar on stderr (default: only when stderr is a terminal)')
     args = parser.parse_args(argv)
     if args.remote is None and args.local is None:
         parser.error('give --remote and/or --local for the input dataset')
     meta = embed_reference(args.model, args.checkpoint, args.out, remote=args.remote, local=args.local,
-                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                           batch_size=args.batch_size, device=args.device, progress=args.progress,
                            pretrained=args.pretrained)
     print(json.dumps(meta, indent=2, default=str))
     return 0

@@ -2,8 +2,10 @@
 
 Also ``composer -n N -m composer_jest.train run.yaml`` for N processes, and ``composer-jest train``.
 Several yamls run in order (a recipe: e.g. a reference run, then the JEST run that uses its
-checkpoint); overrides apply to each. With no yaml the embedded quickstart recipe runs: a tiny
-reference on clean shapes, then a JEST learner on noisy shapes, on the CPU in a few minutes.
+checkpoint); overrides apply to each. With no yaml the embedded quickstart comparison runs
+(:mod:`composer_jest.quickstart`): a tiny reference on clean shapes, then a uniform and a JEST learner on
+the same noisy shapes for the same number of trained examples, on the CPU in a few minutes; it ends
+with a table and ``runs/quickstart/quickstart.png``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from composer_jest.builders import build_trainer
 from composer_jest.config import load_config
 
 RECIPES = Path(__file__).parent / 'yamls'
-QUICKSTART = (RECIPES / 'quickstart_reference.yaml', RECIPES / 'quickstart.yaml')
 
 
 class MetricsSummary(LoggerDestination):
@@ -78,7 +79,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     paths = [a for a in argv if '=' not in a]
     overrides = [a for a in argv if '=' in a]
-    for path in paths or QUICKSTART:
+    if not paths:
+        from composer_jest.quickstart import run_comparison  # noqa: PLC0415
+
+        run_comparison(overrides)
+        return 0
+    for path in paths:
         run(path, overrides)
     return 0
 

@@ -58,7 +58,7 @@ def test_quickstart_builds_a_trainer_with_jest_first(tmp_path):
     order = trainer.engine._compile(trainer.state.algorithms, Event.AFTER_DATALOADER)
     assert type(order[0]).__name__ == 'JEST', [type(a).__name__ for a in order]
     assert trainer.state.device_train_microbatch_size == 32
-    assert trainer.state.train_dataloader.batch_size == 64  # super-batch = 32 / (1 - 0.5)
+    assert trainer.state.train_dataloader.batch_size == 128  # super-batch = 32 / (1 - 0.75)
 
 
 def test_compile_config_reaches_composer(tmp_path):
@@ -195,7 +195,7 @@ def test_a_data_source_registered_by_another_package_builds_from_yaml():
         build_trainer(cfg)
     finally:
         catalogue._remove((*registry.data_sources.namespace, 'my_source'))
-    assert calls == [('my_source', 64, True)]  # global_train_batch_size 32 at f = 0.5: a super-batch of 64
+    assert calls == [('my_source', 128, True)]  # global_train_batch_size 32 at f = 0.75: a super-batch of 128
 
 
 def test_dry_run_names_a_reference_that_does_not_exist_yet(tmp_path):

@@ -55,7 +55,8 @@ def test_kept_columns_reach_the_batch_as_tensors_and_jest_tracks_them(tmp_path, 
     # a yaml run: the start check passes and JEST logs the kept columns' means over the super-batch
     cfg = load_config('yamls/quickstart.yaml', [
         'train_loader.source=mds', f'train_loader.local={tmp_path / "mds-train"}', 'eval_loader=null',
-        'global_train_batch_size=2', 'algorithms.jest.reference=null', 'algorithms.jest.score=hard_learner',
+        'global_train_batch_size=2', 'variables.filter_ratio=0.5',  # a super-batch of the 4 samples
+        'algorithms.jest.reference=null', 'algorithms.jest.score=hard_learner',
         'algorithms.jest.track_keys=[clean,score]', 'max_duration=1ba', 'progress_bar=false',
         'log_to_console=false', 'callbacks={}',
     ])

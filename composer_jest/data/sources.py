@@ -23,14 +23,14 @@ def _extra(cfg: DictConfig) -> dict[str, Any]:
 
 
 def shapes_source(cfg: DictConfig, model, batch_size: int, train: bool) -> torch.utils.data.DataLoader:
-    """The procedural shapes demo set (``num_samples``, ``noise``, ``seed``), at the model's image size."""
+    """The procedural shapes demo set (``num_samples``, ``noise``, ``seed``, ``label``), at the model's image size."""
     from composer_jest.data.demo.shapes import ShapesDataset  # noqa: PLC0415
 
     if cfg.get('two_stage') is not None:
         raise ValueError('two_stage: two-stage decoding needs source: mds (JPEG files in MDS shards)')
     image_size = model.towers.clip.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    dataset = ShapesDataset(cfg.num_samples, noise=cfg.noise, seed=cfg.seed, image_size=image_size,
+    dataset = ShapesDataset(cfg.num_samples, noise=cfg.noise, seed=cfg.seed, image_size=image_size, label=cfg.label,
                             transform=model.image_transform(), tokenizer=model.tokenizer, **_extra(cfg))
     sampler = dist.get_sampler(dataset, drop_last=train, shuffle=train and cfg.shuffle, seed=cfg.shuffle_seed)
     return torch.utils.data.DataLoader(

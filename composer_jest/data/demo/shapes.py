@@ -44,9 +44,20 @@ TEMPLATES = (
 CLASS_TEMPLATES = ('a {name}', 'a picture of a {name}', 'a {name} drawn somewhere')
 
 
-def shape_classnames() -> list[str]:
-    """Zero-shot classes: the shapes."""
-    return list(SHAPES)
+#: what ``ShapesDataset(label=...)`` classifies -> its class names, in label order
+LABELS = {'shape': SHAPES, 'color': tuple(COLORS), 'position': tuple(POSITIONS)}
+
+
+def shape_classnames(label: str = 'shape') -> list[str]:
+    """Zero-shot class names of one attribute (``shape``, ``color`` or ``position``), in label order.
+
+    Example:
+        >>> shape_classnames('color')
+        ['red', 'green', 'blue', 'yellow', 'purple', 'white']
+    """
+    if label not in LABELS:
+        raise ValueError(f'label must be one of {tuple(LABELS)}, got {label!r}')
+    return list(LABELS[label])
 
 
 def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -90,8 +101,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         image_size: side in pixels.
         transform: PIL image -> tensor (e.g. an open_clip preprocess); ``None`` returns the PIL image.
         tokenizer: list of captions -> ``LongTensor[n, context]``; ``None`` returns the caption string.
+        label: the attribute ``label`` holds: ``shape`` (indexes :data:`SHAPES`), ``color`` (:data:`COLORS`)
+            or ``position`` (:data:`POSITIONS`); :func:`shape_classnames` gives the matching class names.
 
-    Items are dicts ``{image, text, label, clean, index}`` (``label`` indexes :func:`shape_classnames`).
+    Items are dicts ``{image, text, label, clean, index}``.
 
     Example:
         >>> ds = ShapesDataset(8, noise=0.5, seed=0)
@@ -108,13 +121,16 @@ class ShapesDataset(torch.utils.data.Dataset):
         image_size: int = 32,
         transform: Optional[Callable] = None,
         tokenizer: Optional[Callable] = None,
+        label: str = 'shape',
     ):
+        if label not in LABELS:
+            raise ValueError(f'label must be one of {tuple(LABELS)}, got {label!r}')
         if num_samples < 1:
             raise ValueError(f'num_samples must be >= 1, got {num_samples}')
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f'noise must be in [0, 1], got {noise}')
         self.num_samples, self.noise, self.seed, self.image_size = num_samples, noise, seed, image_size
-        self.transform, self.tokenizer = transform, tokenizer
+        self.transform, self.tokenizer, self.label = transform, tokenizer, label
 
     #: the keys of every item (:func:`composer_jest.batch.loader_batch_keys`)
     batch_keys = ('clean', 'image', 'index', 'label', 'text')
@@ -137,7 +153,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             shape_c, color_c, position_c = shape, color, position
         template = TEMPLATES[rng.integers(len(TEMPLATES))]
         caption = template.format(color=color_c, shape=shape_c, position=position_c)
-        return {'image': image, 'caption': caption, 'label': SHAPES.index(shape), 'clean': clean, 'index': index}
+        label = LABELS[self.label].index({'shape': shape, 'color': color, 'position': position}[self.label])
+        return {'image': image, 'caption': caption, 'label': label, 'clean': clean, 'index': index}
 
     def __getitem__(self, index: int) -> dict:
         ex = self.example(index)
