@@ -20,6 +20,7 @@ from composer_jest.batch import (
     ENCODED_IMAGE_KEY,
     IMAGE_KEY,
     TEXT_KEY,
+    check_train_batches,
     subbatch_size,
     subset_batch,
 )
@@ -195,6 +196,8 @@ class JEST(Algorithm):
             if self._pending_rng is not None:
                 self.generator.set_state(self._pending_rng)
                 self._pending_rng = None
+        if state.dataloader is not None:
+            check_train_batches(state.dataloader, 'the train dataloader')
         model = scoring_model(state.model)
         self._inputs.prepare(state, model)
         if self.loss is None:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ['IMAGE_KEY', 'TEXT_KEY', 'INDEX_KEY', 'LABEL_KEY', 'ENCODED_IMAGE_KEY', 'CACHED_REFERENCE_KEYS',
-           'superbatch_size', 'subbatch_size', 'subset_batch', 'loader_batch_keys']
+           'superbatch_size', 'subbatch_size', 'subset_batch', 'loader_batch_keys', 'check_train_batches']
 
 IMAGE_KEY, TEXT_KEY, INDEX_KEY, LABEL_KEY = 'image', 'text', 'index', 'label'
 # Two-stage decoding (composer_jest.data.two_stage): the encoded image file of each example, decoded in full only
@@ -103,3 +103,37 @@ def loader_batch_keys(loader: Any) -> Optional[frozenset]:
     """
     keys = getattr(getattr(loader, 'dataset', None), 'batch_keys', None)
     return frozenset(keys) if keys is not None else None
+
+
+def check_train_batches(loader: Any, name: str = 'train_loader') -> None:
+    """Fail when a training ``loader`` yields no batch at all (its dataset is smaller than one batch).
+
+    Training drops a last partial batch, and under JEST a batch is the whole super-batch ``N = b / (1 - f)``: a
+    dataset of fewer than ``N`` examples per rank then yields nothing, and Composer would start epoch after empty
+    epoch without ever taking a step. A loader without a length (an iterable) is not checked.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> from composer_jest.data.demo.shapes import ShapesDataset
+        >>> check_train_batches(DataLoader(ShapesDataset(8), batch_size=8, drop_last=True))  # one batch: fine
+        >>> check_train_batches(DataLoader(ShapesDataset(8), batch_size=10, drop_last=True))
+        Traceback (most recent call last):
+        ...
+        ValueError: train_loader yields no batch: 8 examples per rank do not fill one batch of 10 ...
+    """
+    try:
+        batches = len(loader)
+    except TypeError:
+        return
+    if batches > 0:
+        return
+    dataset = getattr(loader, 'dataset', None)
+    try:
+        examples = f'{len(dataset)} examples per rank'
+    except TypeError:
+        examples = 'the examples per rank'
+    batch = getattr(loader, 'batch_size', None)
+    raise ValueError(f'{name} yields no batch: {examples} do not fill one batch of {batch} (training drops a partial '
+                     'batch; with JEST a batch is the super-batch N = b / (1 - filter_ratio) per rank), so training '
+                     'would never take a step. Add data, or lower global_train_batch_size or '
+                     'algorithms.jest.filter_ratio.')

@@ -14,7 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from composer_jest import registry
 from composer_jest.algorithm import JEST, jest_first
-from composer_jest.batch import CACHED_REFERENCE_KEYS, LABEL_KEY, loader_batch_keys, superbatch_size
+from composer_jest.batch import (
+    CACHED_REFERENCE_KEYS,
+    LABEL_KEY,
+    check_train_batches,
+    loader_batch_keys,
+    superbatch_size,
+)
 from composer_jest.checkpoint import check_resumable, load_checkpoint
 from composer_jest.console import EvalSummary, metrics_file_logger, show_progress, split_eval_batch
 from composer_jest.data.two_stage import FullResDecoder, RandomResizedCropFlip
@@ -194,6 +200,7 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
     model, b = built['model'], built['b']
     train_cfg = with_scoring_image_size(cfg.train_loader, model, built['algorithms'])
     train_loader = build_dataloader(train_cfg, model, built['N'], train=True)
+    check_train_batches(train_loader)
     eval_loader = None
     if cfg.eval_loader is not None:
         eval_loader = build_dataloader(cfg.eval_loader, model, cfg.device_eval_batch_size, train=False)
