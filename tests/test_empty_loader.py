@@ -14,8 +14,9 @@ from composer_jest.data.demo.shapes import ShapesDataset
 
 def test_config_run_with_fewer_examples_than_one_batch_fails_at_build(tmp_path):
     cfg = load_config('yamls/quickstart_reference.yaml', [f'save_folder={tmp_path}', 'train_loader.num_samples=40'])
-    with pytest.raises(ValueError, match=r'train_loader yields no batch: 40 examples per rank do not fill one '
-                                         r'batch of 64 .*lower global_train_batch_size or algorithms.jest.filter_ratio'):
+    match = (r'train_loader yields no batch: 40 examples per rank do not fill one batch of 64 .*'
+             r'lower global_train_batch_size or algorithms.jest.filter_ratio')
+    with pytest.raises(ValueError, match=match):
         build_trainer(cfg)
 
 
