@@ -200,12 +200,12 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
     model, b = built['model'], built['b']
     train_cfg = with_scoring_image_size(cfg.train_loader, model, built['algorithms'])
     train_loader = build_dataloader(train_cfg, model, built['N'], train=True)
-    check_train_batches(train_loader)
     eval_loader = None
     if cfg.eval_loader is not None:
         eval_loader = build_dataloader(cfg.eval_loader, model, cfg.device_eval_batch_size, train=False)
     microbatch = cfg.device_train_microbatch_size if cfg.device_train_microbatch_size is not None else b
     check_batch_keys(built['model'], built['algorithms'], train_loader, eval_loader)
+    check_train_batches(train_loader)
     if eval_loader is not None:
         eval_loader = DataSpec(eval_loader, split_batch=split_eval_batch)  # no warning on a short last batch
     console = [EvalSummary()] if cfg.eval_summary else []
