@@ -129,11 +129,12 @@ class Context:
         return self._cache['cached']
 
     def mds_loaders(self, train: Path, tag: str) -> list[str]:
-        """Overrides that point a recipe at the local shards (a fresh cache folder per run)."""
+        """Overrides that point a recipe at the local shards (a fresh cache folder per run); the shards' labels
+        are shapes, so zero-shot classifies shapes (the quickstart's own loaders label colours)."""
         loader = 'source: mds, remote: null, num_workers: 0, prefetch_factor: null'
         return [f'train_loader={{{loader}, local: "{train}", shuffle_seed: 3}}',
                 f'eval_loader={{{loader}, local: "{self.shards("eval")}", shuffle: false}}',
-                f'run_name={tag}']
+                'model.classnames=shapes', f'run_name={tag}']
 
 
 def _tail(text: str, lines: int = 25) -> str:
@@ -217,7 +218,7 @@ def _recipe_overrides(ctx: Context, name: str) -> list[str]:
     common += ctx.mds_loaders(data, f'recipe-{name}')
     if name == 'gpu_vit_b16':  # one GPU: a trained batch of 64 of a 320 super-batch instead of 8 x 512 of 2,560
         return [*common, 'global_train_batch_size=64', 'device_train_microbatch_size=64',
-                'device_eval_batch_size=64', 'model.classnames=shapes', 'eval_loader.num_workers=0']
+                'device_eval_batch_size=64', 'eval_loader.num_workers=0']
     if name in ('jest', 'quickstart'):
         common.append(f'algorithms.jest.reference={ctx.reference()}')
     return common
