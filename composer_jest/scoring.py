@@ -257,7 +257,41 @@ class _SigmoidBlocks(_Blockwise):
         return {'learnability_superbatch': uniform.float(), 'learnability_selected': (selected / b_global).float()}
 
 
-class _SoftmaxBlocks(_Blockwise):
+class _ChosenSetBlocks(_Blockwise):
+    """Shared chunk loop of the scorers whose per-item statistics absorb every chosen item (softmax, anchor).
+
+    Subclasses call :meth:`_init_chosen_set` last in ``__init__`` and define ``_absorb(blocks, rows)`` (the
+    statistics of local ``rows`` absorb gathered items), ``_per_example()`` and ``_conditional()``.
+    """
+
+    def _init_chosen_set(self, joint: bool, quota: int, width: int) -> None:
+        # chosen set's embeddings, [chunk rows, rank, width]: row-major flattening = the statistics' order
+        self.buffer = torch.empty(quota if joint else 0, self.comm.world_size, width, device=self.device)
+        self.filled = 0
+        self.cond = torch.zeros(self.num_items, device=self.device) if joint else self._per_example()
+
+    def initial(self) -> torch.Tensor:
+        return self.cond
+
+    def add(self, new: torch.Tensor, need_cond: bool) -> Optional[torch.Tensor]:
+        self.chosen = torch.cat([self.chosen, new])
+        if not self.models:
+            return self.cond
+        if not need_cond:  # statistics only: the chosen rows (all of them: every row must see every piece)
+            for piece in new.split(self.piece):  # absorb the new picks, gathered in bounded pieces
+                self._absorb(_row_blocks(self.comm.gather(self._payload(piece)), self.max_rows), self.chosen)
+            return None
+        gathered = self.comm.gather(self._payload(new))
+        c = new.numel()
+        for r, piece in enumerate(gathered):  # kept for the as-a-negative terms of later chunks
+            self.buffer[self.filled:self.filled + c, r] = piece
+        self._absorb(self.buffer[self.filled:self.filled + c].flatten(0, 1).split(self.max_rows), slice(None))
+        self.filled += c
+        self.cond = self._conditional()
+        return self.cond
+
+
+class _SoftmaxBlocks(_ChosenSetBlocks):
     """Exact conditional softmax-loss scores of the local candidates (see the module docstring)."""
 
     def __init__(self, models, score, track, comm, n, device, joint: bool, quota: int, sub_batch: int):
@@ -266,11 +300,7 @@ class _SoftmaxBlocks(_Blockwise):
         inf = torch.full((n,), -float('inf'), device=device)
         self.row_lse = {k: inf.clone() for k in models}  # a_k = LSE_{j in C} l_kj
         self.col_lse = {k: inf.clone() for k in models}  # a'_k = LSE_{j in C} l_jk
-        width = sum(2 * m.dim for m in models.values())
-        # chosen set's embeddings, [chunk rows, rank, 2 d M]: row-major flattening = the normalisers' order
-        self.buffer = torch.empty(quota if joint else 0, comm.world_size, width, device=device)
-        self.filled = 0
-        self.cond = torch.zeros(n, device=device) if joint else self._per_example()
+        self._init_chosen_set(joint, quota, sum(2 * m.dim for m in models.values()))
 
     def _per_example(self) -> torch.Tensor:
         """``sum_m w_m ½ [LSE_j l_kj + LSE_j l_jk - 2 l_kk]`` over the local super-batch, in row blocks."""
@@ -286,29 +316,7 @@ class _SoftmaxBlocks(_Blockwise):
             total = total + w * 0.5 * (row + col - 2 * m.diag)
         return total
 
-    def initial(self) -> torch.Tensor:
-        return self.cond
-
-    def add(self, new: torch.Tensor, need_cond: bool) -> Optional[torch.Tensor]:
-        self.chosen = torch.cat([self.chosen, new])
-        if not self.models:
-            return self.cond
-        if not need_cond:  # statistics only: the normalisers of the chosen rows (all of them: every
-            for piece in new.split(self.piece):  # row must see every piece), gathered in bounded pieces
-                self._update_normalisers(_row_blocks(self.comm.gather(self._payload(piece)), self.max_rows),
-                                         self.chosen)
-            return None
-        gathered = self.comm.gather(self._payload(new))
-        c = new.numel()
-        for r, piece in enumerate(gathered):  # kept for the as-a-negative terms of later chunks
-            self.buffer[self.filled:self.filled + c, r] = piece
-        self._update_normalisers(self.buffer[self.filled:self.filled + c].flatten(0, 1).split(self.max_rows),
-                                 slice(None))
-        self.filled += c
-        self.cond = self._conditional()
-        return self.cond
-
-    def _update_normalisers(self, blocks, rows) -> None:
+    def _absorb(self, blocks, rows) -> None:
         """``a_k``, ``a'_k`` of ``rows`` absorb the gathered new items: log-add-exp of their logits."""
         for block in blocks:
             for name, m, xs_d, y_d in self._split(block):
@@ -361,7 +369,7 @@ class _SoftmaxBlocks(_Blockwise):
                 'learnability_selected': (selected / b_global).float()}
 
 
-class _AnchorBlocks(_Blockwise):
+class _AnchorBlocks(_ChosenSetBlocks):
     """Exact conditional scores of any anchor objective (:mod:`composer_jest.objectives`), matrix-free.
 
     The softmax scorer's scheme with the objective's statistic in place of the log-normaliser: every local
@@ -380,10 +388,7 @@ class _AnchorBlocks(_Blockwise):
         if n * comm.world_size >= 1 << 24:
             raise ValueError('the anchor scorer numbers items in float32: N x world_size must be < 2**24')
         self.stats = {k: {d: objective.empty(n, device) for d in objective.directions} for k in models}
-        width = sum(2 * m.dim for m in models.values()) + 1
-        self.buffer = torch.empty(quota if joint else 0, comm.world_size, width, device=device)
-        self.filled = 0
-        self.cond = torch.zeros(n, device=device) if joint else self._per_example()
+        self._init_chosen_set(joint, quota, sum(2 * m.dim for m in models.values()) + 1)  # + the global id
 
     def _payload(self, new: torch.Tensor) -> torch.Tensor:
         return torch.cat([super()._payload(new), self.gid[new, None]], 1)
@@ -404,26 +409,6 @@ class _AnchorBlocks(_Blockwise):
                     stat = obj.reduce(self._negatives(m, d, block, m.xs, m.y), valid, m.diag[block])
                     total[block] += w * obj._weight * obj.value(stat, m.diag[block], self.scales[name])
         return total
-
-    def initial(self) -> torch.Tensor:
-        return self.cond
-
-    def add(self, new: torch.Tensor, need_cond: bool) -> Optional[torch.Tensor]:
-        self.chosen = torch.cat([self.chosen, new])
-        if not self.models:
-            return self.cond
-        if not need_cond:  # statistics only: the chosen rows absorb the new picks, gathered in bounded pieces
-            for piece in new.split(self.piece):
-                self._absorb(_row_blocks(self.comm.gather(self._payload(piece)), self.max_rows), self.chosen)
-            return None
-        gathered = self.comm.gather(self._payload(new))
-        c = new.numel()
-        for r, piece in enumerate(gathered):
-            self.buffer[self.filled:self.filled + c, r] = piece
-        self._absorb(self.buffer[self.filled:self.filled + c].flatten(0, 1).split(self.max_rows), slice(None))
-        self.filled += c
-        self.cond = self._conditional()
-        return self.cond
 
     def _absorb(self, blocks, rows) -> None:
         """The statistics of ``rows`` absorb the gathered items (each row skipping itself)."""
