@@ -845,8 +845,7 @@ def convert_parquet(
             with _LocalParquet(path) as local:  # an s3:// file is downloaded once, removed after its rows
                 parquet = _parquet_file(path, local)
                 fields = _parquet_fields(path, list(parquet.schema_arrow.names), image_column, caption_column,
-                                         label_column, kept)
-                fields.scoring_side = scoring_side
+                                         label_column, kept, scoring_side)
                 for key, row in _parquet_rows(path, parquet):
                     yield key, _parquet_loader(key, row, fields, base, image_encoding)
 
@@ -856,10 +855,11 @@ def convert_parquet(
 
 
 def _parquet_fields(path: str, columns: list[str], image: Optional[str], caption: Optional[str],
-                    label: Optional[str], kept: dict[str, str]) -> _RowFields:
+                    label: Optional[str], kept: dict[str, str], scoring_side: Optional[int] = None) -> _RowFields:
     """The row fields of one parquet file: named columns must exist, default ones are looked up in its schema."""
     fields = _RowFields(_pick_column(path, columns, image, PARQUET_IMAGE_COLUMNS, 'image'),
-                        _pick_column(path, columns, caption, PARQUET_CAPTION_COLUMNS, 'caption'), label, kept)
+                        _pick_column(path, columns, caption, PARQUET_CAPTION_COLUMNS, 'caption'), label, kept,
+                        scoring_side)
     missing = [c for c in (label, *kept) if c and c not in columns]
     if missing:  # every row would be bad: not skippable
         raise ConversionError(f'{path}: missing column(s) {missing}; its columns: {columns}')
