@@ -25,7 +25,7 @@ from composer_jest.batch import (
     subset_batch,
 )
 from composer_jest.contract import scoring_model
-from composer_jest.data.two_stage import FullResDecoder
+from composer_jest.data.two_stage import FullResDecoder, scoring_patch_size
 from composer_jest.flops import StepFlopMeter
 from composer_jest.objectives import build_objective
 from composer_jest.reference import ReferenceSpec
@@ -232,18 +232,8 @@ class JEST(Algorithm):
         if self.uses_reference and not all(k in batch for k in CACHED_REFERENCE_KEYS):
             raise ValueError(f'two-stage decoding gives the scorers low-resolution images: score={self.score!r} needs '
                              'cached reference features (`composer-jest embed-reference`, reference: cached)')
-        low, full = batch[self.image_key].shape[-1], self.full_res.image_size
-        if self.learner_patch_size is None:
-            if low != full:
-                raise ValueError(f'two-stage images of side {low} (training side {full}) need learner_patch_size '
-                                 f'= {full} * native patch / {low}')
-            return None
-        patch = self.learner_patch_size * low / full
-        if patch != int(patch):
-            raise ValueError(f'two-stage images of side {low} do not match learner_patch_size='
-                             f'{self.learner_patch_size} at training side {full}: {self.learner_patch_size} * {low} / '
-                             f'{full} is not an integer patch (see composer_jest.data.two_stage.scoring_image_size)')
-        return int(patch)
+        return scoring_patch_size(self.learner_patch_size, batch[self.image_key].shape[-1],
+                                  self.full_res.image_size)
 
     def _select(self, state: State, logger: Logger) -> None:
         state.batch = state.device.batch_to_device(state.batch)

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['open_rgb', 'scoring_image_size', 'eval_transform', 'scoring_thumbnail', 'ScoringTransform',
-           'RandomResizedCropFlip', 'FullResDecoder', 'DECODE_DEVICES', 'SCORING_COLUMN']
+__all__ = ['open_rgb', 'scoring_image_size', 'scoring_patch_size', 'eval_transform', 'scoring_thumbnail',
+           'ScoringTransform', 'RandomResizedCropFlip', 'FullResDecoder', 'DECODE_DEVICES', 'SCORING_COLUMN']
 
 DECODE_DEVICES = ('cpu', 'cuda', 'auto')
 # MDS column of optional stored scoring thumbnails (`composer-jest convert --scoring-side S`): stage 1 decodes this
@@ -105,6 +105,27 @@ def scoring_image_size(image_size: int, native_patch_size: int, learner_patch_si
                          f'{learner_patch_size} = {side:.1f}, which must be a whole number of native patches '
                          f'{native_patch_size}; use a learner_patch_size among {valid}')
     return int(side)
+
+
+def scoring_patch_size(learner_patch_size: Optional[int], low_side: int, full_side: int) -> Optional[int]:
+    """``p_learner S_low / S``: the patch at which stage-1 images of side ``S_low`` give the token grid that
+    ``learner_patch_size`` gives on full images of side ``S`` (the inverse of :func:`scoring_image_size`).
+
+    Example:
+        >>> scoring_patch_size(32, 112, 224), scoring_patch_size(None, 224, 224)
+        (16, None)
+    """
+    if learner_patch_size is None:
+        if low_side != full_side:
+            raise ValueError(f'two-stage images of side {low_side} (training side {full_side}) need '
+                             f'learner_patch_size = {full_side} * native patch / {low_side}')
+        return None
+    patch = learner_patch_size * low_side / full_side
+    if patch != int(patch):
+        raise ValueError(f'two-stage images of side {low_side} do not match learner_patch_size={learner_patch_size} '
+                         f'at training side {full_side}: {learner_patch_size} * {low_side} / {full_side} is not an '
+                         'integer patch (see composer_jest.data.two_stage.scoring_image_size)')
+    return int(patch)
 
 
 def eval_transform(preprocess: dict[str, Any], image_size: Optional[int] = None) -> Callable:
