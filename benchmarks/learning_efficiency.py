@@ -162,7 +162,7 @@ RUNS = (
     RunSpec('hardlearner-0.8', 'jest', 0.8, score='hard_learner'),
     RunSpec('jest-0.8-fast', 'jest', 0.8, fast=True, n_seeds=3),
     RunSpec('jest-0.8-cached', 'jest', 0.8, cached=True),
-    RunSpec('jest-0.8-flexi-cached', 'jest', 0.8, flexi=True, cached=True),
+    RunSpec('jest-0.8-flexi-cached', 'jest', 0.8, flexi=True, cached=True, n_seeds=3),
     RunSpec('jest-0.8-cached-multires', 'jest', 0.8, cached=True, multires=True),
     # issue 16: other objectives and false-negative masking
     RunSpec('jest-0.8-softmax', 'jest', 0.8, loss='softmax', n_seeds=3),

@@ -30,8 +30,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 __all__ = [
-    'check_patch_size', 'encode_image_at', 'resize_matrix', 'pinv_resize_matrix', 'resize_patch_embed',
-    'valid_patch_sizes',
+    'check_patch_size', 'encode_image_at', 'vit_tokens', 'vit_head', 'resize_matrix', 'pinv_resize_matrix',
+    'resize_patch_embed', 'valid_patch_sizes',
 ]
 
 # Derived matrices, keyed by (kind, old_size, new_size, interpolation, antialias, device, dtype).
@@ -235,13 +235,11 @@ def _pool(visual: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return pooled, tokens
 
 
-def _vit_forward(
-    visual: VisionTransformer, image: torch.Tensor, patch_size: int
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """open_clip's ``VisionTransformer.forward`` with the patch embedding run at ``patch_size``.
+def vit_tokens(visual: VisionTransformer, image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The tokens ``visual.transformer`` reads, ``[B, 1 + grid, width]``, with the patch embedding at ``patch_size``.
 
-    Always takes the functional path (also at the native patch size), so tests can compare it with
-    ``visual(image)``.
+    open_clip's ``VisionTransformer.forward`` up to its transformer, always on the functional path (also at the
+    native patch size, where the kernel and positional embeddings are used as they are).
     """
     conv = visual.conv1
     if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding) or any(d != 1 for d in conv.dilation):
@@ -266,14 +264,28 @@ def _vit_forward(
     x = x + pos.to(x.dtype)
 
     x = visual.patch_dropout(x)
-    x = visual.ln_pre(x)
-    x = visual.transformer(x)
+    return visual.ln_pre(x)
+
+
+def vit_head(visual: VisionTransformer, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``VisionTransformer.forward`` after its transformer: pool, project (``x``: its output)."""
     pooled, tokens = _pool(visual, x)
     if visual.proj is not None:
         pooled = pooled @ visual.proj
     if visual.output_tokens:
         return pooled, tokens
     return pooled
+
+
+def _vit_forward(
+    visual: VisionTransformer, image: torch.Tensor, patch_size: int
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``VisionTransformer.forward`` with the patch embedding run at ``patch_size``.
+
+    Always takes the functional path (also at the native patch size), so tests can compare it with
+    ``visual(image)``.
+    """
+    return vit_head(visual, visual.transformer(vit_tokens(visual, image, patch_size)))
 
 
 def encode_image_at(

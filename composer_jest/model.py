@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
 from composer.utils import dist
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 from torchmetrics import Metric
 
+from composer_jest import packed
 from composer_jest.batch import IMAGE_KEY, LABEL_KEY, TEXT_KEY
-from composer_jest.flexi import check_patch_size
+from composer_jest.flexi import check_patch_size, vit_head, vit_tokens
 from composer_jest.negatives import NegativesQueue
 from composer_jest.objectives import Objective, build_objective
 from composer_jest.text_buckets import (
@@ -106,16 +107,24 @@ class CLIPTowers(nn.Module):
     parameters after the forward, so an alias read later is a use-after-free on CUDA).
 
     Captions are encoded in length buckets (``text_buckets``, ``text_bucket_overhead``; see ``encode_text``).
+    Several groups of sequences -- the buckets, the two resolutions of a multi-resolution batch -- go through
+    one packed transformer call (:mod:`composer_jest.packed`) when the tower is open_clip's plain transformer.
     """
 
     # Most length buckets ``encode_text`` splits a batch of captions into (1: one trim to the longest caption),
     # and what one more bucket (one more text-transformer call) must save, in encoded positions.
     text_buckets: int = DEFAULT_TEXT_BUCKETS
     text_bucket_overhead: int = DEFAULT_TEXT_BUCKET_OVERHEAD
+    # Run multi-group encodes as one packed transformer call (False: one call per group; for A/B benchmarks).
+    pack: bool = True
 
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.clip = clip
+        # Packed calls need open_clip's plain blocks; otherwise (None) every group runs its own call.
+        self._text_layout = packed.install(clip.transformer) if self._text_trimmable() else None
+        visual = getattr(clip, 'visual', None)
+        self._image_layout = packed.install(visual.transformer) if isinstance(visual, VisionTransformer) else None
 
     def encode_image(self, image: torch.Tensor, patch_size: Optional[int] = None) -> torch.Tensor:
         if patch_size is None:
@@ -158,6 +167,8 @@ class CLIPTowers(nn.Module):
         text = text[:, :plan[-1][0]]  # no bucket needs a position after the longest caption's EOT
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:text.shape[1]].to(cast_dtype)
+        if self.pack and self._text_layout is not None:
+            return self._encode_text_packed(x, caption_lengths(text), plan)
         if len(plan) == 1:
             return self._encode_text_embedded(x, text)
         order = torch.argsort(caption_lengths(text), stable=True)  # bucket g = the next n_g captions in length order
@@ -166,6 +177,38 @@ class CLIPTowers(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return torch.cat(parts).index_select(0, inverse)
+
+    def _encode_text_packed(self, x: torch.Tensor, lengths: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """``encode_text`` of embedded tokens ``x`` ``[B, L, w]`` (caption lengths ``lengths``): every bucket in one
+        packed, causal transformer call; then each caption's EOT output (position ``ℓ - 1``), layer norm, projection.
+        """
+        clip, counts = self.clip, [n for _, n in plan]
+        order = None
+        if len(plan) > 1:  # bucket g = the next n_g captions in length order
+            order = torch.argsort(lengths, stable=True)
+            x, lengths = x.index_select(0, order), lengths.index_select(0, order)
+        groups = [part[:, :length] for part, (length, _) in zip(x.split(counts), plan)]
+        out = packed.run(clip.transformer, self._text_layout, groups, causal=True)
+        pooled = torch.cat([o[torch.arange(o.shape[0], device=o.device), ell - 1]
+                            for o, ell in zip(out, lengths.split(counts))])
+        pooled = clip.ln_final(pooled)  # a per-token op: pooling first is exact
+        if order is not None:
+            pooled = pooled.index_select(0, torch.argsort(order))
+        projection = clip.text_projection
+        if projection is None:
+            return pooled
+        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+    def _encode_image_packed(self, image: torch.Tensor, low_res: int, low_res_patch_size: Optional[int],
+                             patch_size: Optional[int]) -> torch.Tensor:
+        """The first ``low_res`` images at ``low_res_patch_size``, the rest at ``patch_size`` (``None``: native), in
+        one packed transformer call."""
+        visual = self.clip.visual
+        native = visual.conv1.kernel_size[0]
+        tokens = [vit_tokens(visual, image[:low_res], low_res_patch_size or native),
+                  vit_tokens(visual, image[low_res:], patch_size or native)]
+        out = packed.run(visual.transformer, self._image_layout, tokens, causal=False)
+        return F.normalize(torch.cat([vit_head(visual, o) for o in out]), dim=-1)
 
     def _text_trimmable(self) -> bool:
         """Whether the text tower is open_clip's inline causal, EOT-pooled one (the trim is then exact)."""
@@ -196,7 +239,9 @@ class CLIPTowers(nn.Module):
         # Plan the text buckets (a host sync) before queueing any image-tower kernel: see ``text_plan``.
         plan = self.text_plan(text) if text is not None else None
         if image is not None:
-            if low_res > 0:
+            if 0 < low_res < image.shape[0] and self.pack and self._image_layout is not None:
+                image_features = self._encode_image_packed(image, low_res, low_res_patch_size, patch_size)
+            elif low_res > 0:
                 parts = [self.encode_image(image[:low_res], low_res_patch_size)]
                 if low_res < image.shape[0]:  # round(f * n) can be n (e.g. a microbatch of 1)
                     parts.append(self.encode_image(image[low_res:], patch_size))

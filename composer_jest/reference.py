@@ -74,7 +74,7 @@ def load_reference(spec: ReferenceSpec, default_model: Optional[ModelSpec] = Non
     if isinstance(spec, CLIPModel):
         towers = spec.frozen_copy()
     elif isinstance(spec, nn.Module):  # copied: freezing must never touch a module still being trained
-        towers = copy.deepcopy(spec if isinstance(spec, CLIPTowers) else CLIPTowers(spec))
+        towers = copy.deepcopy(spec) if isinstance(spec, CLIPTowers) else CLIPTowers(copy.deepcopy(spec))
     else:
         model, path = (spec['model'], spec.get('checkpoint')) if isinstance(spec, dict) else (default_model, spec)
         if model is None:

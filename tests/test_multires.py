@@ -28,11 +28,17 @@ def batch(model) -> dict:
 
 
 def record_token_counts(model: CLIPModel) -> tuple[list[tuple[int, int]], torch.utils.hooks.RemovableHandle]:
-    """``(batch, tokens)`` of every call into the image transformer (batch-first in open_clip 3.x)."""
+    """``(batch, tokens)`` of every sequence group going into the image transformer (batch-first in open_clip 3.x;
+    a packed call's groups are read from its layout)."""
     calls: list[tuple[int, int]] = []
-    handle = model.towers.clip.visual.transformer.register_forward_hook(
-        lambda _m, args, _out: calls.append((args[0].shape[0], args[0].shape[1]))
-    )
+    layout = model.towers._image_layout
+
+    def record(_m, args, kwargs, _out):
+        mask = kwargs.get('attn_mask', args[1] if len(args) > 1 else None)
+        packed = mask is not None and mask.numel() == 0
+        calls.extend(layout.groups if packed else [(args[0].shape[0], args[0].shape[1])])
+
+    handle = model.towers.clip.visual.transformer.register_forward_hook(record, with_kwargs=True)
     return calls, handle
 
 

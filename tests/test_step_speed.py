@@ -113,7 +113,11 @@ def test_forward_plans_text_buckets_before_queueing_the_image_tower(monkeypatch)
         torch.testing.assert_close(out['text_features'], F.normalize(clip.encode_text(text), dim=-1),
                                    atol=1e-5, rtol=1e-5)
         events.clear()
-        towers(image, text, low_res=3, low_res_patch_size=16)  # multi-resolution: two image calls, after it
+        towers(image, text, low_res=3, low_res_patch_size=16)  # multi-resolution: one packed image call, after it
+        assert events == ['plan', 'image']
+        events.clear()
+        towers.pack = False
+        towers(image, text, low_res=3, low_res_patch_size=16)  # unpacked: one image call per resolution
         assert events == ['plan', 'image', 'image']
 
 
