@@ -113,10 +113,11 @@ class Config:
     multires: bool = False
     captions: Optional[str] = None  # None: the --captions distribution; 'full': every caption at the context
     optimizer: Optional[str] = None  # None: --optimizer
+    pack: bool = True  # CLIPTowers.pack: multi-group encodes in one packed transformer call
 
     def label(self) -> str:
         tags = [f'[{self.captions} context]' if self.captions == 'full' else '',
-                f'[{self.optimizer}]' if self.optimizer else '']
+                f'[{self.optimizer}]' if self.optimizer else '', '' if self.pack else '[one call per group]']
         return ' '.join([self.name] + [t for t in tags if t])
 
 
@@ -270,6 +271,7 @@ def run_config(
     learner = CLIPModel(args.model, low_res_fraction=0.5 if config.multires else 0.0,
                         low_res_patch_size=low if config.multires else None)
     configure_text_buckets(learner, args)
+    learner.towers.pack = config.pack
     algorithms = []
     if f is not None:
         algorithms.append(JEST(
@@ -492,8 +494,9 @@ def time_text_tower(model: str, n: int, captions: str, device: torch.device, rep
     """The learner's text scoring forward alone: one trim to the longest caption vs length buckets.
 
     ``n`` captions of the ``captions`` distribution, encoded under ``torch.inference_mode`` (as fast scoring does)
-    with ``CLIPTowers.text_buckets`` = 1 (the code before buckets), 2, 4, 8 and one bucket per distinct length;
-    median of ``reps`` timed calls after one warmup, next to the analytic FLOPs of the same plan.
+    with ``CLIPTowers.text_buckets`` = 1 (the code before buckets), 2, 4, 8 and one bucket per distinct length,
+    each as one packed transformer call and as one call per bucket (``CLIPTowers.pack``); median of ``reps``
+    timed calls after one warmup, next to the analytic FLOPs of the same plan.
     """
     clock = time.process_time if clock_name == 'process' else time.perf_counter
     torch.manual_seed(0)
@@ -507,27 +510,32 @@ def time_text_tower(model: str, n: int, captions: str, device: torch.device, rep
                 (DEFAULT_TEXT_BUCKETS, DEFAULT_TEXT_BUCKET_OVERHEAD)]
     for buckets, overhead in settings:
         towers.text_buckets, towers.text_bucket_overhead = buckets, overhead
-        times = []
-        with torch.inference_mode(), autocast:
-            for rep in range(reps + 1):
-                _sync(device)
-                t0 = clock()
-                towers.encode_text(text)
-                _sync(device)
-                if rep:
-                    times.append(1e3 * (clock() - t0))
+        medians = []
+        for pack in (True, False):
+            towers.pack = pack
+            times = []
+            with torch.inference_mode(), autocast:
+                for rep in range(reps + 1):
+                    _sync(device)
+                    t0 = clock()
+                    towers.encode_text(text)
+                    _sync(device)
+                    if rep:
+                        times.append(1e3 * (clock() - t0))
+            medians.append(statistics.median(times))
         plan = bucket_plan(counts, buckets, overhead)
-        rows.append((buckets, overhead, len(plan), encoded_positions(plan) / n, statistics.median(times),
+        rows.append((buckets, overhead, len(plan), encoded_positions(plan) / n, *medians,
                      bucketed_text_flops(clip, counts, buckets, overhead)))
     print(f'\nText tower scoring forward alone: {model}, N = {n} {captions} captions (mean own length '
           f'{sum(i * c for i, c in enumerate(counts)) / n:.1f} tokens), {device.type}, {precision}, inference mode; '
           f'{clock_name} clock, median of {reps}\n')
-    print('| text_buckets | overhead | calls | positions / caption | ms | GFLOP (analytic) | × one trim (time) '
-          '| × one trim (FLOPs) |')
-    print('|---:|---:|---:|---:|---:|---:|---:|---:|')
-    for buckets, overhead, calls, positions, ms, flops in rows:
-        print(f'| {buckets} | {overhead} | {calls} | {positions:.1f} | {ms:.1f} | {flops / 1e9:.2f} '
-              f'| {ms / rows[0][4]:.2f} | {flops / rows[0][5]:.2f} |')
+    print('| text_buckets | overhead | buckets | positions / caption | ms, packed | ms, one call per bucket '
+          '| GFLOP (analytic) | × one trim (time, packed) | × one trim (time, per bucket) | × one trim (FLOPs) |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    base = rows[0][5]  # one trim, one call: the code before buckets
+    for buckets, overhead, calls, positions, packed_ms, plain_ms, flops in rows:
+        print(f'| {buckets} | {overhead} | {calls} | {positions:.1f} | {packed_ms:.1f} | {plain_ms:.1f} '
+              f'| {flops / 1e9:.2f} | {packed_ms / base:.2f} | {plain_ms / base:.2f} | {flops / rows[0][6]:.2f} |')
 
 
 def main(argv: Optional[list[str]] = None) -> list[Result]:
@@ -564,6 +572,8 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
                         help='peak FLOP/s for the MFU column (default on cuda: 989e12, H100 dense bf16; none on cpu)')
     parser.add_argument('--text-tower-only', type=int, default=None, metavar='N',
                         help="time only the learner's text scoring forward on N captions, by number of buckets")
+    parser.add_argument('--no-extra-rows', action='store_true',
+                        help="drop the side rows ([full context], the other optimizer, [one call per group])")
     parser.add_argument('--only', type=str, default=None,
                         help="comma-separated config names to run (e.g. 'uniform,jest+flexi+cached+multires'); "
                              'the uniform row on the same captions always runs (the time ratios need it)')
@@ -619,15 +629,19 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
 
     other_optimizer = next(o for o in OPTIMIZERS if o != args.optimizer)
     configs = [Config('uniform', None), Config('uniform', None, optimizer=other_optimizer),
-               Config('uniform+multires', None, multires=True)]
+               Config('uniform+multires', None, multires=True), Config('uniform+multires', None, multires=True,
+                                                                       pack=False)]
     for f in ratios:
         configs += [
             Config('jest', f),
             Config('jest+flexi', f, flexi=True),
             Config('jest+flexi+cached', f, flexi=True, cached=True),
             Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True),
+            Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True, pack=False),
         ]
-    if args.captions != 'full':  # the worst case: every caption at the full context
+    if args.no_extra_rows:
+        configs = [c for c in configs if c.pack and not c.optimizer]
+    elif args.captions != 'full':  # the worst case: every caption at the full context
         configs.append(Config('uniform', None, captions='full'))
         configs += [Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True, captions='full')
                     for f in ratios]
@@ -636,7 +650,7 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
         known = {c.name for c in configs}
         if names - known:
             parser.error(f'--only: unknown config(s) {sorted(names - known)}; configs: {sorted(known)}')
-        configs = [c for c in configs if c.name in names or (c.name == 'uniform' and not c.optimizer)]
+        configs = [c for c in configs if c.name in names or (c.name == 'uniform' and not c.optimizer and c.pack)]
     results: dict[int, Result] = {}
     for repeat in range(args.repeats):
         for i, config in enumerate(configs):

@@ -76,14 +76,14 @@ class SegmentedAttention(nn.MultiheadAttention):
                                f'positions {layout.groups}: a packed call must go through composer_jest.packed.run')
         width, heads = self.embed_dim, self.num_heads
         qkv = F.linear(packed, self.in_proj_weight, self.in_proj_bias)  # [P, 3w], one matmul for every group
-        outputs, start = [], 0
+        out = qkv.new_empty(packed.shape[0], width)
+        start = 0
         for n, length in layout.groups:
             # group g's QKV as [3, n, heads, L, d]: a view of the packed buffer, no copy
             q, k, v = qkv[start:start + n * length].view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=layout.causal)  # [n, heads, L, d]
-            outputs.append(o.transpose(1, 2).reshape(n * length, width))
+            out[start:start + n * length].view(n, length, heads, width // heads).copy_(o.transpose(1, 2))
             start += n * length
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return F.linear(out, self.out_proj.weight, self.out_proj.bias)[None], None
 
 
