@@ -4,10 +4,13 @@
 # with carry=[".whl"] and timeout_s ~580. Results land in $OUT (or ./gpu_out); copy them into BENCHMARKS.md.
 # Parts run most-valuable first, each under its own limit and all under one deadline (BUDGET seconds, default
 # 540), so a slow part cannot starve the rest and whatever finished comes back:
-#   1. benchmarks/step_cost.py          issue 13: the ViT-B/16 step table (f = 0.8), MFU, sampler timings
-#   2. benchmarks/global_selection.py   issue 12: one rank at N = 32,768 (target < 62 ms, warm), no host sync
+#   1. benchmarks/step_cost.py          issue 13: the ViT-B/16 step table (f = 0.8), MFU, sampler timings; packed
+#      transformer calls vs one call per group side by side (uniform+multires, all savings). The jest and
+#      jest+flexi rows were measured on 2026-11-26 (BENCHMARKS.md) and are left out to fit the budget.
+#   2. benchmarks/step_cost.py          issue 13: text tower by bucket plan, packed and per bucket (sets
+#      text_bucket_overhead)
 #   3. benchmarks/step_cost.py --compile  issue 13: Composer's compile_config on uniform and all-savings rows
-#   4. benchmarks/step_cost.py          issue 13: text tower by bucket plan (sets text_bucket_overhead)
+#   4. benchmarks/global_selection.py   issue 12: one rank at N = 32,768 (target < 62 ms, warm), no host sync
 #   5. benchmarks/gpu_check.py          issue 11: the checks not yet run on a GPU (2026-11-26 ran FSDP1/2 bf16,
 #      flexi, cached, resume and the ViT-B/16 recipe: all PASS; see BENCHMARKS.md)
 set -uo pipefail
@@ -32,13 +35,14 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   date -u; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; nproc; } \
   | tee "$out/machine.txt"
 vit=(--device cuda --model jest-vit-b-16 --precision amp_bf16)
-part 170 step_cost python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 --steps 6 \
-  --warmup 2 --repeats 2
+part 190 step_cost python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 --steps 6 \
+  --warmup 2 --repeats 2 --only uniform,uniform+multires,jest+flexi+cached,jest+flexi+cached+multires
+part 60 text_tower_1280 python3 benchmarks/step_cost.py "${vit[@]}" --text-tower-only 1280 --sampler-reps 5
+part 200 step_cost_compile python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 \
+  --steps 6 --warmup 3 --repeats 1 --sampler-sizes '' --only uniform,jest+flexi+cached+multires --compile \
+  --no-extra-rows
 part 60 global_selection_cuda python3 benchmarks/global_selection.py --device cuda --ranks 1 --n-local 32768 \
   --b-local 6554 --modes blockwise --sync-debug
-part 240 step_cost_compile python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 \
-  --steps 6 --warmup 3 --repeats 1 --sampler-sizes '' --only uniform,jest+flexi+cached+multires --compile
-part 40 text_tower_1280 python3 benchmarks/step_cost.py "${vit[@]}" --text-tower-only 1280 --sampler-reps 5
 part 200 gpu_check python3 benchmarks/gpu_check.py --workdir /tmp/gpu-check --timeout 120 \
   --only recipe:quickstart_reference --only recipe:quickstart --only recipe:jest --only recipe:uniform \
   --only recipe:reference
