@@ -53,6 +53,7 @@ from composer_jest.selection import (
     _validate_temperature,
     blockwise_sample,
     chunk_sizes,
+    selection_noise,
 )
 
 __all__ = ['Features', 'AllGather', 'Selection', 'BLOCK_ELEMENTS', 'STAT_BLOCK', 'conditional_scorer', 'jest_select',
@@ -626,6 +627,7 @@ def jest_select(
     world_size: int = 1,
     all_gather: Optional[AllGather] = None,
     mask: Optional[torch.Tensor] = None,
+    compile: Optional[dict] = None,
 ) -> Selection:
     """Score this rank's super-batch and draw its ``n_select`` examples of a (possibly global) selection.
 
@@ -647,6 +649,9 @@ def jest_select(
         generator: seeded (CPU) generator; one value is drawn per call.
         rank, world_size, all_gather: this rank, the number of ranks selecting together, and the
             all-gather (``composer.utils.dist.all_gather``); none is called at world size 1.
+        compile: ``torch.compile`` keyword arguments for everything after the generator draw (``{}``: defaults;
+            ``{'mode': 'reduce-overhead'}`` captures it in a CUDA graph: one launch for the whole draw);
+            ``None``: eager. The same selection either way.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -663,21 +668,38 @@ def jest_select(
     track = learner is not None and reference is not None
     if learner is None and reference is None:
         raise ValueError('need learner or reference features (the super-batch size is taken from them)')
-    _validate_sizes((learner or reference)['image_features'].shape[0], n_select, n_chunks, 1)
+    anchor = (learner or reference)['image_features']
+    _validate_sizes(anchor.shape[0], n_select, n_chunks, 1)
     _validate_temperature(temperature)
     objective = build_objective(loss)
     queued = any(f is not None and QUEUE_KEYS[1] in f for f in (learner, reference))
     check_scope(objective, world_size, masked=mask is not None or queued)
-    if objective.blockwise and mask is None and not queued:
+    _Comm(rank, world_size, all_gather)  # the argument checks, before the generator is drawn from
+    # the one host-side step (a value from the CPU generator); the rest is tensor work a compiler can take whole
+    noise = selection_noise(generator, rank, n_select, n_chunks, joint, anchor.shape[0], anchor.device)
+    core = _select if compile is None else _compiled_select(compile)
+    indices, global_indices, stats = core(learner, reference, n_select, noise, objective=objective, score=score,
+                                          joint=joint, track=track, dense=not objective.blockwise or mask is not None
+                                          or queued, n_chunks=n_chunks, temperature=temperature, rank=rank,
+                                          world_size=world_size, all_gather=all_gather, mask=mask)
+    return Selection(indices, global_indices, stats)
+
+
+def _select(learner: Optional[Features], reference: Optional[Features], n_select: int, noise: torch.Tensor, *,
+            objective: Objective, score: str, joint: bool, track: bool, dense: bool, n_chunks: int,
+            temperature: float, rank: int, world_size: int, all_gather: Optional[AllGather],
+            mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`jest_select` after its checks and its draw from the generator: no host work, no host sync (at world
+    size 1 dynamo traces it as one graph), so ``compile`` can capture it whole."""
+    if dense:
+        scorer = _DenseBlocks(objective, {'learner': learner, 'reference': reference}, score, track, joint,
+                              n_select, mask)
+    else:
         scorer = conditional_scorer(learner, reference, score=score, loss=objective, joint=joint,
                                     quota=n_select, rank=rank, world_size=world_size, all_gather=all_gather,
                                     track=track)
-    else:
-        _Comm(rank, world_size, all_gather)  # the argument checks
-        scorer = _DenseBlocks(objective, {'learner': learner, 'reference': reference}, score, track, joint,
-                              n_select, mask)
-    picks = blockwise_sample(scorer, n_select, n_chunks, generator, group=rank, temperature=temperature,
-                             joint=joint, add_all=track)
+    picks = blockwise_sample(scorer, n_select, n_chunks, None, group=rank, temperature=temperature,
+                             joint=joint, add_all=track, noise=noise)
     partials = scorer.stat_partials() if track else torch.zeros(0, device=picks.device)
     # One collective for everyone's picks and statistics; float64 holds indices exactly (< 2**53).
     rows = torch.stack(scorer.comm.gather(torch.cat([picks.double(), partials.double()])))
@@ -686,7 +708,18 @@ def jest_select(
     sizes = chunk_sizes(n_select, n_chunks if joint else 1)
     global_indices = torch.cat([part.flatten() for part in everyone.split(sizes, dim=1)])
     stats = scorer.finalize(rows[:, n_select:].sum(0), n * world, n_select * world) if track else {}
-    return Selection(picks, global_indices, stats)
+    return picks, global_indices, stats
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_select(options: dict) -> Callable:
+    """``torch.compile(_select, **options)``, built once per distinct options."""
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_select, **options)
+    return _COMPILED[key]
 
 
 def selection_flops(loss: str, n: int, b: int, dim: int, *, n_chunks: int = 16, world_size: int = 1,

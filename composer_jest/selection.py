@@ -48,6 +48,7 @@ __all__ = [
     'blockwise_sample',
     'draw_seed',
     'gumbel_noise',
+    'selection_noise',
 ]
 
 # Which model's loss each score uses, and with which sign: S = sum_m w_m L_m (uniform: S = 0).
@@ -184,6 +185,19 @@ def gumbel_noise(seed: int, group: int, shape: Sequence[int], device: torch.devi
     return -torch.log(-torch.log(u))
 
 
+def selection_noise(generator: Optional[torch.Generator], group: int, quota: int, n_chunks: int, joint: bool,
+                    n: int, device: torch.device | str) -> torch.Tensor:
+    """The Gumbel noise of one :func:`blockwise_sample` draw, ``[chunks, n]``: draws its one value from ``generator``.
+
+    Example:
+        >>> a = selection_noise(torch.Generator().manual_seed(0), 0, 4, 2, True, 10, 'cpu')
+        >>> a.shape, torch.equal(a, selection_noise(torch.Generator().manual_seed(0), 0, 4, 2, True, 10, 'cpu'))
+        (torch.Size([2, 10]), True)
+    """
+    chunks = len(chunk_sizes(quota, n_chunks if joint else 1))
+    return gumbel_noise(draw_seed(generator), group, (chunks, n), device)
+
+
 def _draw_chunk(cond: torch.Tensor, chosen: torch.Tensor, noise: torch.Tensor, size: int,
                 temperature: float) -> torch.Tensor:
     """Gumbel-top-k along the last dim: ``size`` unchosen items drawn without replacement ``∝ exp(cond / T)``.
@@ -256,6 +270,7 @@ def blockwise_sample(
     temperature: float = 1.0,
     joint: bool = True,
     add_all: bool = False,
+    noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """This rank's share of a joint (or independent) draw: ``quota`` local indices, in draw order.
 
@@ -274,13 +289,19 @@ def blockwise_sample(
         joint: condition each chunk on the chosen set; ``False`` draws once ``∝ exp(c_k)``.
         add_all: also add the last chunk (joint) or the whole draw (independent) with
             ``need_cond=False``, so the scorer has seen the full selected set (statistics of it).
+        noise: the draw's Gumbel noise, from :func:`selection_noise` with the same arguments (``generator`` is
+            then not used); drawn here when ``None``. Passing it keeps the rest free of host work (a compiled
+            or graph-captured selection).
     """
     _validate_sizes(scorer.num_items, quota, n_chunks, 1)
     _validate_temperature(temperature)
-    seed = draw_seed(generator)
     sizes = chunk_sizes(quota, n_chunks if joint else 1)
     cond = scorer.initial()
-    noise = gumbel_noise(seed, group, (len(sizes), scorer.num_items), cond.device)
+    if noise is None:
+        noise = selection_noise(generator, group, quota, n_chunks, joint, scorer.num_items, cond.device)
+    elif tuple(noise.shape) != (len(sizes), scorer.num_items):
+        raise ValueError(f'noise must have shape (chunks, N) = {(len(sizes), scorer.num_items)} '
+                         f'(selection_noise), got {tuple(noise.shape)}')
     chosen = torch.zeros(scorer.num_items, dtype=torch.bool, device=cond.device)
     picked: list[torch.Tensor] = []
     for t, size in enumerate(sizes):
