@@ -114,10 +114,12 @@ class Config:
     captions: Optional[str] = None  # None: the --captions distribution; 'full': every caption at the context
     optimizer: Optional[str] = None  # None: --optimizer
     pack: bool = True  # CLIPTowers.pack: multi-group encodes in one packed transformer call
+    compile_selection: bool = False  # JEST(compile_selection=...): see selection_compile_options
 
     def label(self) -> str:
         tags = [f'[{self.captions} context]' if self.captions == 'full' else '',
-                f'[{self.optimizer}]' if self.optimizer else '', '' if self.pack else '[one call per group]']
+                f'[{self.optimizer}]' if self.optimizer else '', '' if self.pack else '[one call per group]',
+                '[compiled selection]' if self.compile_selection else '']
         return ' '.join([self.name] + [t for t in tags if t])
 
 
@@ -250,6 +252,11 @@ def configure_text_buckets(model: CLIPModel, args: argparse.Namespace) -> None:
         model.towers.text_bucket_overhead = args.text_bucket_overhead
 
 
+def selection_compile_options(args: argparse.Namespace) -> dict:
+    """``--compile-selection``'s ``torch.compile`` options: a CUDA graph on a GPU, inductor's default on a CPU."""
+    return {'mode': 'reduce-overhead'} if args.device == 'cuda' else {}
+
+
 def native_patch(clip: torch.nn.Module) -> int:
     return int(clip.visual.patch_size[0])
 
@@ -281,6 +288,7 @@ def run_config(
             n_chunks=16,
             seed=0,
             compile_scoring=args.compile_scoring,
+            compile_selection=selection_compile_options(args) if config.compile_selection else False,
         ))
     captions = config.captions or args.captions
     batch = batches[(n, config.cached, captions)]
@@ -380,12 +388,14 @@ def _random_features(n: int, dim: int, gen: torch.Generator, device: torch.devic
 
 
 def time_sampler(
-    sizes: list[int], device: torch.device, embed_dim: int, reps: int, select_max_n: int
+    sizes: list[int], device: torch.device, embed_dim: int, reps: int, select_max_n: int,
+    compile_options: Optional[dict] = None,
 ) -> list[dict[str, Any]]:
     """Median time of ``joint_sample`` (N x N random scores) and of the whole ``jest_select`` per N.
 
     ``jest_select`` (blockwise learner and reference scores, sampler, logged statistics; no ``N x N``
-    temporary) is skipped above ``select_max_n``.
+    temporary) is skipped above ``select_max_n``. With ``compile_options``, ``jest_select(compile=...)`` is
+    timed too (after 3 untimed calls: compilation, CUDA-graph recording) and must pick what eager picks.
     """
     rows = []
     for n in sizes:
@@ -410,10 +420,32 @@ def time_sampler(
             if rep:  # the first repetition is warmup
                 sample_ms.append(1e3 * (t1 - t0))
                 select_ms.append(1e3 * (t2 - t1))
-        rows.append({'N': n, 'n_select': n_select, 'joint_sample_ms': statistics.median(sample_ms),
-                     'jest_select_ms': statistics.median(select_ms) if with_select else float('nan')})
+        row = {'N': n, 'n_select': n_select, 'joint_sample_ms': statistics.median(sample_ms),
+               'jest_select_ms': statistics.median(select_ms) if with_select else float('nan')}
+        if compile_options is not None and with_select:
+            row['jest_select_compiled_ms'] = _time_compiled_select(learner, reference, n_select, device, reps,
+                                                                   compile_options)
+        rows.append(row)
         del scores, learner, reference
     return rows
+
+
+def _time_compiled_select(learner, reference, n_select: int, device: torch.device, reps: int,
+                          options: dict) -> float:
+    """Median ms of ``jest_select(compile=options)``; raises if it picks other examples than eager."""
+    times = []
+    for rep in range(reps + 3):
+        eager = jest_select(learner, reference, n_select, n_chunks=16, generator=torch.Generator().manual_seed(rep))
+        _sync(device)
+        t0 = time.perf_counter()
+        picked = jest_select(learner, reference, n_select, n_chunks=16, generator=torch.Generator().manual_seed(rep),
+                             compile=options)
+        _sync(device)
+        if rep >= 3:
+            times.append(1e3 * (time.perf_counter() - t0))
+        if not torch.equal(picked.indices, eager.indices):
+            raise AssertionError(f'compiled jest_select ({options}) picked other examples than eager at rep {rep}')
+    return statistics.median(times)
 
 
 def _sync(device: torch.device) -> None:
@@ -568,6 +600,9 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
                         help=f'CLIPTowers.text_bucket_overhead in positions (default {DEFAULT_TEXT_BUCKET_OVERHEAD})')
     parser.add_argument('--compile', action='store_true', help="torch.compile the model (Composer's compile_config)")
     parser.add_argument('--compile-scoring', action='store_true', help='JEST(compile_scoring=True)')
+    parser.add_argument('--compile-selection', action='store_true',
+                        help="add an all-savings row with JEST(compile_selection=...) ({'mode': 'reduce-overhead'} on "
+                             'cuda: one CUDA graph) and a compiled column to the jest_select table')
     parser.add_argument('--peak-flops', type=float, default=None,
                         help='peak FLOP/s for the MFU column (default on cuda: 989e12, H100 dense bf16; none on cpu)')
     parser.add_argument('--text-tower-only', type=int, default=None, metavar='N',
@@ -639,8 +674,11 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
             Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True),
             Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True, pack=False),
         ]
+        if args.compile_selection:
+            configs.append(Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True,
+                                  compile_selection=True))
     if args.no_extra_rows:
-        configs = [c for c in configs if c.pack and not c.optimizer]
+        configs = [c for c in configs if c.pack and not c.optimizer and not c.compile_selection]
     elif args.captions != 'full':  # the worst case: every caption at the full context
         configs.append(Config('uniform', None, captions='full'))
         configs += [Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True, captions='full')
@@ -677,16 +715,19 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
         if args.sampler_sizes else []
     if sampler_sizes:
         embed_dim = int(clip.visual.proj.shape[-1]) if clip.visual.proj is not None else 512
-        rows = time_sampler(sampler_sizes, device, embed_dim, args.sampler_reps, args.select_max_n)
+        rows = time_sampler(sampler_sizes, device, embed_dim, args.sampler_reps, args.select_max_n,
+                            selection_compile_options(args) if args.compile_selection else None)
         best = {r.superbatch: r.median for r in ordered if r.config.name == 'jest+flexi+cached+multires'}
         print(f'\nJoint sampler (n_select = int(0.2 N), 16 chunks) and full jest_select (d={embed_dim}), median ms; '
               'last column: joint_sample as a share of the measured all-savings step with that N\n')
-        print('| N | n_select | joint_sample ms | jest_select ms | % of step |')
-        print('|---:|---:|---:|---:|---:|')
+        print('| N | n_select | joint_sample ms | jest_select ms | jest_select compiled ms | % of step |')
+        print('|---:|---:|---:|---:|---:|---:|')
         for row in rows:
             share = f"{100 * row['joint_sample_ms'] / best[row['N']]:.1f}%" if row['N'] in best else ''
             select = '' if row['jest_select_ms'] != row['jest_select_ms'] else f"{row['jest_select_ms']:.1f}"
-            print(f"| {row['N']} | {row['n_select']} | {row['joint_sample_ms']:.1f} | {select} | {share} |")
+            compiled = f"{row['jest_select_compiled_ms']:.1f}" if 'jest_select_compiled_ms' in row else ''
+            print(f"| {row['N']} | {row['n_select']} | {row['joint_sample_ms']:.1f} | {select} | {compiled} "
+                  f"| {share} |")
 
     if args.profile:
         f = 0.8
