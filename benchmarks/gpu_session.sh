@@ -9,9 +9,11 @@
 #      jest+flexi rows were measured on 2026-11-26 (BENCHMARKS.md) and are left out to fit the budget.
 #   2. benchmarks/step_cost.py          issue 13: text tower by bucket plan, packed and per bucket (sets
 #      text_bucket_overhead)
-#   3. benchmarks/step_cost.py --compile  issue 13: Composer's compile_config on uniform and all-savings rows
+#   3. benchmarks/step_cost.py          issue 13: jest_select eager vs compile_selection={'mode': 'reduce-overhead'}
+#      (one CUDA graph) at N = 1,280 and 8,192; picks checked against eager
 #   4. benchmarks/global_selection.py   issue 12: one rank at N = 32,768 (target < 62 ms, warm), no host sync
-#   5. benchmarks/gpu_check.py          issue 11: the checks not yet run on a GPU (2026-11-26 ran FSDP1/2 bf16,
+#   5. benchmarks/step_cost.py --compile  issue 13: Composer's compile_config on uniform and all-savings rows
+#   6. benchmarks/gpu_check.py          issue 11: the checks not yet run on a GPU (2026-11-26 ran FSDP1/2 bf16,
 #      flexi, cached, resume and the ViT-B/16 recipe: all PASS; see BENCHMARKS.md)
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -38,11 +40,13 @@ vit=(--device cuda --model jest-vit-b-16 --precision amp_bf16)
 part 190 step_cost python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 --steps 6 \
   --warmup 2 --repeats 2 --only uniform,uniform+multires,jest+flexi+cached,jest+flexi+cached+multires
 part 60 text_tower_1280 python3 benchmarks/step_cost.py "${vit[@]}" --text-tower-only 1280 --sampler-reps 5
+part 90 selection_compiled python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 \
+  --steps 1 --warmup 1 --repeats 1 --only uniform --no-extra-rows --sampler-sizes 1280,8192 --compile-selection
+part 60 global_selection_cuda python3 benchmarks/global_selection.py --device cuda --ranks 1 --n-local 32768 \
+  --b-local 6554 --modes blockwise --sync-debug
 part 200 step_cost_compile python3 benchmarks/step_cost.py "${vit[@]}" --batch-size 256 --filter-ratios 0.8 \
   --steps 6 --warmup 3 --repeats 1 --sampler-sizes '' --only uniform,jest+flexi+cached+multires --compile \
   --no-extra-rows
-part 60 global_selection_cuda python3 benchmarks/global_selection.py --device cuda --ranks 1 --n-local 32768 \
-  --b-local 6554 --modes blockwise --sync-debug
 part 200 gpu_check python3 benchmarks/gpu_check.py --workdir /tmp/gpu-check --timeout 120 \
   --only recipe:quickstart_reference --only recipe:quickstart --only recipe:jest --only recipe:uniform \
   --only recipe:reference

@@ -678,7 +678,7 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
             configs.append(Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True,
                                   compile_selection=True))
     if args.no_extra_rows:
-        configs = [c for c in configs if c.pack and not c.optimizer and not c.compile_selection]
+        configs = [c for c in configs if c.pack and not c.optimizer]
     elif args.captions != 'full':  # the worst case: every caption at the full context
         configs.append(Config('uniform', None, captions='full'))
         configs += [Config('jest+flexi+cached+multires', f, flexi=True, cached=True, multires=True, captions='full')
