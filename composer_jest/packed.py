@@ -5,14 +5,17 @@ batch -- used to run the transformer once per group. Every op of a block except 
 norms, the QKV / output / MLP matmuls, layer scale), so the groups' tokens can be laid end to end,
 ``[1, P, w]`` with ``P = Σ_g n_g L_g``, and run through each of those ops **once**; only attention runs per
 group, on a view of the packed QKV buffer, ``[n_g, L_g, 3, h, d]`` (scaled dot-product attention; causal for
-text). Same FLOPs as one call per group, but one set of matmul kernel launches instead of one per group, and
-under FSDP one parameter all-gather per block instead of one per group.
+text). Same FLOPs as one call per group, but one set of matmul kernel launches instead of one per group (and,
+where FSDP wraps the blocks themselves, one parameter all-gather per block instead of one per group).
 
 How the layout reaches attention without reaching past the block's own ``forward`` (FSDP's hooks live there):
 each qualifying block's ``nn.MultiheadAttention`` becomes a :class:`SegmentedAttention` (same parameters and
 state-dict keys), and the packed call passes a zero-element ``attn_mask`` as its marker -- open_clip's block
-forwards it untouched -- while the group layout sits on the transformer's :class:`PackedLayout`. The layout is
-kept until the next packed call, so an activation-checkpointed block recomputes with it in the backward.
+forwards it untouched -- while the group layout sits on the transformer's :class:`PackedLayout` (one per
+transformer, shared by every wrapper of it). The layout is kept until the next packed call, so an
+activation-checkpointed block recomputes with it in the backward. The one case this cannot tell apart: two packed
+calls through the *same* transformer before one backward under *reentrant* checkpointing, both with the same total
+length (non-reentrant checkpointing, the default of open_clip and of PyTorch, raises on a mismatch itself).
 
 Example:
     >>> import open_clip, torch
@@ -89,8 +92,10 @@ class SegmentedAttention(nn.MultiheadAttention):
 
 def _qualifies(block: nn.Module) -> bool:
     attn = getattr(block, 'attn', None)
+    # exact types: a subclass (a user's attention, an FSDP2-sharded module) keeps its own forward
     return (type(block) is ResidualAttentionBlock and not hasattr(block, 'ln_1_kv')
-            and isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
+            and type(attn) in (nn.MultiheadAttention, SegmentedAttention) and attn.batch_first
+            and attn._qkv_same_embed_dim
             and attn.bias_k is None and not attn.add_zero_attn and attn.dropout == 0)
 
 
@@ -99,11 +104,15 @@ def install(transformer: nn.Module) -> Optional[PackedLayout]:
 
     It qualifies when it is batch-first and every block is open_clip's plain ``ResidualAttentionBlock``
     (``CustomResidualAttentionBlock``, cross-attention and timm towers run their usual per-group calls). The
-    attention modules change class only: parameters, buffers and state-dict keys stay as they are.
+    attention modules change class only: parameters, buffers and state-dict keys stay as they are. Installing
+    twice (two wrappers of one model) returns the layout already installed.
     """
     blocks = getattr(transformer, 'resblocks', None)
     if not getattr(transformer, 'batch_first', False) or not blocks or not all(_qualifies(b) for b in blocks):
         return None
+    installed = {id(getattr(b.attn, 'layout', None)) for b in blocks}
+    if isinstance(blocks[0].attn, SegmentedAttention) and len(installed) == 1:
+        return blocks[0].attn.layout
     layout = PackedLayout()
     for block in blocks:
         block.attn.__class__ = SegmentedAttention

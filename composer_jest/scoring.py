@@ -51,7 +51,7 @@ from composer_jest.selection import (
     SELECTION_METHODS,
     _validate_sizes,
     _validate_temperature,
-    blockwise_sample,
+    blockwise_draw,
     chunk_sizes,
     selection_noise,
 )
@@ -649,9 +649,10 @@ def jest_select(
         generator: seeded (CPU) generator; one value is drawn per call.
         rank, world_size, all_gather: this rank, the number of ranks selecting together, and the
             all-gather (``composer.utils.dist.all_gather``); none is called at world size 1.
-        compile: ``torch.compile`` keyword arguments for everything after the generator draw (``{}``: defaults;
-            ``{'mode': 'reduce-overhead'}`` captures it in a CUDA graph: one launch for the whole draw);
-            ``None``: eager. The same selection either way.
+        compile: ``torch.compile`` keyword arguments for everything after the generator draw (``{}``: defaults,
+            static shapes; ``{'mode': 'reduce-overhead'}`` captures it in a CUDA graph: one launch for the whole
+            draw, whose returned tensors the next call overwrites: clone what you keep); ``None``: eager. The same
+            selection either way.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -698,14 +699,13 @@ def _select(learner: Optional[Features], reference: Optional[Features], n_select
         scorer = conditional_scorer(learner, reference, score=score, loss=objective, joint=joint,
                                     quota=n_select, rank=rank, world_size=world_size, all_gather=all_gather,
                                     track=track)
-    picks = blockwise_sample(scorer, n_select, n_chunks, None, group=rank, temperature=temperature,
-                             joint=joint, add_all=track, noise=noise)
+    sizes = chunk_sizes(n_select, n_chunks if joint else 1)
+    picks = blockwise_draw(scorer, sizes, noise, temperature, joint, add_all=track)
     partials = scorer.stat_partials() if track else torch.zeros(0, device=picks.device)
     # One collective for everyone's picks and statistics; float64 holds indices exactly (< 2**53).
     rows = torch.stack(scorer.comm.gather(torch.cat([picks.double(), partials.double()])))
     n, world = scorer.num_items, scorer.comm.world_size
     everyone = rows[:, :n_select].long() + torch.arange(world, device=rows.device)[:, None] * n
-    sizes = chunk_sizes(n_select, n_chunks if joint else 1)
     global_indices = torch.cat([part.flatten() for part in everyone.split(sizes, dim=1)])
     stats = scorer.finalize(rows[:, n_select:].sum(0), n * world, n_select * world) if track else {}
     return picks, global_indices, stats
@@ -715,10 +715,12 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def _compiled_select(options: dict) -> Callable:
-    """``torch.compile(_select, **options)``, built once per distinct options."""
+    """``torch.compile(_select, **options)``, built once per distinct options; static shapes unless asked
+    (``dynamic=False``: a new super-batch size or temperature is a new specialised graph, not a symbolic one the
+    chunk arithmetic cannot trace)."""
     key = repr(sorted(options.items()))
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_select, **options)
+        _COMPILED[key] = torch.compile(_select, **{'dynamic': False, **options})
     return _COMPILED[key]
 
 

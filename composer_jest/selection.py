@@ -46,6 +46,7 @@ __all__ = [
     'chunk_sizes',
     'batch_score',
     'blockwise_sample',
+    'blockwise_draw',
     'draw_seed',
     'gumbel_noise',
     'selection_noise',
@@ -296,12 +297,21 @@ def blockwise_sample(
     _validate_sizes(scorer.num_items, quota, n_chunks, 1)
     _validate_temperature(temperature)
     sizes = chunk_sizes(quota, n_chunks if joint else 1)
-    cond = scorer.initial()
     if noise is None:
-        noise = selection_noise(generator, group, quota, n_chunks, joint, scorer.num_items, cond.device)
+        noise = selection_noise(generator, group, quota, n_chunks, joint, scorer.num_items, scorer.initial().device)
     elif tuple(noise.shape) != (len(sizes), scorer.num_items):
         raise ValueError(f'noise must have shape (chunks, N) = {(len(sizes), scorer.num_items)} '
                          f'(selection_noise), got {tuple(noise.shape)}')
+    return blockwise_draw(scorer, sizes, noise, temperature, joint, add_all)
+
+
+def blockwise_draw(scorer: BlockScorer, sizes: Sequence[int], noise: torch.Tensor, temperature: float, joint: bool,
+                   add_all: bool) -> torch.Tensor:
+    """:func:`blockwise_sample` after its checks: chunk ``t`` draws ``sizes[t]`` items with ``noise[t]``.
+
+    Tensor work only (no argument checks, no host reads), so a compiler can trace it whole.
+    """
+    cond = scorer.initial()
     chosen = torch.zeros(scorer.num_items, dtype=torch.bool, device=cond.device)
     picked: list[torch.Tensor] = []
     for t, size in enumerate(sizes):

@@ -45,6 +45,7 @@ def test_selection_core_is_one_graph_without_host_syncs(loss, mask, joint):
 def test_compiled_selection_draws_what_eager_draws(loss, mask):
     mask = torch.eye(N, dtype=torch.bool) if mask else None
     runs = {}
+    dynamo.reset()
     for compile in (None, {'backend': 'eager', 'fullgraph': True}):
         generator = torch.Generator().manual_seed(3)
         picks = [jest_select(features(1 + step), features(7 + step), B, loss=loss, n_chunks=4, generator=generator,
@@ -60,6 +61,19 @@ def test_compiled_selection_draws_what_eager_draws(loss, mask):
     assert not torch.equal(eager[0].indices, eager[1].indices)
 
 
+def test_compiled_selection_takes_new_sizes_and_temperatures():
+    """A second super-batch size or temperature in one process is a new static graph, not a failed symbolic one."""
+    dynamo.reset()
+    scoring._COMPILED.clear()
+    options = {'backend': 'eager', 'fullgraph': True}
+    for n, b, temperature in ((48, 12, 1.0), (40, 10, 1.0), (48, 12, 0.5), (32, 8, 2.0)):
+        feats = [{k: (v[:n] if v.dim() else v) for k, v in features(seed).items()} for seed in (4, 5)]
+        picks = [jest_select(*feats, b, n_chunks=4, temperature=temperature, compile=compile,
+                             generator=torch.Generator().manual_seed(n)) for compile in (None, options)]
+        assert torch.equal(picks[0].indices, picks[1].indices), (n, temperature)
+        torch.testing.assert_close(picks[0].stats['learnability_selected'], picks[1].stats['learnability_selected'])
+
+
 def test_jest_compile_selection_trains_on_the_eager_selection():
     torch.manual_seed(0)
     reference = CLIPModel('jest-tiny')
@@ -67,6 +81,7 @@ def test_jest_compile_selection_trains_on_the_eager_selection():
     batches = [{'image': torch.randn(16, 3, 32, 32, generator=g),
                 'text': reference.tokenizer([f'a photo of thing {i}' for i in range(16)])} for _ in range(2)]
     picked = {}
+    dynamo.reset()
     scoring._COMPILED.clear()
     for compile in (False, {'backend': 'eager'}):
         torch.manual_seed(0)

@@ -179,3 +179,31 @@ def test_packed_under_bf16_autocast_matches_per_group_calls():
         b = plain(image=image, text=text, low_res=3, low_res_patch_size=16)
     for key in ('image_features', 'text_features'):
         torch.testing.assert_close(a[key].float(), b[key].float(), atol=3e-2, rtol=0)
+
+
+def test_two_wrappers_of_one_model_share_its_layout():
+    """Both wrappers pack through the same blocks: each call must run its own groups (same total, other groups)."""
+    towers, plain = towers_pair()
+    other = CLIPTowers(towers.clip)
+    other.text_bucket_overhead = 0
+    assert other._text_layout is towers._text_layout
+    clip = towers.clip
+    a = captions(5, clip.context_length, clip.vocab_size, seed=11, lengths=[4, 4, 4, 4, 16])  # 32 positions
+    b = captions(3, clip.context_length, clip.vocab_size, seed=12, lengths=[8, 8, 16])  # 32 positions too
+    with torch.no_grad():
+        other.encode_text(b)
+        torch.testing.assert_close(towers.encode_text(a), plain.clip.encode_text(a), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(other.encode_text(b), plain.clip.encode_text(b), atol=1e-12, rtol=1e-12)
+
+
+def test_an_attention_subclass_is_left_alone():
+    class Scaled(torch.nn.MultiheadAttention):  # a user's attention with its own forward
+        def forward(self, *args, **kwargs):
+            out, weights = super().forward(*args, **kwargs)
+            return 0.5 * out, weights
+
+    torch.manual_seed(0)
+    clip = CLIPModel('jest-tiny').towers.clip
+    clip.transformer.resblocks[0].attn.__class__ = Scaled
+    towers = CLIPTowers(clip)
+    assert towers._text_layout is None and type(clip.transformer.resblocks[0].attn) is Scaled
