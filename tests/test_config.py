@@ -108,7 +108,7 @@ def test_config_errors_name_the_field(overrides, match):
         (['optimizer.name=adamm'], "unknown optimizer 'adamm'"),
         (['variables.filter_ratio=0.7'], 'non-integer per-rank super-batch'),
         (['optimizer.betaz=[0.9,0.99]'],
-         r"optimizer 'decoupled_adamw': unknown key\(s\) \['betaz'\]; DecoupledAdamW accepts \[.*'betas'"),
+         r"optimizer 'fused_decoupled_adamw': unknown key\(s\) \['betaz'\]; FusedDecoupledAdamW accepts \[.*'betas'"),
         (['scheduler.t_warmpu=10ba'], r"scheduler 'linear_decay_with_warmup': unknown key\(s\) \['t_warmpu'\]; "
                                       r"LinearWithWarmupScheduler accepts \['t_warmup'"),
     ],
