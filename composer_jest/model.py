@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
 from composer.utils import dist
-from open_clip.transformer import VisionTransformer, text_global_pool
+from open_clip.transformer import VisionTransformer
 from torch import nn
 from torchmetrics import Metric
 
@@ -167,33 +167,21 @@ class CLIPTowers(nn.Module):
         text = text[:, :plan[-1][0]]  # no bucket needs a position after the longest caption's EOT
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:text.shape[1]].to(cast_dtype)
-        if self.pack and self._text_layout is not None:
-            return self._encode_text_packed(x, caption_lengths(text), plan)
-        if len(plan) == 1:
-            return self._encode_text_embedded(x, text)
-        order = torch.argsort(caption_lengths(text), stable=True)  # bucket g = the next n_g captions in length order
-        parts = [self._encode_text_embedded(x.index_select(0, idx)[:, :length], text.index_select(0, idx)[:, :length])
-                 for idx, (length, _) in zip(order.split([n for _, n in plan]), plan)]
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return torch.cat(parts).index_select(0, inverse)
-
-    def _encode_text_packed(self, x: torch.Tensor, lengths: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """``encode_text`` of embedded tokens ``x`` ``[B, L, w]`` (caption lengths ``lengths``): every bucket in one
-        packed, causal transformer call; then each caption's EOT output (position ``ℓ - 1``), layer norm, projection.
-        """
-        clip, counts = self.clip, [n for _, n in plan]
-        order = None
+        lengths, order = caption_lengths(text), None
         if len(plan) > 1:  # bucket g = the next n_g captions in length order
             order = torch.argsort(lengths, stable=True)
             x, lengths = x.index_select(0, order), lengths.index_select(0, order)
+        counts = [n for _, n in plan]
         groups = [part[:, :length] for part, (length, _) in zip(x.split(counts), plan)]
-        out = packed.run(clip.transformer, self._text_layout, groups, causal=True)
-        pooled = torch.cat([o[torch.arange(o.shape[0], device=o.device), ell - 1]
-                            for o, ell in zip(out, lengths.split(counts))])
-        pooled = clip.ln_final(pooled)  # a per-token op: pooling first is exact
+        if self.pack and self._text_layout is not None:  # every bucket in one packed, causal call
+            out = packed.run(clip.transformer, self._text_layout, groups, causal=True)
+        else:
+            out = [clip.transformer(g, attn_mask=clip.attn_mask[:g.shape[1], :g.shape[1]]) for g in groups]
+        # each caption's EOT output (position ℓ - 1), then ln_final: a per-token op, so pooling first is exact
+        pooled = clip.ln_final(torch.cat([o[torch.arange(o.shape[0], device=o.device), ell - 1]
+                                          for o, ell in zip(out, lengths.split(counts))]))
         if order is not None:
-            pooled = pooled.index_select(0, torch.argsort(order))
+            pooled = pooled.index_select(0, torch.argsort(order))  # back to the input order
         projection = clip.text_projection
         if projection is None:
             return pooled
@@ -215,17 +203,6 @@ class CLIPTowers(nn.Module):
         clip = self.clip
         return (isinstance(clip, open_clip.CLIP) and getattr(clip, 'text_pool_type', None) == 'argmax'
                 and getattr(clip, 'attn_mask', None) is not None)
-
-    def _encode_text_embedded(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The rest of ``clip.encode_text`` on embedded tokens ``x`` ``[B, L, w]`` of ids ``text`` ``[B, L]``."""
-        clip = self.clip
-        length = text.shape[1]
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
-        x = text_global_pool(x, text, 'argmax')
-        projection = clip.text_projection
-        if projection is None:
-            return x
-        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
     def forward(
         self,
