@@ -6,7 +6,7 @@ payload for the other ``W - 1`` ranks (same shapes and allocation as a real all-
 change the cost). The bytes a rank *receives* per step are summed over the gather calls (exact for this
 algorithm) and modelled at ``--link-gbps`` GB/s.
 
-* ``blockwise``: :func:`composer_jest.scoring.jest_select` with ``rank=0, world_size=W``.
+* ``blockwise``: :func:`composer_jest.core.scoring.jest_select` with ``rank=0, world_size=W``.
 * ``dense``: what every rank did before (commit 0d38a3f): all-gather all ``N_g = W N_local`` features, build
   both ``N_g x N_g`` pair-loss matrices, draw with ``joint_sample(n_groups=W)`` and compute the statistics from
   the matrix; run only where ``N_g <= --dense-max-ng``.
@@ -31,9 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from composer_jest.losses import sigmoid_pair_loss
-from composer_jest.scoring import jest_select, selection_flops
-from composer_jest.selection import batch_score, joint_sample, score_matrix
+from composer_jest.core.losses import sigmoid_pair_loss
+from composer_jest.core.scoring import jest_select, selection_flops
+from composer_jest.core.selection import batch_score, joint_sample, score_matrix
 
 
 def _rss_kib(field: str) -> int:

@@ -85,13 +85,13 @@ class Context:
         launcher = [sys.executable, '-m', 'composer.cli.launcher', '-n', '1',
                     '--stdout', f'{name}-rank{{rank}}.out', '--stderr', f'{name}-rank{{rank}}.err']
         try:
-            return self.run([*launcher, '-m', 'composer_jest.train', str(yaml), *QUIET, *overrides], env, name)
+            return self.run([*launcher, '-m', 'composer_jest.run.train', str(yaml), *QUIET, *overrides], env, name)
         except CheckFailed as e:
             errs = ''.join(_tail(p.read_text()) for p in sorted(self.workdir.glob(f'{name}-rank*.err')))
             raise CheckFailed(f'{e}\n{errs}') from None
 
     def cli(self, *args: str, name: str) -> str:
-        return self.run([sys.executable, '-m', 'composer_jest.cli', *args], name=name)
+        return self.run([sys.executable, '-m', 'composer_jest.run.cli', *args], name=name)
 
     # -- shared artefacts --------------------------------------------------------------------------------
     def reference(self) -> Path:

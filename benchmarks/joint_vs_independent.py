@@ -31,9 +31,9 @@ from composer.loggers import Logger, LoggerDestination
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_efficiency as le  # noqa: E402
 
-from composer_jest.algorithm import JEST  # noqa: E402
-from composer_jest.losses import sigmoid_pair_loss  # noqa: E402
-from composer_jest.selection import batch_score, independent_sample, joint_sample  # noqa: E402
+from composer_jest.core.losses import sigmoid_pair_loss  # noqa: E402
+from composer_jest.core.selection import batch_score, independent_sample, joint_sample  # noqa: E402
+from composer_jest.jest.algorithm import JEST  # noqa: E402
 
 
 @torch.no_grad()

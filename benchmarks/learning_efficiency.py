@@ -59,8 +59,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from composer_jest.algorithm import JEST, jest_first  # noqa: E402
-from composer_jest.batch import CACHED_REFERENCE_KEYS  # noqa: E402
+from composer_jest.core.batch import CACHED_REFERENCE_KEYS  # noqa: E402
 from composer_jest.data.demo.fashion_mnist import WebNoise  # noqa: E402
 from composer_jest.data.demo.fashion_web import (  # noqa: E402
     ZERO_SHOT_TEMPLATES,
@@ -69,9 +68,10 @@ from composer_jest.data.demo.fashion_web import (  # noqa: E402
     LongTail,
     zero_shot_classnames,
 )
-from composer_jest.flops import bucketed_text_flops, step_flops, vit_forward_flops  # noqa: E402
-from composer_jest.model import CLIPModel  # noqa: E402
-from composer_jest.text_buckets import caption_lengths, length_histogram  # noqa: E402
+from composer_jest.jest.algorithm import JEST, jest_first  # noqa: E402
+from composer_jest.models.clip import CLIPModel  # noqa: E402
+from composer_jest.models.flops import bucketed_text_flops, step_flops, vit_forward_flops  # noqa: E402
+from composer_jest.models.text_buckets import caption_lengths, length_histogram  # noqa: E402
 
 warnings.filterwarnings('ignore')
 logging.getLogger('composer').setLevel(logging.ERROR)
@@ -139,7 +139,7 @@ class RunSpec:
     cached: bool = False  # reference embeddings precomputed into the batch
     multires: bool = False  # half of every trained batch at 2x the native patch
     temperature: float = 1.0  # sample ∝ exp(s(B) / temperature)
-    loss: Any = 'sigmoid'  # the learner's loss spec (composer_jest.objectives); JEST scores with it
+    loss: Any = 'sigmoid'  # the learner's loss spec (composer_jest.core.objectives); JEST scores with it
 
     @property
     def uses(self) -> tuple[bool, bool, bool]:

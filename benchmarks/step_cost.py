@@ -69,14 +69,13 @@ from composer.loggers import Logger
 from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
-from composer_jest.algorithm import JEST
-from composer_jest.batch import CACHED_REFERENCE_KEYS
-from composer_jest.flops import bucketed_text_flops, step_flops
-from composer_jest.model import CLIPModel
-from composer_jest.optim import FusedDecoupledAdamW
-from composer_jest.scoring import jest_select
-from composer_jest.selection import joint_sample
-from composer_jest.text_buckets import (
+from composer_jest.core.batch import CACHED_REFERENCE_KEYS
+from composer_jest.core.scoring import jest_select
+from composer_jest.core.selection import joint_sample
+from composer_jest.jest.algorithm import JEST
+from composer_jest.models.clip import CLIPModel
+from composer_jest.models.flops import bucketed_text_flops, step_flops
+from composer_jest.models.text_buckets import (
     DEFAULT_TEXT_BUCKET_OVERHEAD,
     DEFAULT_TEXT_BUCKETS,
     bucket_plan,
@@ -84,6 +83,7 @@ from composer_jest.text_buckets import (
     encoded_positions,
     length_histogram,
 )
+from composer_jest.run.optim import FusedDecoupledAdamW
 
 CAPTIONS = ('cc3m', 'fashion-web', 'full')
 OPTIMIZERS = ('fused_decoupled_adamw', 'decoupled_adamw')

@@ -56,10 +56,10 @@ from pathlib import Path
 
 import torch
 
-from composer_jest.batch import superbatch_size
+from composer_jest.core.batch import superbatch_size
 from composer_jest.data.convert import MDSOptions, convert_shapes
 from composer_jest.data.streaming import ImageTextStreamingDataset, build_streaming_dataloader
-from composer_jest.model import CLIPModel
+from composer_jest.models.clip import CLIPModel
 
 SECTION = '## Streaming throughput'
 

@@ -47,7 +47,7 @@ from typing import Any, Optional, Union
 
 from PIL import Image
 
-from composer_jest.batch import CACHED_REFERENCE_KEYS, INDEX_KEY, LABEL_KEY, TEXT_KEY
+from composer_jest.core.batch import CACHED_REFERENCE_KEYS, INDEX_KEY, LABEL_KEY, TEXT_KEY
 from composer_jest.data.remote import (
     RemoteAccessError,
     check_s3_prefix,

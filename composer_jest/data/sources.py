@@ -1,6 +1,6 @@
-"""Data sources a yaml names (``train_loader.source``), registered in :data:`composer_jest.registry.data_sources`.
+"""Data sources a yaml names (``train_loader.source``), registered in :data:`composer_jest.run.registry.data_sources`.
 
-A source turns a loader config (:class:`~composer_jest.config.DataConfig`) into a per-rank ``DataLoader``:
+A source turns a loader config (:class:`~composer_jest.run.config.DataConfig`) into a per-rank ``DataLoader``:
 ``source(cfg, model, batch_size, train)``, where ``batch_size`` is what the loader yields per step (the
 super-batch ``N`` of a JEST training loader; sources never see the filter ratio). Other packages add sources
 through the ``composer_jest_data_sources`` entry-point group, like algorithms.

@@ -35,7 +35,7 @@ import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.hashing import get_hash
 
-from composer_jest.batch import ENCODED_IMAGE_KEY, IMAGE_KEY, INDEX_KEY, TEXT_KEY
+from composer_jest.core.batch import ENCODED_IMAGE_KEY, IMAGE_KEY, INDEX_KEY, TEXT_KEY
 from composer_jest.data.remote import RemoteAccessError, describe_remote_error, download_s3_file, is_remote
 from composer_jest.data.two_stage import SCORING_COLUMN, open_rgb
 
@@ -375,7 +375,7 @@ def build_streaming_dataloader(
         local: local cache directory (unique per dataset), or the shards' directory.
         tokenizer: the model's tokenizer (``CLIPModel.tokenizer``).
         batch_size: what each rank's loader yields per step: for JEST, the super-batch
-            ``N = superbatch_size(b, f)`` (:func:`composer_jest.batch.superbatch_size`); without JEST, ``b``.
+            ``N = superbatch_size(b, f)`` (:func:`composer_jest.core.batch.superbatch_size`); without JEST, ``b``.
         image_size: side of the default open_clip eval transform.
         transform: custom PIL -> tensor transform instead.
         shuffle, shuffle_seed: streaming's deterministic shuffle (resumable mid-epoch).
@@ -387,7 +387,7 @@ def build_streaming_dataloader(
         **dataset_kwargs: more :class:`ImageTextStreamingDataset` / ``StreamingDataset`` arguments.
 
     Example:
-        >>> from composer_jest.batch import superbatch_size
+        >>> from composer_jest.core.batch import superbatch_size
         >>> superbatch_size(64, filter_ratio=0.8)  # what each rank's loader yields to train on b = 64
         320
         >>> # loader = build_streaming_dataloader('s3://bucket/shapes', '/tmp/cache', model.tokenizer,
@@ -397,7 +397,7 @@ def build_streaming_dataloader(
         raise ValueError(f'batch_size must be a positive int (the per-rank super-batch N), got {batch_size!r}')
     if 'filter_ratio' in dataset_kwargs:
         raise TypeError('build_streaming_dataloader takes the super-batch itself: '
-                        'batch_size=composer_jest.batch.superbatch_size(b, filter_ratio), not filter_ratio=')
+                        'batch_size=composer_jest.core.batch.superbatch_size(b, filter_ratio), not filter_ratio=')
     n = batch_size
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f'num_workers must be an int >= 0, got {num_workers!r}')

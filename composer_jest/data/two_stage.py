@@ -8,7 +8,7 @@ Stage 1 (the loader workers, every example): the JPEG is decoded in draft mode â
 reconstructs the image at ``1/2``, ``1/4`` or ``1/8`` scale for a fraction of a full decode â€” and transformed at
 the *scoring resolution* ``S_low = S p_native / p_learner`` (:func:`scoring_image_size`), the side at which
 the learner's native patch gives the same token grid as its scoring patch ``p_learner`` on the full ``S``-pixel
-image. The encoded bytes travel along under :data:`~composer_jest.batch.ENCODED_IMAGE_KEY`.
+image. The encoded bytes travel along under :data:`~composer_jest.core.batch.ENCODED_IMAGE_KEY`.
 
 Stage 2 (the algorithm, after selection, only the ``b`` selected examples): :class:`FullResDecoder` decodes
 the bytes at full resolution with the eval transform the loader uses in one-stage mode (bit for bit the same
@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from composer_jest.models.flexi import scoring_image_size, scoring_patch_size  # noqa: F401  (re-exported)
+
 __all__ = ['open_rgb', 'scoring_image_size', 'scoring_patch_size', 'eval_transform', 'scoring_thumbnail',
            'ScoringTransform', 'RandomResizedCropFlip', 'FullResDecoder', 'DECODE_DEVICES', 'SCORING_COLUMN']
 
@@ -80,52 +82,6 @@ def scoring_thumbnail(image: Image.Image, side: int, quality: int = 90) -> bytes
     buf = io.BytesIO()
     image.save(buf, 'JPEG', quality=quality)
     return buf.getvalue()
-
-
-def scoring_image_size(image_size: int, native_patch_size: int, learner_patch_size: Optional[int]) -> int:
-    """``S_low = S p_native / p_learner``: the image side whose native-patch token grid is the scoring grid.
-
-    Raises:
-        ValueError: when ``S_low`` is not a whole number of native patches.
-
-    Example:
-        >>> scoring_image_size(64, 8, 16), scoring_image_size(224, 16, None)
-        (32, 224)
-        >>> scoring_image_size(224, 16, 48)
-        Traceback (most recent call last):
-        ...
-        ValueError: two-stage decoding scores at image side 224 * 16 / 48 = 74.7, which must be a whole number of native patches 16; use a learner_patch_size among [16, 28, 32, 56, 112, 224]
-    """  # noqa: E501
-    if learner_patch_size is None:
-        return image_size
-    side = image_size * native_patch_size / learner_patch_size  # a whole number of native patches iff p | S
-    if image_size % learner_patch_size or learner_patch_size < native_patch_size:
-        valid = [p for p in range(native_patch_size, image_size + 1) if image_size % p == 0]
-        raise ValueError(f'two-stage decoding scores at image side {image_size} * {native_patch_size} / '
-                         f'{learner_patch_size} = {side:.1f}, which must be a whole number of native patches '
-                         f'{native_patch_size}; use a learner_patch_size among {valid}')
-    return int(side)
-
-
-def scoring_patch_size(learner_patch_size: Optional[int], low_side: int, full_side: int) -> Optional[int]:
-    """``p_learner S_low / S``: the patch at which stage-1 images of side ``S_low`` give the token grid that
-    ``learner_patch_size`` gives on full images of side ``S`` (the inverse of :func:`scoring_image_size`).
-
-    Example:
-        >>> scoring_patch_size(32, 112, 224), scoring_patch_size(None, 224, 224)
-        (16, None)
-    """
-    if learner_patch_size is None:
-        if low_side != full_side:
-            raise ValueError(f'two-stage images of side {low_side} (training side {full_side}) need '
-                             f'learner_patch_size = {full_side} * native patch / {low_side}')
-        return None
-    patch = learner_patch_size * low_side / full_side
-    if patch != int(patch):
-        raise ValueError(f'two-stage images of side {low_side} do not match learner_patch_size={learner_patch_size} '
-                         f'at training side {full_side}: {learner_patch_size} * {low_side} / {full_side} is not an '
-                         'integer patch (see composer_jest.data.two_stage.scoring_image_size)')
-    return int(patch)
 
 
 def eval_transform(preprocess: dict[str, Any], image_size: Optional[int] = None) -> Callable:

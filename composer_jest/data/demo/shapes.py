@@ -132,7 +132,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.num_samples, self.noise, self.seed, self.image_size = num_samples, noise, seed, image_size
         self.transform, self.tokenizer, self.label = transform, tokenizer, label
 
-    #: the keys of every item (:func:`composer_jest.batch.loader_batch_keys`)
+    #: the keys of every item (:func:`composer_jest.core.batch.loader_batch_keys`)
     batch_keys = ('clean', 'image', 'index', 'label', 'text')
 
     def __len__(self) -> int:

@@ -1,0 +1,8 @@
+"""jest: the Composer side of selection — the JEST algorithm, the frozen reference, score inputs, callbacks.
+
+Owns: ``JEST`` (``algorithm``: a thin adapter from Composer's ``State`` to the functional selection step), the
+reference model or its cached columns (``reference``), the features a super-batch is scored with
+(``score_inputs``), ``SelectionLog`` (``callbacks``), ``composer-jest embed-reference`` (``embed_reference``).
+
+May import: ``core``, ``models``, ``data``, Composer. Never ``run``.
+"""

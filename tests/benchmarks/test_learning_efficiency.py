@@ -1,0 +1,75 @@
+"""Smoke test of the learning-efficiency benchmark: ``--quick`` end to end (no speed-up is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from composer_jest.data.demo.fashion_mnist import fashion_mnist_root
+
+SCRIPT = Path(__file__).resolve().parents[2] / 'benchmarks' / 'learning_efficiency.py'
+
+
+@pytest.fixture(scope='module')
+def bench():
+    try:
+        fashion_mnist_root()
+    except FileNotFoundError as e:
+        pytest.fail(f'Fashion-MNIST is not installed: {e}', pytrace=False)
+    spec = importlib.util.spec_from_file_location('learning_efficiency', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def quick_results(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp('le_out')
+    res = bench.main(['--quick', '--out', str(out), '--cache', str(tmp_path_factory.mktemp('le_cache'))])
+    return out, res
+
+
+def test_quick_mode_writes_well_formed_results(bench, quick_results):
+    out, res = quick_results
+    assert (out / 'learning_efficiency.json').is_file() and (out / 'learning_efficiency.md').is_file()
+    for name in res['plots']:
+        assert (out / name).stat().st_size > 1000 and name.endswith('.png')
+    saved = json.loads((out / 'learning_efficiency.json').read_text())
+    settings = saved['settings']
+    assert set(saved['rows']) == {spec.name for spec in bench.RUNS}
+    assert math.isfinite(saved['target']) and 0.0 <= saved['target'] <= 1.0
+    runs = [json.loads(p.read_text()) for p in sorted((out / 'runs').glob('*.json'))]
+    assert len(runs) == len(bench.RUNS)
+    for run in runs:
+        curve = run['curve']
+        assert len(curve) >= 3
+        for point in curve:
+            assert all(math.isfinite(v) for v in point.values()), point
+            assert 0.0 <= point['zero_shot'] <= 1.0 and 0.0 <= point['i2t_r1'] <= 1.0
+        for key in ('step', 'examples_trained', 'examples_seen', 'flops'):
+            xs = [p[key] for p in curve]
+            assert all(b > a for a, b in zip(xs, xs[1:])), (run['name'], key, xs)
+        last = curve[-1]
+        steps, b = settings['steps'], settings['batch_size']
+        assert last['examples_trained'] == steps * b == steps * run['subbatch']
+        assert last['examples_seen'] == steps * run['superbatch']
+        if run['spec']['kind'] == 'jest':
+            assert last['flops_scoring'] > 0
+
+
+def test_oracle_is_clean_and_jest_filters_noise(quick_results):
+    out, _ = quick_results
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / 'runs').glob('*.json')}
+    assert runs['oracle_seed0']['pool_clean_fraction'] == 1.0
+    assert runs['uniform_seed0']['pool_clean_fraction'] < 0.7
+    jest = runs['jest-0.8_seed0']['selection']
+    assert jest['selected']['clean'] > jest['superbatch']['clean']
+    fast = runs['jest-0.8-fast_seed0']
+    # flexi + cached + multi-resolution: cheaper per step than live full-resolution scoring
+    assert fast['curve'][-1]['flops'] < runs['jest-0.8_seed0']['curve'][-1]['flops']
