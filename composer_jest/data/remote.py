@@ -17,9 +17,11 @@ import os
 import random
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
-__all__ = ['RemoteAccessError', 'is_remote', 'split_s3_url', 's3_client', 'describe_remote_error',
+__all__ = ['RemoteAccessError', 'is_remote', 'split_s3_url', 's3_client', 'describe_remote_error', 'remote_errors',
            'check_s3_prefix', 'list_s3_objects', 'open_s3_object', 'delete_s3_object', 'download_s3_file', 'redact']
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,30 @@ def describe_remote_error(exc: BaseException, remote: str, action: str = 'read')
     return None
 
 
+@contextmanager
+def remote_errors(remote: str, action: str = 'read', *,
+                  keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Inside the block, an object-store failure while using ``remote`` is raised as one :class:`RemoteAccessError`
+    (:func:`describe_remote_error`: it names ``remote``, ``action`` and the endpoint, never a credential).
+
+    Other exceptions, a :class:`RemoteAccessError` (already translated) and the ``keep`` types (e.g. errors about
+    the input whose chain holds a botocore error) leave the block unchanged.
+
+    Example:
+        >>> with remote_errors('s3://bucket/data', 'list'):
+        ...     keys = [o['Key'] for o in client.list_objects_v2(Bucket='bucket')['Contents']]  # doctest: +SKIP
+    """
+    try:
+        yield
+    except (RemoteAccessError, *keep):
+        raise
+    except Exception as e:
+        err = describe_remote_error(e, remote, action)
+        if err is None:
+            raise
+        raise err from None
+
+
 def check_s3_prefix(url: str, *, for_write: bool) -> bool:
     """Fail early with one clear error if ``url``'s bucket cannot be used; return whether it holds an MDS index.
 
@@ -131,24 +157,17 @@ def check_s3_prefix(url: str, *, for_write: bool) -> bool:
     bucket, prefix = split_s3_url(url)
     client = s3_client(max_attempts=2)
     action = 'write' if for_write else 'read'
-    try:
+    with remote_errors(url, action):
         client.head_bucket(Bucket=bucket)
-    except Exception as e:
-        err = describe_remote_error(e, url, action)
-        if err is None:
-            raise
-        raise err from None
     key = f'{prefix.rstrip("/")}/index.json' if prefix else 'index.json'
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
-    except Exception as e:
-        if _status(e) in _NOT_FOUND_CODES:  # the bucket exists (checked above): no dataset there yet
-            return False
-        err = describe_remote_error(e, url, action)
-        if err is None:
+    with remote_errors(url, action):
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as e:
+            if _status(e) in _NOT_FOUND_CODES:  # the bucket exists (checked above): no dataset there yet
+                return False
             raise
-        raise err from None
 
 
 def _status(exc: BaseException) -> str:
@@ -161,39 +180,24 @@ def list_s3_objects(url: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     bucket, prefix = split_s3_url(url)
     client = s3_client()
     keys = []
-    try:
+    with remote_errors(url, 'list'):
         for page in client.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=prefix):
             keys += [o['Key'] for o in page.get('Contents', [])]
-    except Exception as e:
-        err = describe_remote_error(e, url, 'list')
-        if err is None:
-            raise
-        raise err from None
     return [f's3://{bucket}/{k}' for k in sorted(keys) if not suffixes or k.endswith(suffixes)]
 
 
 def open_s3_object(url: str) -> Any:
     """A readable stream of the object at ``url`` (``botocore`` StreamingBody); errors name the URL."""
     bucket, key = split_s3_url(url)
-    try:
+    with remote_errors(url, 'read'):
         return s3_client().get_object(Bucket=bucket, Key=key)['Body']
-    except Exception as e:
-        err = describe_remote_error(e, url, 'read')
-        if err is None:
-            raise
-        raise err from None
 
 
 def delete_s3_object(url: str) -> None:
     """Delete the object at ``url`` (no error if it is absent)."""
     bucket, key = split_s3_url(url)
-    try:
+    with remote_errors(url, 'write'):
         s3_client().delete_object(Bucket=bucket, Key=key)
-    except Exception as e:
-        err = describe_remote_error(e, url, 'write')
-        if err is None:
-            raise
-        raise err from None
 
 
 # Failures worth another attempt: the endpoint is down, frozen, overloaded or throttling.
@@ -256,11 +260,9 @@ def download_s3_file(url: str, local: str, *, attempts: int = 6, timeout: float 
         except Exception as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            if not _is_transient(e):
-                err = describe_remote_error(e, url, 'download')
-                if err is None:
+            if not _is_transient(e):  # credentials, a missing object: fail at once, translated
+                with remote_errors(url, 'download'):
                     raise
-                raise err from None
             if attempt == attempts:
                 raise RemoteAccessError(redact(
                     f'cannot download {url}: the S3 endpoint {_endpoint()} did not answer in {attempts} attempts over '
