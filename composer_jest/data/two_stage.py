@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 from composer_jest.models.flexi import scoring_image_size, scoring_patch_size  # noqa: F401  (re-exported)
+from composer_jest.models.preprocess import eval_transform  # re-exported: the loaders' one-stage transform
 
 __all__ = ['open_rgb', 'scoring_image_size', 'scoring_patch_size', 'eval_transform', 'scoring_thumbnail',
            'ScoringTransform', 'RandomResizedCropFlip', 'FullResDecoder', 'DECODE_DEVICES', 'SCORING_COLUMN']
@@ -82,16 +83,6 @@ def scoring_thumbnail(image: Image.Image, side: int, quality: int = 90) -> bytes
     buf = io.BytesIO()
     image.save(buf, 'JPEG', quality=quality)
     return buf.getvalue()
-
-
-def eval_transform(preprocess: dict[str, Any], image_size: Optional[int] = None) -> Callable:
-    """open_clip's eval transform for an image tower's ``preprocess_cfg``, at ``image_size`` (default: its own)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: PLC0415
-
-    cfg = dict(preprocess)
-    if image_size is not None:
-        cfg['size'] = (image_size, image_size)
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 class ScoringTransform:

@@ -28,6 +28,7 @@ from composer_jest.core.objectives import Objective, build_objective
 from composer_jest.models import packed
 from composer_jest.models.flexi import check_patch_size, vit_head, vit_tokens
 from composer_jest.models.negatives import NegativesQueue
+from composer_jest.models.preprocess import eval_transform
 from composer_jest.models.text_buckets import (
     DEFAULT_TEXT_BUCKET_OVERHEAD,
     DEFAULT_TEXT_BUCKETS,
@@ -82,9 +83,7 @@ def build_clip(spec: ModelSpec, pretrained: Optional[str] = None, field: str = '
 
 def eval_image_transform(clip: nn.Module) -> Callable:
     """open_clip's eval transform from the image tower's own ``preprocess_cfg`` (size, mean/std, resize)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: PLC0415
-
-    return image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
+    return eval_transform(clip.visual.preprocess_cfg)
 
 
 def tokenizer_for(spec: ModelSpec, clip: nn.Module):
