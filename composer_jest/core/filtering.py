@@ -31,9 +31,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ['SCORES', 'reference_scores', 'keep_count', 'keep_indices']
+__all__ = ['SCORES', 'SCORE_COLUMN', 'reference_scores', 'keep_count', 'keep_indices']
 
 SCORES = ('clip', 'sigmoid')
+# The column ``composer-jest filter`` adds to the kept rows: each example's score (float64).
+SCORE_COLUMN = 'filter_score'
 
 
 def _as_float(name: str, value: Optional[torch.Tensor | float]) -> float:

@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     'train': 'composer_jest.run.train',
     'convert': 'composer_jest.data.convert',
     'embed-reference': 'composer_jest.jest.embed_reference',
+    'filter': 'composer_jest.run.filter',
 }
 
 
