@@ -79,48 +79,61 @@ def describe_remote_error(exc: BaseException, remote: str, action: str = 'read')
     Returns ``None`` when ``exc`` is not an object-store failure (so callers can re-raise it as is).
     """
     try:
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+        import botocore.exceptions  # noqa: F401
     except ImportError:  # pragma: no cover - boto3 is a dependency
         return None
-    endpoint = _endpoint()
     chain, seen = [], exc
     while seen is not None and len(chain) < 8:  # the botocore error may be wrapped (e.g. by streaming's retry)
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     for err in chain:
-        if isinstance(err, EndpointConnectionError) or (
-            isinstance(err, BotoCoreError) and 'connect' in type(err).__name__.lower()
-        ):
-            msg = f'cannot {action} {remote}: the S3 endpoint {endpoint} is unreachable ({type(err).__name__}).'
-            return RemoteAccessError(redact(msg + ' Check S3_ENDPOINT_URL and the network.'))
-        if isinstance(err, NoCredentialsError):
-            return RemoteAccessError(
-                f'cannot {action} {remote}: no AWS credentials found; set AWS_ACCESS_KEY_ID and '
-                f'AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment. Endpoint: {endpoint}.',
-            )
-        if isinstance(err, ClientError):
-            code = str(err.response.get('Error', {}).get('Code', ''))
-            status = str(err.response.get('ResponseMetadata', {}).get('HTTPStatusCode', ''))
-            if code in _AUTH_CODES or status == '403':
-                return RemoteAccessError(
-                    f'cannot {action} {remote}: access denied by {endpoint} (error {code or status}). The credentials '
-                    'from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, values not shown) are wrong '
-                    'or lack permission for this bucket.',
-                )
-            if (code in _NOT_FOUND_CODES or status == '404') and action == 'write':
-                return RemoteAccessError(
-                    f'cannot write {remote}: the bucket does not exist at {endpoint} (error {code or status}); '
-                    'create it first (e.g. `aws s3 mb s3://BUCKET --endpoint-url $S3_ENDPOINT_URL`).',
-                )
-            if code in _NOT_FOUND_CODES or status == '404':
-                return RemoteAccessError(
-                    f'cannot {action} {remote}: not found at {endpoint} (error {code or status}); check the bucket '
-                    'and prefix (an MDS dataset needs an index.json, written by `composer-jest convert`).',
-                )
-            return RemoteAccessError(redact(f'cannot {action} {remote} at {endpoint}: {code or status}: {err}'))
-        if isinstance(err, BotoCoreError):
-            return RemoteAccessError(redact(f'cannot {action} {remote} at {endpoint}: {type(err).__name__}: {err}'))
+        translated = _translate(err, remote, action, _endpoint())
+        if translated is not None:
+            return translated
     return None
+
+
+def _translate(err: BaseException, remote: str, action: str, endpoint: str) -> Optional[RemoteAccessError]:
+    """One botocore exception as a :class:`RemoteAccessError` (``None`` if ``err`` is not one)."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    if isinstance(err, EndpointConnectionError) or (
+        isinstance(err, BotoCoreError) and 'connect' in type(err).__name__.lower()
+    ):
+        msg = f'cannot {action} {remote}: the S3 endpoint {endpoint} is unreachable ({type(err).__name__}).'
+        return RemoteAccessError(redact(msg + ' Check S3_ENDPOINT_URL and the network.'))
+    if isinstance(err, NoCredentialsError):
+        return RemoteAccessError(
+            f'cannot {action} {remote}: no AWS credentials found; set AWS_ACCESS_KEY_ID and '
+            f'AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment. Endpoint: {endpoint}.',
+        )
+    if isinstance(err, ClientError):
+        return _client_error(err, remote, action, endpoint)
+    if isinstance(err, BotoCoreError):
+        return RemoteAccessError(redact(f'cannot {action} {remote} at {endpoint}: {type(err).__name__}: {err}'))
+    return None
+
+
+def _client_error(err: Any, remote: str, action: str, endpoint: str) -> RemoteAccessError:
+    """A ``ClientError`` (the store answered with an error code): denied, missing bucket/object, or other."""
+    code = str(err.response.get('Error', {}).get('Code', ''))
+    status = str(err.response.get('ResponseMetadata', {}).get('HTTPStatusCode', ''))
+    if code in _AUTH_CODES or status == '403':
+        return RemoteAccessError(
+            f'cannot {action} {remote}: access denied by {endpoint} (error {code or status}). The credentials '
+            'from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, values not shown) are wrong '
+            'or lack permission for this bucket.',
+        )
+    if (code in _NOT_FOUND_CODES or status == '404') and action == 'write':
+        return RemoteAccessError(
+            f'cannot write {remote}: the bucket does not exist at {endpoint} (error {code or status}); '
+            'create it first (e.g. `aws s3 mb s3://BUCKET --endpoint-url $S3_ENDPOINT_URL`).',
+        )
+    if code in _NOT_FOUND_CODES or status == '404':
+        return RemoteAccessError(
+            f'cannot {action} {remote}: not found at {endpoint} (error {code or status}); check the bucket '
+            'and prefix (an MDS dataset needs an index.json, written by `composer-jest convert`).',
+        )
+    return RemoteAccessError(redact(f'cannot {action} {remote} at {endpoint}: {code or status}: {err}'))
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -24,7 +24,6 @@ from composer_jest.data.convert.writer import (
     ConversionError,
     ConvertSummary,
     MDSOptions,
-    Record,
     write_mds,
 )
 
@@ -79,35 +78,40 @@ def convert_folder(
         raise FileNotFoundError(f'captions file not found: {captions}')
     if not images_dir.is_dir():
         raise FileNotFoundError(f'images folder not found: {images_dir}')
+    rows, total = _caption_rows(captions, encoding, image_column, caption_column, label_column, *kept)
+    fields = RowFields(image_column, caption_column, label_column, kept, scoring_side)
+    records = ((key, _folder_loader(key, row, images_dir, fields, image_encoding)) for key, row in rows)
+    return write_mds(records, out, fields.columns(image_encoding), skip_bad=skip_bad, options=options, total=total,
+                     captions=captions_check)
+
+
+def _caption_rows(captions: Path, encoding: str, *required: Optional[str]) -> tuple[Iterator[tuple[str, Any]], int]:
+    """``(key, row)`` of the captions file (``key`` = ``file:line``; a row that is not valid JSON is the
+    :class:`BadSampleError` to raise when loaded) and their number; ``required`` CSV columns must be in the header."""
     suffix = captions.suffix.lower()
     if suffix == '.csv':
-        rows, total = _csv_rows(captions, encoding, image_column, caption_column, label_column, *kept)
-    elif suffix in ('.jsonl', '.json'):
-        rows, total = _jsonl_rows(captions, encoding)
-    else:
-        raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
-    fields = RowFields(image_column, caption_column, label_column, kept, scoring_side)
+        return _csv_rows(captions, encoding, *required)
+    if suffix in ('.jsonl', '.json'):
+        return _jsonl_rows(captions, encoding)
+    raise ValueError(f'captions must be a .csv or .jsonl file, got {captions}')
 
-    def record(row_key: str, row: Any) -> Record:
-        def load() -> dict:
-            if isinstance(row, Exception):
-                raise row
-            for name in (image_column, caption_column):
-                if name not in row:
-                    raise BadSampleError(row_key, f'missing column {name!r} (has {sorted(row)})')
-            rel = str(row[image_column] or '').strip()
-            if not rel:
-                raise BadSampleError(row_key, f'empty {image_column!r}')
-            path = images_dir / rel
-            image = decode_image(f'{row_key} ({path})', path=path)
-            raw = path.read_bytes() if keeps_source_bytes(image_encoding) else None
-            return row_sample(row_key, row, encode_image(image, raw, image_encoding), fields, f'{row_key} ({path})',
-                               decoded=image)
-        return row_key, load
 
-    return write_mds((record(k, r) for k, r in rows), out, fields.columns(image_encoding), skip_bad=skip_bad,
-                     options=options, total=total, captions=captions_check)
-
+def _folder_loader(key: str, row: Any, images_dir: Path, fields: RowFields, image_encoding: str) -> Callable[[], dict]:
+    """``load()`` of one captions-file row: read and decode its image file, then the row's fields."""
+    def load() -> dict:
+        if isinstance(row, Exception):
+            raise row
+        for name in (fields.image, fields.caption):
+            if name not in row:
+                raise BadSampleError(key, f'missing column {name!r} (has {sorted(row)})')
+        rel = str(row[fields.image] or '').strip()
+        if not rel:
+            raise BadSampleError(key, f'empty {fields.image!r}')
+        path = images_dir / rel
+        image = decode_image(f'{key} ({path})', path=path)
+        raw = path.read_bytes() if keeps_source_bytes(image_encoding) else None
+        return row_sample(key, row, encode_image(image, raw, image_encoding), fields, f'{key} ({path})', decoded=image)
+    return load
 
 
 def _read_text(path: Path, encoding: str) -> str:
