@@ -253,6 +253,27 @@ class ImageTextStreamingDataset(StreamingDataset):
         encoded = (ENCODED_IMAGE_KEY,) if self.two_stage_size is not None else ()
         self.batch_keys = (IMAGE_KEY, TEXT_KEY, INDEX_KEY, *self.extra_columns, *caption, *encoded)
 
+    # -- resumption ---------------------------------------------------------------------------------
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """streaming's resumption state, with the epoch boundary fixed: after a finished epoch ``e`` it names
+        epoch ``e + 1`` at sample 0 (streaming names epoch ``e`` at sample 0, which replays epoch ``e``).
+
+        Upstream cause: Composer's ``State._dataset_state_dict`` calls ``dataset.state_dict(sample_in_epoch,
+        from_beginning=True)``; at ``Event.EPOCH_CHECKPOINT`` its timestamp has moved to epoch ``e + 1`` and
+        ``sample_in_epoch`` is 0, while streaming's ``StreamingDataset.state_dict`` records ``epoch =
+        next_epoch - 1`` (the epoch it last iterated, ``e``) with ``sample_in_epoch = 0``: a run resumed from an
+        ``ep{e+1}-ba…`` checkpoint streams epoch ``e``'s order again and stays an epoch behind Composer.
+        Mid-epoch checkpoints (``num_samples > 0``) are left as streaming writes them.
+
+        An epoch is over exactly when Composer counts 0 samples in it and streaming has started iterating it
+        (``next_epoch > epoch``: streaming bumps ``next_epoch`` when an epoch's iteration begins; before that,
+        e.g. a checkpoint right after a resume, the recorded epoch is still the one to stream).
+        """
+        state = super().state_dict(num_samples, from_beginning)
+        if from_beginning and num_samples == 0 and self.next_epoch > state['epoch'] >= 0:
+            state['epoch'] += 1
+        return state
+
     # -- samples ------------------------------------------------------------------------------------
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         """Sample ``sample_id`` decoded and preprocessed (``dataset[i]`` calls this)."""

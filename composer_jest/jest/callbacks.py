@@ -12,7 +12,7 @@ from composer.utils import dist
 
 from composer_jest.jest.algorithm import JEST
 
-__all__ = ['SelectionLog']
+__all__ = ['SelectionLog', 'keep_steps_before']
 
 
 class SelectionLog(Callback):
@@ -21,6 +21,11 @@ class SelectionLog(Callback):
     Each line holds ``step``, ``index`` (the dataset ``index`` column of the trained batch, when
     present), ``global_indices`` (JEST's draw over the gathered super-batch in ``global`` scope, or the
     local draw) and ``loss``. Files: ``{folder}/selection-rank{rank}.jsonl``.
+
+    Each step is in the file once: at fit start the file keeps only the steps before the run's first step
+    (``step < timestamp.batch``: those a resumed checkpoint holds; steps a killed attempt logged after its last
+    checkpoint run again and are written again), and a fresh run starts an empty file. A resume on fewer ranks
+    leaves the files of the ranks that no longer exist as they were.
 
     Args:
         folder: output folder (created).
@@ -35,6 +40,7 @@ class SelectionLog(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, f'selection-rank{dist.get_global_rank()}.jsonl')
+        keep_steps_before(path, int(state.timestamp.batch))
         self._file = open(path, 'a', encoding='utf-8')  # noqa: SIM115 (closed in fit_end/close)
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
@@ -63,3 +69,23 @@ class SelectionLog(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def keep_steps_before(path: str, step: int) -> None:
+    """Rewrite the JSON-lines log at ``path`` keeping only the records with ``record['step'] < step`` (a missing
+    file stays missing). A torn last line (a process killed mid-write) is dropped."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get('step', step) < step:
+                kept.append(line if line.endswith('\n') else line + '\n')
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
