@@ -16,8 +16,8 @@ import re
 import sys
 from typing import Any, Optional, TextIO
 
-from composer.core import State
 from composer.callbacks import CheckpointSaver
+from composer.core import State
 from composer.loggers import FileLogger, Logger, LoggerDestination
 from composer.utils import dist
 
