@@ -1,8 +1,12 @@
 """Data: the path a user's data takes (convert → MDS shards → stream super-batches), and demo sets.
 
-``convert.py`` (folder, webdataset → MDS), ``remote.py`` (S3 access), ``streaming.py`` (verified shards →
-super-batches) are the real path; ``demo/`` holds the built-in generated sets (shapes, Fashion-MNIST captions and
-its web-like variant) used by the quickstart, the tests and the benchmarks.
+``convert/`` (one module per source — folder, webdataset, parquet, demo sets — over one shared MDS writer,
+``convert/writer.py``: atomic publish, local or ``s3://``), ``remote.py`` (S3 access and the one translation of
+object-store failures, ``remote_errors``), ``streaming.py`` (verified shards → super-batches) and ``two_stage.py``
+(decode the selected examples only) are the real path; ``demo/`` holds the built-in generated sets (shapes,
+Fashion-MNIST captions and its web-like variant) used by the quickstart, the tests and the benchmarks.
+
+May import ``core`` and ``models`` (e.g. the eval transform, FlexiViT sizes); never ``jest`` or ``run``.
 
 The conversion and streaming names are imported lazily (on first use): ``import streaming`` pulls in
 ``transformers`` and takes seconds, which ``composer_jest.data.demo.shapes`` users should not pay.
@@ -17,7 +21,8 @@ _LAZY = {
     # conversion (`composer-jest convert`)
     'ConvertSummary': 'convert', 'MDSOptions': 'convert', 'BadSampleError': 'convert', 'ConversionError': 'convert',
     'convert_folder': 'convert', 'convert_webdataset': 'convert', 'convert_shapes': 'convert',
-    'convert_fashion_mnist': 'convert', 'convert_demo': 'convert', 'write_mds': 'convert',
+    'convert_fashion_mnist': 'convert', 'convert_demo': 'convert', 'write_mds': 'convert', 'write_rows': 'convert',
+    'convert_parquet': 'convert',
     # reading
     'ImageTextStreamingDataset': 'streaming', 'ShardError': 'streaming', 'build_streaming_dataloader': 'streaming',
     'RemoteAccessError': 'remote',

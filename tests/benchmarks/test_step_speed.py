@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from composer import Trainer
 from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledAdamW
+from model_helpers import captions
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,18 +26,6 @@ from composer_jest.models.flops import (
 )
 from composer_jest.models.text_buckets import bucket_plan, caption_lengths, encoded_positions, length_histogram
 from composer_jest.run.optim import FusedDecoupledAdamW
-
-
-def captions(n: int, context: int, vocab: int, seed: int, lengths=None) -> torch.Tensor:
-    """Token ids with the EOT (the largest id) at position ``length - 1`` and zero padding after it."""
-    g = torch.Generator().manual_seed(seed)
-    if lengths is None:
-        lengths = torch.randint(2, context + 1, (n,), generator=g).tolist()
-    text = torch.zeros(n, context, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        text[i, :length - 1] = torch.randint(1, vocab - 1, (length - 1,), generator=g)
-        text[i, length - 1] = vocab - 1
-    return text
 
 
 def brute_force_plan_cost(counts: list[int], k: int, overhead: float = 0) -> float:

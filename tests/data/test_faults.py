@@ -20,8 +20,8 @@ import warnings
 import pytest
 import torch
 from composer import Callback, Trainer
-from conftest import fit, make_model
 from convert_helpers import QUIET, _make_folder, _read, _write_csv
+from model_helpers import fit, make_model
 from s3_server import S3Endpoint, moto_server, s3_endpoint, start_moto_server, streaming_shm, unreachable_url  # noqa: F401
 from streaming import StreamingDataset
 

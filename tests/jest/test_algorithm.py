@@ -115,7 +115,7 @@ def test_subbatch_size_and_state_dict_contents():
 
 def test_patch_sizes_are_checked_against_the_model_before_training(tokenizer):
     from composer import Trainer
-    from conftest import make_model
+    from model_helpers import make_model
 
     from composer_jest.data import shapes_dataloader
 
@@ -138,7 +138,7 @@ def test_track_keys_accepts_a_single_name():
 def test_cached_columns_beside_a_live_reference_warn_once():
     import warnings
 
-    from conftest import make_model
+    from model_helpers import make_model
 
     from composer_jest.core.batch import CACHED_REFERENCE_KEYS
 

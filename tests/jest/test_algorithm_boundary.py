@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 from composer.core import Event
 from composer.devices import DeviceCPU
-from conftest import make_model
+from model_helpers import make_model
 
 from composer_jest import JEST
 

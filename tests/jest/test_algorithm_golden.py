@@ -19,7 +19,7 @@ import pytest
 import torch
 from composer.core import Event
 from composer.devices import DeviceCPU
-from conftest import make_model
+from model_helpers import make_model
 
 import composer_jest.jest.algorithm as algorithm_module
 from composer_jest import JEST

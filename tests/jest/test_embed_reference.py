@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import fit, make_model, series
+from model_helpers import fit, make_model, series
 
 from composer_jest import JEST, jest_select
 from composer_jest.core.batch import CACHED_REFERENCE_KEYS

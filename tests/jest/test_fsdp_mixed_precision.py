@@ -19,7 +19,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from composer.core import Event
 from composer.devices import DeviceCPU
-from conftest import make_model
+from model_helpers import make_model
 
 from composer_jest import JEST
 from composer_jest.jest.reference import load_reference

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from composer.core import Event
-from conftest import make_model
+from model_helpers import make_model
 from test_algorithm_boundary import N, _batch, _Logger, _state
 from test_objectives import SPECS, plain_loss
 

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
+from model_helpers import make_model
 
 from composer_jest import CLIPModel, load_reference
 from composer_jest.models.clip import RetrievalRecall, ZeroShotAccuracy

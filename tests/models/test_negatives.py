@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from composer.core import Event
-from conftest import fit, make_model
+from model_helpers import fit, make_model
 from test_algorithm_boundary import N, _batch, _Logger, _state
 from test_objectives import plain_loss
 

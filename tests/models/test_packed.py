@@ -8,11 +8,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import captions
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from composer_jest.models import packed
 from composer_jest.models.clip import CLIPModel, CLIPTowers
-from tests.benchmarks.test_step_speed import captions
 
 MATMULS = ('aten.mm', 'aten.addmm')
 

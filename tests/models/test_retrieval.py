@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from model_helpers import make_model
 
 from composer_jest.models.clip import RetrievalRecall, caption_groups
 

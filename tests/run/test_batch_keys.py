@@ -54,7 +54,7 @@ def test_mds_columns_are_checked_at_build_naming_the_convert_option(tmp_path, st
 
 def test_a_missing_track_key_at_the_first_step_lists_the_batch_keys(tokenizer):
     from composer import Trainer
-    from conftest import make_model
+    from model_helpers import make_model
 
     from composer_jest import JEST
     from composer_jest.data import shapes_dataloader

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from composer import Trainer
-from conftest import make_model
+from model_helpers import make_model
 from s3_server import moto_server, s3_endpoint, streaming_shm  # noqa: F401  (pytest fixtures)
 
 from composer_jest.data.convert import MDSOptions, convert_shapes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
-from conftest import eval_metrics, fit, make_model, series
+from model_helpers import eval_metrics, fit, make_model, series
 
 from composer_jest import JEST
 from composer_jest.data import shapes_dataloader

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import fit, make_model
+from model_helpers import fit, make_model
 from torch.utils.data import DataLoader
 
 from composer_jest import JEST
