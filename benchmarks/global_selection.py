@@ -6,7 +6,8 @@ payload for the other ``W - 1`` ranks (same shapes and allocation as a real all-
 change the cost). The bytes a rank *receives* per step are summed over the gather calls (exact for this
 algorithm) and modelled at ``--link-gbps`` GB/s.
 
-* ``blockwise``: :func:`composer_jest.core.scoring.jest_select` with ``rank=0, world_size=W``.
+* ``blockwise``: the package's selection step, :func:`composer_jest.core.step.select_step` with
+  ``scope='global', rank=0, world_size=W`` (``jest_select`` plus the step's one host sync).
 * ``dense``: what every rank did before (commit 0d38a3f): all-gather all ``N_g = W N_local`` features, build
   both ``N_g x N_g`` pair-loss matrices, draw with ``joint_sample(n_groups=W)`` and compute the statistics from
   the matrix; run only where ``N_g <= --dense-max-ng``.
@@ -32,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from composer_jest.core.losses import sigmoid_pair_loss
-from composer_jest.core.scoring import jest_select, selection_flops
+from composer_jest.core.scoring import selection_flops
 from composer_jest.core.selection import batch_score, joint_sample, score_matrix
+from composer_jest.core.step import SelectionSettings, select_step
 
 
 def _rss_kib(field: str) -> int:
@@ -77,14 +79,20 @@ def dense_share(learner: dict, reference: dict, world: int, b_local: int, n_chun
     return idx, float(diag.mean() + (b - 1) * off), float(batch_score(scores, idx) / b)
 
 
+def blockwise_share(learner: dict, reference: dict, loss: str, world: int, args, gather: FakeAllGather, seed: int):
+    """Rank 0's share of a global selection, through :func:`select_step` (features given: nothing to score)."""
+    settings = SelectionSettings(filter_ratio=1 - args.b_local / args.n_local, n_chunks=args.n_chunks, loss=loss,
+                                 scope='global')
+    return select_step({}, settings, torch.Generator().manual_seed(seed), learner=learner, reference=reference,
+                       rank=0, world_size=world, all_gather=gather)
+
+
 def run_one(mode: str, loss: str, world: int, args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     learner, reference = (features(args.n_local, args.dim, seed, device) for seed in (1, 2))
     if device.type == 'cuda' and mode == 'blockwise':  # untimed warmup: CUDA/cuBLAS init, kernel loading
-        jest_select(learner, reference, args.b_local, loss=loss, n_chunks=args.n_chunks,
-                    generator=torch.Generator().manual_seed(1), rank=0, world_size=world,
-                    all_gather=FakeAllGather(world))
+        blockwise_share(learner, reference, loss, world, args, FakeAllGather(world), seed=1)
     gather = FakeAllGather(world)
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -97,11 +105,9 @@ def run_one(mode: str, loss: str, world: int, args) -> dict:
     if mode == 'blockwise':
         if device.type == 'cuda' and args.sync_debug:  # any implicit host<->device sync inside raises
             torch.cuda.set_sync_debug_mode('error')
-        sel = jest_select(learner, reference, args.b_local, loss=loss, n_chunks=args.n_chunks,
-                          generator=torch.Generator().manual_seed(0), rank=0, world_size=world, all_gather=gather)
+        stats = blockwise_share(learner, reference, loss, world, args, gather, seed=0).stats
         if device.type == 'cuda':
             torch.cuda.set_sync_debug_mode('default')
-        stats = {k: float(v) for k, v in sel.stats.items()}
     else:
         _, uniform, selected = dense_share(learner, reference, world, args.b_local, args.n_chunks, gather)
         stats = {'learnability_superbatch': uniform, 'learnability_selected': selected}

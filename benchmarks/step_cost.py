@@ -70,8 +70,8 @@ from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
 from composer_jest.core.batch import CACHED_REFERENCE_KEYS
-from composer_jest.core.scoring import jest_select
 from composer_jest.core.selection import joint_sample
+from composer_jest.core.step import SelectionSettings, select_step
 from composer_jest.jest.algorithm import JEST
 from composer_jest.models.clip import CLIPModel
 from composer_jest.models.flops import bucketed_text_flops, step_flops
@@ -391,11 +391,13 @@ def time_sampler(
     sizes: list[int], device: torch.device, embed_dim: int, reps: int, select_max_n: int,
     compile_options: Optional[dict] = None,
 ) -> list[dict[str, Any]]:
-    """Median time of ``joint_sample`` (N x N random scores) and of the whole ``jest_select`` per N.
+    """Median time of ``joint_sample`` (N x N random scores) and of the whole selection step per N.
 
-    ``jest_select`` (blockwise learner and reference scores, sampler, logged statistics; no ``N x N``
-    temporary) is skipped above ``select_max_n``. With ``compile_options``, ``jest_select(compile=...)`` is
-    timed too (after 3 untimed calls: compilation, CUDA-graph recording) and must pick what eager picks.
+    The step is the package's own :func:`~composer_jest.core.step.select_step` on given learner and reference
+    features (``jest_select``'s blockwise scores, sampler and logged statistics, no ``N x N`` temporary, plus the
+    step's one host sync); skipped above ``select_max_n``. With ``compile_options``, the step with
+    ``SelectionSettings(compile=...)`` is timed too (after 3 untimed calls: compilation, CUDA-graph recording) and
+    must pick what eager picks.
     """
     rows = []
     for n in sizes:
@@ -414,7 +416,7 @@ def time_sampler(
             _sync(device)
             t1 = time.perf_counter()
             if with_select:
-                jest_select(learner, reference, n_select, n_chunks=16, generator=sampler_gen)
+                select_step({}, _step_settings(n, n_select), sampler_gen, learner=learner, reference=reference)
                 _sync(device)
             t2 = time.perf_counter()
             if rep:  # the first repetition is warmup
@@ -430,21 +432,28 @@ def time_sampler(
     return rows
 
 
+def _step_settings(n: int, n_select: int, compile_options: Optional[dict] = None) -> SelectionSettings:
+    """The selection settings of the timed step: ``n_select`` of ``n``, 16 chunks, the sigmoid loss."""
+    return SelectionSettings(filter_ratio=1 - n_select / n, n_chunks=16, loss='sigmoid', compile=compile_options)
+
+
 def _time_compiled_select(learner, reference, n_select: int, device: torch.device, reps: int,
                           options: dict) -> float:
-    """Median ms of ``jest_select(compile=options)``; raises if it picks other examples than eager."""
+    """Median ms of the compiled selection step; raises if it picks other examples than eager."""
     times = []
+    n = learner['image_features'].shape[0]
     for rep in range(reps + 3):
-        eager = jest_select(learner, reference, n_select, n_chunks=16, generator=torch.Generator().manual_seed(rep))
+        eager = select_step({}, _step_settings(n, n_select), torch.Generator().manual_seed(rep), learner=learner,
+                            reference=reference)
         _sync(device)
         t0 = time.perf_counter()
-        picked = jest_select(learner, reference, n_select, n_chunks=16, generator=torch.Generator().manual_seed(rep),
-                             compile=options)
+        picked = select_step({}, _step_settings(n, n_select, options), torch.Generator().manual_seed(rep),
+                             learner=learner, reference=reference)
         _sync(device)
         if rep >= 3:
             times.append(1e3 * (time.perf_counter() - t0))
         if not torch.equal(picked.indices, eager.indices):
-            raise AssertionError(f'compiled jest_select ({options}) picked other examples than eager at rep {rep}')
+            raise AssertionError(f'compiled selection step ({options}) picked other examples than eager at rep {rep}')
     return statistics.median(times)
 
 

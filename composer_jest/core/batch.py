@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import torch
 
-__all__ = ['IMAGE_KEY', 'TEXT_KEY', 'INDEX_KEY', 'LABEL_KEY', 'ENCODED_IMAGE_KEY', 'CACHED_REFERENCE_KEYS',
-           'superbatch_size', 'subbatch_size', 'subset_batch', 'loader_batch_keys', 'check_train_batches']
+__all__ = ['IMAGE_KEY', 'TEXT_KEY', 'INDEX_KEY', 'LABEL_KEY', 'ENCODED_IMAGE_KEY', 'CACHED_REFERENCE_KEYS', 'Features',
+           'check_filter_ratio', 'superbatch_size', 'subbatch_size', 'subset_batch', 'loader_batch_keys',
+           'check_train_batches']
 
 IMAGE_KEY, TEXT_KEY, INDEX_KEY, LABEL_KEY = 'image', 'text', 'index', 'label'
 # Two-stage decoding (composer_jest.data.two_stage): the encoded image file of each example, decoded in full only
@@ -30,7 +31,20 @@ ENCODED_IMAGE_KEY = 'image_bytes'
 CACHED_REFERENCE_KEYS = ('ref_image_features', 'ref_text_features', 'ref_logit_scale', 'ref_logit_bias')
 
 
-def _check_filter_ratio(filter_ratio: float) -> None:
+class Features(TypedDict, total=False):
+    """One model's view of a super-batch: what a CLIP forward returns, what the scorers and objectives read.
+
+    A model with a negatives queue adds the ``QUEUE_KEYS`` of :mod:`composer_jest.core.objectives`.
+    """
+
+    image_features: torch.Tensor  # [N, d], L2-normalised
+    text_features: torch.Tensor  # [N, d], L2-normalised
+    logit_scale: torch.Tensor | float  # the scale t itself (not its log)
+    logit_bias: Optional[torch.Tensor | float]  # b (sigmoid loss only)
+
+
+def check_filter_ratio(filter_ratio: float) -> None:
+    """Raise ``ValueError`` unless ``filter_ratio`` is a float in ``[0, 1)`` (the one check of ``f``)."""
     if isinstance(filter_ratio, bool) or not (isinstance(filter_ratio, (int, float)) and 0.0 <= filter_ratio < 1.0):
         raise ValueError(f'filter_ratio must be a float in [0, 1), got {filter_ratio!r}')
 
@@ -48,7 +62,7 @@ def superbatch_size(batch_size: int, filter_ratio: float) -> int:
     """  # noqa: E501
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f'batch_size must be a positive int (the per-rank train batch), got {batch_size!r}')
-    _check_filter_ratio(filter_ratio)
+    check_filter_ratio(filter_ratio)
     n = batch_size / (1.0 - filter_ratio)
     if abs(n - round(n)) <= 1e-6:
         return int(round(n))
@@ -69,7 +83,7 @@ def subbatch_size(superbatch: int, filter_ratio: float) -> int:
         >>> subbatch_size(320, 0.8), subbatch_size(3, 0.9)
         (64, 1)
     """
-    _check_filter_ratio(filter_ratio)
+    check_filter_ratio(filter_ratio)
     return max(1, int(round(superbatch * (1.0 - filter_ratio))))
 
 

@@ -1,14 +1,14 @@
 """What JEST needs from the learner: a declared contract instead of attribute guessing.
 
 :class:`~composer_jest.models.clip.CLIPModel` implements it; a user's own ``ComposerModel`` can too, and then trains
-with JEST unchanged (see ``tests/test_contract.py`` for a minimal one that is not open_clip).
+with JEST unchanged (see ``tests/core/test_contract.py`` for a minimal one that is not open_clip).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional, Protocol, runtime_checkable
 
-from composer_jest.core.scoring import Features
+from composer_jest.core.batch import Features
 
 __all__ = ['ScoringModel', 'scoring_model']
 

@@ -55,13 +55,13 @@ import catalogue
 import torch
 import torch.nn.functional as F
 
+from composer_jest.core.batch import Features
+
 __all__ = ['LOSS_REGISTRY', 'QUEUE_KEYS', 'QueueLogits', 'Objective', 'Sigmoid', 'Softmax', 'DCL',
            'HCL', 'Triplet', 'NPair', 'FalseNegatives', 'Negatives', 'AnchorScorer', 'build_objective', 'loss_names']
 
 LOSS_REGISTRY = catalogue.create('composer_jest', 'losses', entry_points=True)
 _NEG_INF = -math.inf
-
-Features = Mapping[str, Any]
 
 
 def loss_names() -> list[str]:

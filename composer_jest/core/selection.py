@@ -50,6 +50,8 @@ __all__ = [
     'draw_seed',
     'gumbel_noise',
     'selection_noise',
+    'validate_sizes',
+    'validate_temperature',
 ]
 
 # Which model's loss each score uses, and with which sign: S = sum_m w_m L_m (uniform: S = 0).
@@ -142,13 +144,14 @@ def chunk_sizes(n_select: int, n_chunks: int) -> list[int]:
 def _validate(scores: torch.Tensor, n_select: int, n_chunks: int = 1, n_groups: int = 1) -> None:
     if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f'scores must be a square N x N matrix, got shape {tuple(scores.shape)}')
-    _validate_sizes(scores.shape[0], n_select, n_chunks, n_groups)
+    validate_sizes(scores.shape[0], n_select, n_chunks, n_groups)
     # NaN/±inf propagate through a sum; only an overflowing sum falls through to the elementwise check.
     if not torch.isfinite(scores.sum()) and not torch.isfinite(scores).all():
         raise ValueError('scores must be finite (found NaN or inf); check the loss inputs')
 
 
-def _validate_sizes(n: int, n_select: int, n_chunks: int, n_groups: int) -> None:
+def validate_sizes(n: int, n_select: int, n_chunks: int, n_groups: int) -> None:
+    """Raise ``ValueError`` naming ``n_select``, ``n_chunks`` or ``n_groups`` if it does not fit ``N = n``."""
     if not isinstance(n_select, int) or not 1 <= n_select <= n:
         raise ValueError(f'n_select must be an int in [1, N={n}], got {n_select!r}')
     if not isinstance(n_chunks, int) or n_chunks < 1:
@@ -294,8 +297,8 @@ def blockwise_sample(
             then not used); drawn here when ``None``. Passing it keeps the rest free of host work (a compiled
             or graph-captured selection).
     """
-    _validate_sizes(scorer.num_items, quota, n_chunks, 1)
-    _validate_temperature(temperature)
+    validate_sizes(scorer.num_items, quota, n_chunks, 1)
+    validate_temperature(temperature)
     sizes = chunk_sizes(quota, n_chunks if joint else 1)
     if noise is None:
         noise = selection_noise(generator, group, quota, n_chunks, joint, scorer.num_items, scorer.initial().device)
@@ -363,8 +366,8 @@ def joint_sample(
         scorer: ConditionalScorer = PairScorer(scores)
     else:
         scorer = scores
-        _validate_sizes(scorer.num_items, n_select, n_chunks, n_groups)
-    _validate_temperature(temperature)
+        validate_sizes(scorer.num_items, n_select, n_chunks, n_groups)
+    validate_temperature(temperature)
     return _chunked_sample(scorer, n_select, n_chunks, generator, n_groups, temperature, joint=True)
 
 
@@ -390,11 +393,12 @@ def independent_sample(
         scorer: ConditionalScorer = PairScorer(scores)
     else:
         scorer = scores
-        _validate_sizes(scorer.num_items, n_select, 1, n_groups)
-    _validate_temperature(temperature)
+        validate_sizes(scorer.num_items, n_select, 1, n_groups)
+    validate_temperature(temperature)
     return _chunked_sample(scorer, n_select, 1, generator, n_groups, temperature, joint=False)
 
 
-def _validate_temperature(temperature: float) -> None:
+def validate_temperature(temperature: float) -> None:
+    """Raise ``ValueError`` unless ``temperature`` is a finite float > 0."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f'temperature must be a finite float > 0, got {temperature!r}')

@@ -19,6 +19,7 @@ from composer_jest.core.batch import (
     loader_batch_keys,
     superbatch_size,
 )
+from composer_jest.core.step import SelectionSettings
 from composer_jest.data.two_stage import FullResDecoder, RandomResizedCropFlip
 from composer_jest.jest.algorithm import JEST, jest_first
 from composer_jest.jest.reference import load_weights
@@ -103,8 +104,20 @@ def build_algorithms(cfg: DictConfig, missing_reference_ok: bool = False, full_r
     return sorted(algorithms, key=lambda a: not isinstance(a, JEST))
 
 
-def _filter_ratio(algorithms: list[Algorithm]) -> float:
-    return next((a.filter_ratio for a in algorithms if isinstance(a, JEST)), 0.0)
+def _jest_section(cfg: DictConfig) -> Optional[dict]:
+    """``algorithms.jest`` as a plain dict (``{}`` when it has no keys), or ``None`` for a run without JEST."""
+    section = _plain(cfg.algorithms) or {}
+    return dict(section['jest'] or {}) if 'jest' in section else None
+
+
+def config_filter_ratio(cfg: DictConfig) -> float:
+    """``f`` as the config says: ``algorithms.jest.filter_ratio`` (JEST's default if omitted), 0 without JEST.
+
+    Read from the config, never off a built :class:`JEST`: the loader is sized from it (``N = b / (1 - f)``, see
+    :func:`per_rank_batch_sizes`) and JEST is built with it, each from this one value.
+    """
+    section = _jest_section(cfg)
+    return 0.0 if section is None else section.get('filter_ratio', SelectionSettings.filter_ratio)
 
 
 def per_rank_batch_sizes(global_batch_size: int, filter_ratio: float, world_size: int) -> tuple[int, int]:
@@ -139,11 +152,13 @@ def build_components(cfg: DictConfig, world_size: Optional[int] = None,
     """Everything but the data loaders and the Trainer, built from the config.
 
     Returns ``model``, ``algorithms`` (JEST first), ``optimizer``, ``schedulers``, ``callbacks``, ``loggers``,
-    and the per-rank trained batch ``b`` and super-batch ``N``.
+    the per-rank trained batch ``b`` and super-batch ``N`` (both from the config's ``filter_ratio``), and
+    ``train_loader``: the train loader's config, with two-stage decoding's scoring image size resolved.
     """
     model = build_model(cfg.model)
-    algorithms = build_algorithms(cfg, missing_reference_ok, full_res=full_res_decoder(cfg.train_loader, model))
-    b, n = per_rank_batch_sizes(cfg.global_train_batch_size, _filter_ratio(algorithms),
+    train_loader = with_scoring_image_size(cfg.train_loader, model, _jest_section(cfg))
+    algorithms = build_algorithms(cfg, missing_reference_ok, full_res=full_res_decoder(train_loader, model))
+    b, n = per_rank_batch_sizes(cfg.global_train_batch_size, config_filter_ratio(cfg),
                                 world_size or dist.get_world_size())
     optimizer_cfg = dict(_plain(cfg.optimizer))
     optimizer = registry.build(registry.optimizers, optimizer_cfg.pop('name'), 'optimizer', model.parameters(),
@@ -156,7 +171,7 @@ def build_components(cfg: DictConfig, world_size: Optional[int] = None,
         'model': model, 'algorithms': algorithms, 'optimizer': optimizer, 'schedulers': schedulers,
         'callbacks': registry.build_section(registry.callbacks, 'callback', _plain(cfg.callbacks), 'callbacks'),
         'loggers': registry.build_section(registry.loggers, 'logger', _plain(cfg.loggers), 'loggers'),
-        'b': b, 'N': n,
+        'b': b, 'N': n, 'train_loader': train_loader,
     }
 
 
@@ -173,13 +188,18 @@ def full_res_decoder(cfg: DictConfig, model: CLIPModel) -> Optional[FullResDecod
                           augment=augment, seed=two.augment_seed, rank=dist.get_global_rank())
 
 
-def with_scoring_image_size(cfg: DictConfig, model: CLIPModel, algorithms: list[Algorithm]) -> DictConfig:
+def with_scoring_image_size(cfg: DictConfig, model: CLIPModel, jest: Optional[dict]) -> DictConfig:
     """A train loader config whose ``two_stage.scoring_image_size`` is set: the side at which the learner's native
-    patch gives ``algorithms.jest.learner_patch_size``'s token grid, unless given."""
+    patch gives ``learner_patch_size``'s token grid (``jest``: the ``algorithms.jest`` section), unless given.
+
+    Two-stage decoding is resolved once, from the config, before anything is built: this size goes to the loader
+    and the decoder (:func:`full_res_decoder`) to JEST; nothing is read back from either.
+    """
     if cfg.get('two_stage') is None or cfg.two_stage.scoring_image_size is not None:
         return cfg
-    jest = next(a for a in algorithms if isinstance(a, JEST))
-    size = model.scoring_image_size(jest.learner_patch_size)
+    if jest is None:
+        raise ValueError('train_loader.two_stage needs algorithms.jest (JEST selects between the two stages)')
+    size = model.scoring_image_size(jest.get('learner_patch_size'))
     return OmegaConf.merge(cfg, {'two_stage': {'scoring_image_size': size}})
 
 
@@ -198,8 +218,7 @@ def build_trainer(cfg: DictConfig, extra_loggers: Optional[list] = None) -> Trai
     reproducibility.seed_all(cfg.seed)
     built = build_components(cfg)
     model, b = built['model'], built['b']
-    train_cfg = with_scoring_image_size(cfg.train_loader, model, built['algorithms'])
-    train_loader = build_dataloader(train_cfg, model, built['N'], train=True)
+    train_loader = build_dataloader(built['train_loader'], model, built['N'], train=True)
     eval_loader = None
     if cfg.eval_loader is not None:
         eval_loader = build_dataloader(cfg.eval_loader, model, cfg.device_eval_batch_size, train=False)

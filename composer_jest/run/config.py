@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-__all__ = ['ModelConfig', 'TwoStageConfig', 'DataConfig', 'TrainConfig', 'load_config', 'batches_for_examples']
+__all__ = ['RECIPES', 'ModelConfig', 'TwoStageConfig', 'DataConfig', 'TrainConfig', 'load_config',
+           'batches_for_examples']
+
+#: The packaged recipes (``composer_jest/run/yamls``): ``composer-jest train RECIPE`` and the quickstart read them.
+RECIPES = Path(__file__).parent / 'yamls'
 
 
 @dataclass

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -33,15 +34,15 @@ from composer.utils import dist
 
 from composer_jest.core.contract import scoring_model
 from composer_jest.core.losses import sigmoid_pair_loss
-from composer_jest.core.scoring import jest_select
+from composer_jest.core.step import select_step
 from composer_jest.jest.algorithm import JEST
 from composer_jest.run.builders import build_trainer
-from composer_jest.run.config import load_config
+from composer_jest.run.config import RECIPES, load_config
 
 __all__ = ['STAGES', 'RunResult', 'run_stage', 'comparison_table', 'learnability_matrix', 'plot', 'run_comparison']
 
-RECIPES = Path(__file__).parent / 'yamls'
-#: (name, recipe) in the order they run; the JEST recipe reads the reference checkpoint the first one writes
+#: (name, recipe in :data:`~composer_jest.run.config.RECIPES`) in the order they run; the JEST recipe reads the
+#: reference checkpoint the first one writes
 STAGES = (('reference', 'quickstart_reference.yaml'), ('uniform', 'quickstart_uniform.yaml'),
           ('jest', 'quickstart.yaml'))
 ZERO_SHOT = 'metrics/eval/ZeroShotAccuracy'
@@ -150,10 +151,9 @@ def learnability_matrix(trainer, learner: Optional[torch.nn.Module] = None,
         learner = model.score_features(batch)
         reference = jest.reference(batch['image'], batch['text'])
     n = batch['image'].shape[0]
-    b = jest.subbatch_size(n)
-    picked = jest_select(learner, reference, b, score=jest.score, selection=jest.selection, loss='sigmoid',
-                         n_chunks=jest.n_chunks, temperature=jest.temperature,
-                         generator=torch.Generator().manual_seed(seed)).indices
+    settings = dataclasses.replace(jest.config, loss='sigmoid', scope='local', compile=None)
+    step = select_step(batch, settings, torch.Generator().manual_seed(seed), learner=learner, reference=reference)
+    picked, b = step.global_indices, step.indices.numel()  # one rank: positions, in draw order
     rest = torch.ones(n, dtype=torch.bool)
     rest[picked] = False
     order = torch.cat([picked, rest.nonzero().flatten()])

@@ -21,8 +21,6 @@ from composer.utils import dist
 from composer_jest.run.builders import build_trainer
 from composer_jest.run.config import load_config
 
-RECIPES = Path(__file__).parent / 'yamls'
-
 
 class MetricsSummary(LoggerDestination):
     """Keeps the last value and the running mean of every scalar metric, for the end-of-run table."""

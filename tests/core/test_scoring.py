@@ -20,7 +20,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from composer_jest.core import scoring
+from composer_jest.core import blockwise
 from composer_jest.core.losses import SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.core.objectives import build_objective
 from composer_jest.core.scoring import STAT_BLOCK, conditional_scorer, jest_select
@@ -178,7 +178,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> N
             return out
         return all_gather
 
-    scoring.BLOCK_ELEMENTS = 3 * N_LOCAL  # blocks of 3 gathered rows: the multi-block paths run too
+    blockwise.BLOCK_ELEMENTS = 3 * N_LOCAL  # blocks of 3 gathered rows: the multi-block paths run too
     try:
         pair = torch_dist.new_group([0, 1])  # every rank takes part in creating it
         results = {world: blockwise_all_cases(rank, world, gatherer(None, world), seed + world)}
@@ -209,7 +209,7 @@ def gloo_results() -> dict[int, list[list]]:
 def test_small_blocks_give_the_same_draws_and_statistics(monkeypatch):
     # one rank, every product split into blocks of 2 rows (sigmoid/softmax updates, normalisers, statistics)
     default = blockwise_all_cases(0, 1, None, 5)
-    monkeypatch.setattr(scoring, 'BLOCK_ELEMENTS', 2 * N_LOCAL)
+    monkeypatch.setattr(blockwise, 'BLOCK_ELEMENTS', 2 * N_LOCAL)
     for (selection, loss, score), small, big in zip(CASES, blockwise_all_cases(0, 1, None, 5), default):
         assert torch.equal(small[0], big[0]), (selection, loss, score)
         assert small[2] == pytest.approx(big[2], rel=1e-5, abs=1e-5)

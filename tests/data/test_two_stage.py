@@ -140,7 +140,10 @@ def test_trained_batch_is_full_res_of_selected(model_name, shards, tmp_path):
         assert torch.equal(batch[IMAGE_KEY], expected)
     assert jest.examples_trained == 16 and jest.examples_seen == 32
     # the learner scored the 32 px images at patch 8: the token grid of patch 16 on 64 px images
-    assert jest._two_stage_patch({IMAGE_KEY: first[IMAGE_KEY], ENCODED_IMAGE_KEY: first[ENCODED_IMAGE_KEY]}) == 8
+    from composer_jest.jest.full_res import two_stage_patch  # noqa: PLC0415
+
+    batch = {IMAGE_KEY: first[IMAGE_KEY], ENCODED_IMAGE_KEY: first[ENCODED_IMAGE_KEY]}
+    assert two_stage_patch(jest.full_res, batch, IMAGE_KEY, 16, jest.uses_reference, jest.score) == 8
 
 
 def test_stage_one_from_converted_thumbnails(model_name, jpegs, tmp_path):
@@ -221,7 +224,7 @@ def test_augmentation_resumes_exactly(model_name, jpegs):
 
 
 def test_config_two_stage(model_name, shards, tmp_path):
-    from composer_jest.run.builders import build_components, build_dataloader, with_scoring_image_size
+    from composer_jest.run.builders import build_components, build_dataloader
 
     yaml = tmp_path / 'run.yaml'
     yaml.write_text('algorithms:\n  jest: {score: hard_learner, filter_ratio: 0.5, learner_patch_size: 16, '
@@ -233,7 +236,7 @@ def test_config_two_stage(model_name, shards, tmp_path):
     built = build_components(cfg, world_size=1)
     jest = built['algorithms'][0]
     assert jest.full_res.threads == 2 and jest.full_res.augment is not None and jest.full_res.image_size == 64
-    loader_cfg = with_scoring_image_size(cfg.train_loader, built['model'], built['algorithms'])
+    loader_cfg = built['train_loader']  # with_scoring_image_size, from the config
     assert loader_cfg.two_stage.scoring_image_size == 32
     batch = next(iter(build_dataloader(loader_cfg, built['model'], built['N'], train=True)))  # the mds source
     assert batch[IMAGE_KEY].shape == (16, 3, 32, 32) and len(batch[ENCODED_IMAGE_KEY]) == 16

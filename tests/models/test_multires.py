@@ -111,7 +111,7 @@ def test_native_scoring_by_jest_does_not_split(model, batch):
     jest = JEST(score='hard_learner', learner_patch_size=None, loss='sigmoid')
     state = types.SimpleNamespace(model=model, precision='fp32', precision_config=None, fsdp_enabled=False)
     calls, handle = record_token_counts(model)
-    learner, _ = jest._features(state, batch)
+    learner, _ = jest._inputs(state, batch, 'image', 'text')
     handle.remove()
     assert calls == [(8, 17)]
     assert model.training  # restored after scoring
