@@ -19,7 +19,14 @@ from composer.core.passes import sort_to_front
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_jest.core.batch import CACHED_REFERENCE_KEYS, IMAGE_KEY, TEXT_KEY, check_train_batches, subset_batch
+from composer_jest.core.batch import (
+    CACHED_REFERENCE_KEYS,
+    IMAGE_KEY,
+    INDEX_KEY,
+    TEXT_KEY,
+    check_train_batches,
+    subset_batch,
+)
 from composer_jest.core.contract import scoring_model
 from composer_jest.core.objectives import build_objective
 from composer_jest.core.scoring import check_scope
@@ -27,6 +34,7 @@ from composer_jest.core.step import SCOPES, SelectionSettings, compile_options, 
 from composer_jest.data.two_stage import FullResDecoder
 from composer_jest.jest.full_res import check_full_res, decode_selected, two_stage_patch
 from composer_jest.jest.reference import ReferenceSpec
+from composer_jest.jest.resume_state import ResumeState
 from composer_jest.jest.score_inputs import ScoreInputs
 from composer_jest.models.flops import StepFlopMeter
 
@@ -104,7 +112,8 @@ class JEST(Algorithm):
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
         self._carry_reference = False
-        self.examples_seen = self.examples_trained = 0
+        self.examples_seen = self.examples_trained = 0  # global totals (summed over ranks)
+        self._resume = ResumeState()  # the layout checkpoints record (composer_jest.jest.resume_state)
         self._flops = StepFlopMeter()
 
     reference = property(lambda self: self._inputs.reference.towers,
@@ -131,6 +140,7 @@ class JEST(Algorithm):
                 self._pending_rng = None
         if state.dataloader is not None:
             check_train_batches(state.dataloader, 'the train dataloader')
+        self._resume.fit_start(state.dataloader, self.subbatch_size, self.filter_ratio)  # refuses another batch
         model = scoring_model(state.model)
         self._inputs.prepare(state, model)
         self.loss = model.loss_name if self.loss is None else self.loss
@@ -161,35 +171,45 @@ class JEST(Algorithm):
         metrics.update(self._flops.metrics(scoring_model(state.model), state.batch[self.image_key],
                                            batch[self.text_key], step.num_items, step.indices.numel(),
                                            **self._inputs.flop_kwargs(batch)))
-        self.examples_seen += step.num_items
-        self.examples_trained += step.indices.numel()
-        world = dist.get_world_size()  # per-rank counters (checkpointed per rank); every rank has the same sizes
-        logger.log_metrics({**metrics, 'jest/examples_seen': self.examples_seen * world,
-                            'jest/examples_trained': self.examples_trained * world, 'jest/scoring_time': step.seconds})
+        self.last_superbatch_index = batch.get(INDEX_KEY)  # the super-batch's example ids (SelectionLog)
+        self._resume.step(step.num_items, step.indices.numel(), self.filter_ratio)
+        world = dist.get_world_size()  # global totals (checkpointed as such); every rank has the same sizes
+        self.examples_seen += step.num_items * world
+        self.examples_trained += step.indices.numel() * world
+        logger.log_metrics({**metrics, 'jest/examples_seen': self.examples_seen,
+                            'jest/examples_trained': self.examples_trained, 'jest/scoring_time': step.seconds})
 
     def settings(self) -> dict[str, Any]:
-        """The selection settings a checkpoint records (a resumed run warns if its own differ)."""
+        """The selection settings a checkpoint records (a resumed run warns if its own differ; another filter ratio
+        is refused at fit start)."""
         return {name: getattr(self, name) for name in _SETTINGS}
 
     def state_dict(self) -> dict[str, Any]:
+        """Settings, global counters, the layout, this rank's streams (``rng``, ``full_res``) and every rank's
+        (``streams``, gathered: a collective at world size > 1, see :mod:`composer_jest.jest.resume_state`)."""
         sd = super().state_dict()
-        sd.update(examples_seen=self.examples_seen, examples_trained=self.examples_trained, settings=self.settings())
+        stream = {}
         if self.generator is not None:
-            sd['rng'] = self.generator.get_state()
+            stream['rng'] = self.generator.get_state()
         if self.full_res is not None:
-            sd['full_res'] = self.full_res.state_dict()
+            stream['full_res'] = self.full_res.state_dict()
+        sd.update(stream, settings=self.settings())
+        sd.update(self._resume.entries(self.examples_seen, self.examples_trained, stream))
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's stream and the global counters; another global batch or filter ratio is refused at fit
+        start (:class:`~composer_jest.jest.resume_state.ResumeState`)."""
         _warn_changed_settings(state.get('settings', {}), self.settings())
-        self.examples_seen = state.get('examples_seen', 0)
-        self.examples_trained = state.get('examples_trained', 0)
-        if self.full_res is not None and 'full_res' in state:
-            self.full_res.load_state_dict(state['full_res'])
-        if 'rng' in state and self.generator is not None:
-            self.generator.set_state(state['rng'])
-        elif 'rng' in state:
-            self._pending_rng = state['rng']
+        restored = self._resume.load(state, self.scope)
+        self.examples_seen, self.examples_trained = restored.examples_seen, restored.examples_trained
+        stream = restored.stream or {}
+        if self.full_res is not None and 'full_res' in stream:
+            self.full_res.load_state_dict(stream['full_res'])
+        if 'rng' in stream and self.generator is not None:
+            self.generator.set_state(stream['rng'])
+        elif 'rng' in stream:
+            self._pending_rng = stream['rng']
 
 
 def _rank_seed(seed: int, global_scope: bool) -> int:

@@ -30,10 +30,11 @@ class SelectionLog(Callback):
     Args:
         folder: output folder (created).
         index_key: batch column holding a stable example id.
+        superbatch: also write ``superbatch``, the ``index`` column of the whole super-batch the step drew from.
     """
 
-    def __init__(self, folder: str, index_key: str = 'index'):
-        self.folder, self.index_key = folder, index_key
+    def __init__(self, folder: str, index_key: str = 'index', superbatch: bool = False):
+        self.folder, self.index_key, self.superbatch = folder, index_key, superbatch
         self._file = None
         self._pending: Optional[dict] = None
 
@@ -51,6 +52,8 @@ class SelectionLog(Callback):
             record['index'] = [int(i) for i in state.batch[self.index_key].tolist()]
         if jest is not None and getattr(jest, 'last_global_indices', None) is not None:
             record['global_indices'] = [int(i) for i in jest.last_global_indices.tolist()]
+        if self.superbatch and getattr(jest, 'last_superbatch_index', None) is not None:
+            record['superbatch'] = [int(i) for i in jest.last_superbatch_index.tolist()]
         self._pending = record
 
     def batch_end(self, state: State, logger: Logger) -> None:
