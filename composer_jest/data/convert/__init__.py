@@ -34,25 +34,39 @@ leaves a readable ``index.json`` describing a partial one.
 from composer_jest.data.convert.cli import _parser, main
 from composer_jest.data.convert.demo import DEMOS, convert_demo, convert_fashion_mnist, convert_shapes
 from composer_jest.data.convert.folder import convert_folder
-from composer_jest.data.convert.images import IMAGE_ENCODINGS
-from composer_jest.data.convert.parquet import convert_parquet
-from composer_jest.data.convert.rows import parse_keep_columns
-from composer_jest.data.convert.webdataset import convert_webdataset, expand_shards
+from composer_jest.data.convert.images import IMAGE_ENCODINGS, SOURCE_FORMATS
+from composer_jest.data.convert.parquet import (
+    PARQUET_CAPTION_COLUMNS,
+    PARQUET_IMAGE_COLUMNS,
+    PARQUET_SUFFIXES,
+    convert_parquet,
+)
+from composer_jest.data.convert.rows import KEEP_TYPES, parse_keep_columns
+from composer_jest.data.convert.webdataset import (
+    CAPTION_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    TAR_SUFFIXES,
+    convert_webdataset,
+    expand_shards,
+)
 from composer_jest.data.convert.writer import (
     DEFAULT_HASHES,
+    EMPTY_CAPTION,
     SUMMARY_FILE,
     BadSampleError,
     CaptionCheck,
     ConversionError,
     ConvertSummary,
     MDSOptions,
+    Record,
     write_mds,
     write_rows,
 )
 
 __all__ = [
-    'IMAGE_ENCODINGS', 'DEFAULT_HASHES', 'DEMOS', 'SUMMARY_FILE', 'BadSampleError', 'CaptionCheck', 'ConversionError',
-    'ConvertSummary', 'MDSOptions', 'parse_keep_columns', 'convert_folder', 'convert_webdataset', 'convert_parquet',
-    'convert_shapes', 'convert_fashion_mnist', 'convert_demo', 'expand_shards', 'write_mds', 'write_rows', 'main',
-    '_parser',
+    'IMAGE_ENCODINGS', 'SOURCE_FORMATS', 'KEEP_TYPES', 'DEFAULT_HASHES', 'EMPTY_CAPTION', 'SUMMARY_FILE', 'DEMOS',
+    'IMAGE_EXTENSIONS', 'CAPTION_EXTENSIONS', 'TAR_SUFFIXES', 'PARQUET_SUFFIXES', 'PARQUET_IMAGE_COLUMNS',
+    'PARQUET_CAPTION_COLUMNS', 'BadSampleError', 'CaptionCheck', 'ConversionError', 'ConvertSummary', 'MDSOptions',
+    'Record', 'parse_keep_columns', 'expand_shards', 'convert_folder', 'convert_webdataset', 'convert_parquet',
+    'convert_shapes', 'convert_fashion_mnist', 'convert_demo', 'write_mds', 'write_rows', 'main', '_parser',
 ]
