@@ -12,7 +12,7 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.optim import DecoupledAdamW
-from conftest import make_model
+from model_helpers import make_model
 from s3_server import streaming_shm  # noqa: F401  (pytest fixture)
 
 from composer_jest import JEST
