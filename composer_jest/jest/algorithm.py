@@ -33,6 +33,7 @@ from composer_jest.core.scoring import check_scope
 from composer_jest.core.step import SCOPES, SelectionSettings, compile_options, select_step
 from composer_jest.data.two_stage import FullResDecoder
 from composer_jest.jest.full_res import check_full_res, decode_selected, two_stage_patch
+from composer_jest.jest.interop import InteropChecks, settings_repr
 from composer_jest.jest.reference import ReferenceSpec
 from composer_jest.jest.resume_state import ResumeState
 from composer_jest.jest.score_inputs import ScoreInputs
@@ -115,6 +116,10 @@ class JEST(Algorithm):
         self.examples_seen = self.examples_trained = 0  # global totals (summed over ranks)
         self._resume = ResumeState()  # the layout checkpoints record (composer_jest.jest.resume_state)
         self._flops = StepFlopMeter()
+        self._interop = InteropChecks()  # conflicting algorithms, batch keys, a loader sized at b (jest/interop)
+
+    def __repr__(self) -> str:
+        return settings_repr(self)  # names the checkpoint entry and logs by the settings, not an address
 
     reference = property(lambda self: self._inputs.reference.towers,
                          doc='The live reference towers (``None`` until fit start for a checkpoint path, and cached).')
@@ -127,10 +132,17 @@ class JEST(Algorithm):
         return self.config.subbatch_size(superbatch_size)
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.FIT_START, Event.AFTER_DATALOADER)
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        self._fit_start(state) if event == Event.FIT_START else self._select(state, logger)
+        if event == Event.INIT:
+            self._interop.init(self, state)  # refuses algorithms that cannot run beside JEST
+        elif event == Event.FIT_START:
+            self._fit_start(state)
+            self._interop.fit_start(self, state, scoring_model(state.model))
+        else:
+            self._interop.first_batch(self, state)  # keys and size of the first super-batch, before scoring
+            self._select(state, logger)
 
     def _fit_start(self, state: State) -> None:
         if self.generator is None:  # every rank draws the same global selection; local scope: one stream per rank
