@@ -251,11 +251,43 @@ def _model_features(dataset: ImageTextStreamingDataset, towers: torch.nn.Module,
 
 
 def _kept_rows(dataset: ImageTextStreamingDataset, kept: torch.Tensor, scores: torch.Tensor) -> Iterator[dict]:
-    """Pass 2: the kept rows in pool order, every column as read, plus the score."""
-    for i in kept.tolist():
-        row = dict(StreamingDataset.get_item(dataset, i))
-        row[SCORE_COLUMN] = float(scores[i])
-        yield row
+    """Pass 2: the kept rows in pool order, every column as read, plus the score.
+
+    A ``'jpeg'`` column is copied byte for byte: its stored file is opened from disk, which streaming's JPEG
+    encoding copies as it is (re-encoding the decoded image would lose quality at every filter).
+    """
+    jpeg = [c for c, encoding in dataset.column_encodings.items() if encoding == 'jpeg']
+    with tempfile.TemporaryDirectory(prefix='composer-jest-filter-') as scratch:
+        for i in kept.tolist():
+            row = dict(StreamingDataset.get_item(dataset, i))
+            if jpeg:
+                row.update(_stored_jpegs(dataset, i, jpeg, scratch))
+            row[SCORE_COLUMN] = float(scores[i])
+            yield row
+
+
+def _stored_jpegs(dataset: ImageTextStreamingDataset, sample_id: int, names: list[str],
+                  scratch: str) -> dict[str, Any]:
+    """The ``'jpeg'`` columns ``names`` of a sample as their stored files, opened from ``scratch``."""
+    from PIL import Image
+
+    shard_id, index = dataset.spanner[sample_id]
+    shard = dataset.shards[shard_id]
+    data = shard.get_sample_data(index)  # MDS: the sizes of the variable-size columns, then every column
+    sizes, offset = [], 0
+    for size in shard.column_sizes:
+        if not size:
+            size, offset = int(np.frombuffer(data[offset:offset + 4], np.uint32)[0]), offset + 4
+        sizes.append(size)
+    out = {}
+    for name, size in zip(shard.column_names, sizes):
+        if name in names:
+            path = os.path.join(scratch, f'{name}.jpg')
+            with open(path, 'wb') as f:
+                f.write(data[offset:offset + size])
+            out[name] = Image.open(path)
+        offset += size
+    return out
 
 
 # -- the report ------------------------------------------------------------------------------------------------

@@ -9,13 +9,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from convert_helpers import _read
+from convert_helpers import QUIET, _make_folder, _read, _write_csv
 from s3_server import moto_server, s3_endpoint, streaming_shm  # noqa: F401  (pytest fixtures)
 from streaming import StreamingDataset
 
 from composer_jest.core.batch import CACHED_REFERENCE_KEYS
 from composer_jest.core.filtering import SCORE_COLUMN
-from composer_jest.data.convert import MDSOptions, convert_shapes
+from composer_jest.data.convert import MDSOptions, convert_folder, convert_shapes
 from composer_jest.data.streaming import build_streaming_dataloader
 from composer_jest.jest.embed_reference import embed_reference
 from composer_jest.models.clip import build_clip, eval_image_transform, tokenizer_for
@@ -121,6 +121,18 @@ def test_checkpoint_reference_scores_like_an_independent_forward(pool, tmp_path)
     assert [r['index'] for r in kept] == _top(scores, 30)
     assert [r[SCORE_COLUMN] for r in kept] == pytest.approx(scores[_top(scores, 30)].tolist(), abs=1e-4)
     assert set(kept[0]) == {'image', 'caption', 'label', 'clean', 'index', SCORE_COLUMN}
+
+
+def test_jpeg_columns_are_copied_byte_for_byte(pool, tmp_path):
+    """A 'jpeg' image column is not re-encoded (which would change its pixels at every filter)."""
+    _write_csv(tmp_path / 'captions.csv', _make_folder(tmp_path, n=8))
+    convert_folder(tmp_path / 'captions.csv', str(tmp_path / 'jpeg'), image_encoding='jpeg', options=QUIET)
+    assert _filter('--data', str(tmp_path / 'jpeg'), '--model', 'jest-tiny', '--checkpoint', str(pool / 'ref.pt'),
+                   '--keep', '0.5', '--out', str(tmp_path / 'top')) == 0
+    source, kept = _read(str(tmp_path / 'jpeg')), _read(str(tmp_path / 'top'))
+    assert len(kept) == 4
+    for row in kept:
+        assert np.array_equal(np.asarray(row['image']), np.asarray(source[row['index']]['image']))
 
 
 def test_s3_round_trip(pool, tmp_path, s3_endpoint):  # noqa: F811
