@@ -23,6 +23,7 @@ The numbers are read off the modules (``visual.conv1``, ``transformer.width``, `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -340,53 +341,22 @@ def step_flops(
         >>> f['reference_scoring']
         0.0
     """
-    if not isinstance(subbatch, int) or not isinstance(superbatch, int) or not 1 <= subbatch <= superbatch:
-        raise ValueError(f'need integers 1 <= subbatch <= superbatch, got subbatch={subbatch}, superbatch={superbatch}')
-    if not 0.0 <= low_res_fraction < 1.0:
-        raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
-    if low_res_fraction > 0 and low_res_patch_size is None:
-        raise ValueError('low_res_fraction > 0 needs low_res_patch_size')
-    if text_tokens is not None and text_length_counts is not None:
-        raise ValueError('pass text_tokens (one length for every caption) or text_length_counts, not both')
+    _check_step_args(superbatch, subbatch, low_res_fraction, low_res_patch_size, text_tokens, text_length_counts)
     learner = _unwrap_clip(clip)
     reference = _unwrap_clip(reference_clip) if reference_clip is not None else learner
-    visual = learner.visual
-
-    def image(model: nn.Module, patch: Optional[int]) -> float:
-        return vit_forward_flops(model.visual, image_size, patch)
-
-    def text(model: nn.Module, batch: int) -> float:
-        """Forward FLOPs per caption of a ``batch`` of captions (bucketed when the lengths are given)."""
-        if not include_text:
-            return 0.0
-        if text_length_counts is not None:
-            # A batch of another size: the expected histogram, the super-batch's scaled to it (fractional counts).
-            total = max(sum(text_length_counts), 1)
-            counts = text_length_counts if batch == total else [c * batch / total for c in text_length_counts]
-            return bucketed_text_flops(model, counts, text_buckets, text_bucket_overhead) / batch
-        return text_forward_flops(model, text_tokens)
-
-    d = _embed_dim(learner)
-    n_low = int(round(low_res_fraction * subbatch)) if low_res_fraction > 0 else 0
-    # Training: forward of n_low low-res + (b - n_low) native images, b captions, the b x b logits;
-    # backward ≈ 2x forward. The FlexiViT kernel resize runs once per forward (and its backward).
-    train_forward = (n_low * image(learner, low_res_patch_size) + (subbatch - n_low) * image(learner, None)
-                     + subbatch * text(learner, subbatch) + logits_flops(subbatch, d))
-    if n_low:
-        train_forward += patch_resize_flops(visual, low_res_patch_size)
-    train = 3.0 * train_forward
-    uniform_train = 3.0 * (subbatch * (image(learner, None) + text(learner, subbatch)) + logits_flops(subbatch, d))
-
+    cost = _PerExample(image_size, include_text, text_tokens, text_length_counts, text_buckets, text_bucket_overhead)
+    train, uniform_train = _train_flops(learner, cost, subbatch, low_res_fraction, low_res_patch_size)
     learner_scoring = 0.0
     if uses_learner:
-        learner_scoring = (superbatch * (image(learner, learner_patch_size) + text(learner, superbatch))
-                           + patch_resize_flops(visual, learner_patch_size))
+        learner_scoring = (superbatch * (cost.image(learner, learner_patch_size) + cost.text(learner, superbatch))
+                           + patch_resize_flops(learner.visual, learner_patch_size))
     live_reference = uses_reference and not reference_cached
-    reference_scoring = superbatch * (image(reference, None) + text(reference, superbatch)) if live_reference else 0.0
+    reference_scoring = (superbatch * (cost.image(reference, None) + cost.text(reference, superbatch))
+                         if live_reference else 0.0)
     # Selection (blockwise, local scope, sigmoid): each chunk's logits against the N candidates, per scoring
     # model (a cached reference still needs its logits); see composer_jest.core.scoring.selection_flops.
     n_models = int(uses_learner) + int(uses_reference)
-    selection = selection_flops('sigmoid', superbatch, subbatch, d, models=n_models)
+    selection = selection_flops('sigmoid', superbatch, subbatch, _embed_dim(learner), models=n_models)
     total = train + learner_scoring + reference_scoring + selection
     return {
         'train': float(train),
@@ -397,6 +367,60 @@ def step_flops(
         'uniform_train': float(uniform_train),
         'ratio': float(total / uniform_train),
     }
+
+
+def _check_step_args(superbatch: int, subbatch: int, low_res_fraction: float, low_res_patch_size: Optional[int],
+                     text_tokens: Optional[int], text_length_counts: Optional[Sequence[int]]) -> None:
+    """Raise ``ValueError`` naming the argument of :func:`step_flops` that is inconsistent."""
+    if not isinstance(subbatch, int) or not isinstance(superbatch, int) or not 1 <= subbatch <= superbatch:
+        raise ValueError(f'need integers 1 <= subbatch <= superbatch, got subbatch={subbatch}, superbatch={superbatch}')
+    if not 0.0 <= low_res_fraction < 1.0:
+        raise ValueError(f'low_res_fraction must be in [0, 1), got {low_res_fraction!r}')
+    if low_res_fraction > 0 and low_res_patch_size is None:
+        raise ValueError('low_res_fraction > 0 needs low_res_patch_size')
+    if text_tokens is not None and text_length_counts is not None:
+        raise ValueError('pass text_tokens (one length for every caption) or text_length_counts, not both')
+
+
+@dataclass
+class _PerExample:
+    """Forward FLOPs of one image and one caption under :func:`step_flops`'s settings."""
+
+    image_size: Optional[Size]
+    include_text: bool
+    text_tokens: Optional[int]
+    text_length_counts: Optional[Sequence[int]]
+    text_buckets: int
+    text_bucket_overhead: float
+
+    def image(self, model: nn.Module, patch: Optional[int]) -> float:
+        return vit_forward_flops(model.visual, self.image_size, patch)
+
+    def text(self, model: nn.Module, batch: int) -> float:
+        """Per caption of a ``batch`` of captions (bucketed when the lengths are given)."""
+        if not self.include_text:
+            return 0.0
+        counts = self.text_length_counts
+        if counts is None:
+            return text_forward_flops(model, self.text_tokens)
+        # A batch of another size: the expected histogram, the super-batch's scaled to it (fractional counts).
+        total = max(sum(counts), 1)
+        counts = counts if batch == total else [c * batch / total for c in counts]
+        return bucketed_text_flops(model, counts, self.text_buckets, self.text_bucket_overhead) / batch
+
+
+def _train_flops(learner: nn.Module, cost: _PerExample, subbatch: int, low_res_fraction: float,
+                 low_res_patch_size: Optional[int]) -> tuple[float, float]:
+    """``(train, uniform_train)``: ≈ 3x the forward of the ``b`` trained examples (backward ≈ 2x forward), with
+    ``round(fraction · b)`` images at the low-resolution patch (plus the FlexiViT kernel resize), and without."""
+    d = _embed_dim(learner)
+    n_low = int(round(low_res_fraction * subbatch)) if low_res_fraction > 0 else 0
+    train_forward = (n_low * cost.image(learner, low_res_patch_size) + (subbatch - n_low) * cost.image(learner, None)
+                     + subbatch * cost.text(learner, subbatch) + logits_flops(subbatch, d))
+    if n_low:
+        train_forward += patch_resize_flops(learner.visual, low_res_patch_size)
+    uniform = subbatch * (cost.image(learner, None) + cost.text(learner, subbatch)) + logits_flops(subbatch, d)
+    return 3.0 * train_forward, 3.0 * uniform
 
 
 class StepFlopMeter:
