@@ -44,9 +44,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import learning_efficiency as le  # noqa: E402
+
 from composer_jest.core.filtering import keep_indices, reference_scores  # noqa: E402
 from composer_jest.data.demo.fashion_web import ZERO_SHOT_TEMPLATES, zero_shot_classnames  # noqa: E402
 from composer_jest.jest.algorithm import JEST  # noqa: E402
@@ -68,13 +70,33 @@ RESULTS = ROOT / 'benchmarks' / 'results' / 'compute_study'
 # ---------------------------------------------------------------------------------------------------------------
 # what is run
 # ---------------------------------------------------------------------------------------------------------------
-# Noise of the pools: bad captions = mismatched + junk (split 5:3 as in the dev pool); near duplicates kept at 15%.
+# The dev pool is learning_efficiency's: 30000 pairs, 40% bad captions (25% mismatched, 15% junk), 15% near duplicates.
+# The other pools are seeded sub-pools of it (no new rendering, the same reference and cached embeddings), all of
+# SUBPOOL_SIZE pairs: ``bad`` = fraction of bad captions (drawn from the dev pool's mismatched + junk pairs, keeping
+# their 5:3 mix), the rest from its good pairs (clean + near duplicates, 3:1).
+SUBPOOL_SIZE = 17000
 POOLS = {
-    'dev': dict(mismatched=0.25, junk=0.15, near_duplicate=0.15),  # learning_efficiency's pool: 40% bad captions
-    'bad10': dict(mismatched=0.0625, junk=0.0375, near_duplicate=0.15),
-    'bad70': dict(mismatched=0.4375, junk=0.2625, near_duplicate=0.15),
-    'dups40': dict(mismatched=0.0, junk=0.0, near_duplicate=0.40),  # near duplicates, no bad captions
+    'dev': None,
+    'bad10': 0.1,
+    'bad70': 0.7,
+    'dups': 0.0,  # no bad captions; near duplicates as in the dev pool's good pairs (25%)
 }
+
+
+def subpool(data: dict[str, Any], bad: Optional[float], size: int, seed: int = 0) -> Optional[np.ndarray]:
+    """Pool indices of a sub-pool with a fraction ``bad`` of bad captions (``None``: the whole pool)."""
+    if bad is None:
+        return None
+    kind = torch.as_tensor(data['pool']['kind'])
+    is_bad = (kind == le.KIND_CODES['mismatched']) | (kind == le.KIND_CODES['junk'])
+    n_bad = int(round(bad * size))
+    bad_ids, good_ids = is_bad.nonzero().flatten(), (~is_bad).nonzero().flatten()
+    if n_bad > len(bad_ids) or size - n_bad > len(good_ids):
+        raise ValueError(f'a {size}-pair sub-pool with {bad:.0%} bad captions needs {n_bad} bad and {size - n_bad} '
+                         f'good pairs; the pool has {len(bad_ids)} and {len(good_ids)}')
+    g = torch.Generator().manual_seed(seed)
+    pick = [ids[torch.randperm(len(ids), generator=g)[:k]] for ids, k in ((bad_ids, n_bad), (good_ids, size - n_bad))]
+    return torch.sort(torch.cat(pick)).values.numpy()
 
 
 @dataclass(frozen=True)
@@ -100,17 +122,20 @@ METHODS = {m.name: m for m in (
     Method('jest-0.8-all', 'jest', filter_ratio=0.8, flexi=True, multires=True),
     Method('jest-0.5-all', 'jest', filter_ratio=0.5, flexi=True, multires=True),
     Method('jest-0.9-all', 'jest', filter_ratio=0.9, flexi=True, multires=True),
+    Method('oracle', 'oracle'),
     Method('jest-0.8-cached', 'jest', filter_ratio=0.8),
     Method('jest-0.8-cached-flexi', 'jest', filter_ratio=0.8, flexi=True),
-    Method('oracle', 'oracle'),
 )}
+CORE = ('uniform', 'offline-0.5', 'jest-0.8-all', 'offline-0.2', 'jest-0.9-all')  # the dev pool's first rows
+LADDER = ('jest-0.8-cached', 'jest-0.8-cached-flexi')  # the savings one at a time: run after everything else
 NOISE_METHODS = ('uniform', 'offline-0.5', 'offline-0.2')  # + the best JEST configuration on the dev pool
+# noise pools, seed 0 first: uniform, offline-0.5, the best JEST, then offline-0.2 (dropped first when time runs out)
 BENCHMARK_METHODS = ('uniform', 'offline-0.5', 'offline-0.2', 'jest-0.8-all', 'jest-0.9-all', 'oracle')
 
 
 def study_settings(quick: bool = False, **overrides: Any) -> le.Settings:
     """learning_efficiency's settings, shortened to fit a shared 2-core machine (see BENCHMARKS.md)."""
-    base = dict(steps=300, eval_every=30, reference_steps=600, eval_size=1000, seeds=(0, 1, 2))
+    base = dict(steps=240, eval_every=30, reference_steps=600, eval_size=1000, seeds=(0, 1, 2))
     if quick:
         base = dict(le.QUICK, steps=20, eval_every=10, reference_steps=40, pool_size=1500, curated_size=300,
                     eval_size=200)
@@ -167,7 +192,9 @@ def _tokenizer_hash(tokenizer: Any) -> str:
 
 def train_reference(model: str, s: le.Settings, data: dict[str, Any], cache: Path) -> dict[str, Any]:
     """The reference (same architecture as the learner) trained on the curated set; its cost in FLOPs and CPU s."""
-    key = f'{model}_{_tokenizer_hash(data["tokenizer"])}_{s.curated_size}_{s.reference_steps}_{s.lr}_b{s.batch_size}'
+    arch = hashlib.sha256(json.dumps(model_config(model, s), sort_keys=True).encode()).hexdigest()[:8]
+    key = (f'{model}{arch}_{_tokenizer_hash(data["tokenizer"])}_{s.curated_size}_{s.reference_steps}_{s.lr}'
+           f'_b{s.batch_size}')
     path = cache / f'cs_reference_{key}.pt'
     net = make_model(model, s, data['tokenizer'], seed=1000)
     flops_step = le.uniform_step_flops(net, s.batch_size)
@@ -213,10 +240,10 @@ def embed_pool(reference: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any
 # ---------------------------------------------------------------------------------------------------------------
 # one run
 # ---------------------------------------------------------------------------------------------------------------
-def mean_step_flops(net: CLIPModel, pool: dict[str, Any], method: Method, b: int, patch: int) -> float:
-    """FLOPs of one step of ``method`` at the pool's mean caption-length histogram (to size the schedule)."""
+def mean_step_flops(net: CLIPModel, text: torch.Tensor, method: Method, b: int, patch: int) -> float:
+    """FLOPs of one step of ``method`` at the caption-length histogram of ``text`` (to size the schedule)."""
     n = b if method.kind != 'jest' else int(round(b / (1.0 - method.filter_ratio)))
-    counts = le.text_counts(pool['text'][:4096])
+    counts = le.text_counts(text[torch.randperm(len(text), generator=torch.Generator().manual_seed(0))[:4096]])
     counts = [c * n / sum(counts) for c in counts]
     f = step_flops(net, superbatch=n, subbatch=b, image_size=32, reference_cached=True,
                    learner_patch_size=2 * patch if method.flexi else None, text_length_counts=counts,
@@ -226,22 +253,32 @@ def mean_step_flops(net: CLIPModel, pool: dict[str, Any], method: Method, b: int
     return f['total'] if method.kind == 'jest' else f['uniform_train']
 
 
-def run_one(model: str, method: Method, seed: int, s: le.Settings, data: dict[str, Any],
-            emb: dict[str, Any]) -> dict[str, Any]:
+EVAL_SIZE = 500  # runs are evaluated on the first 500 of the 1000 rendered evaluation examples (CPU budget)
+
+
+def eval_subset(data: dict[str, Any], n: int) -> dict[str, Any]:
+    """``data`` with its evaluation set cut to the first ``n`` examples."""
+    return {**data, 'eval': {k: v[:n] for k, v in data['eval'].items()}}
+
+
+def run_one(model: str, method: Method, seed: int, s: le.Settings, data: dict[str, Any], emb: dict[str, Any],
+            pool_ids: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Train ``method`` for ``s.steps`` steps -- longer if its steps are cheaper than uniform's, so its curve reaches
     uniform's FLOP budget -- and return the curve (examples, FLOPs, CPU seconds, accuracy)."""
     b, pool, patch = s.batch_size, data['pool'], native_patch(model, s)
     net = make_model(model, s, data['tokenizer'], seed=seed, multires=method.multires)
-    subset = None
+    subset = pool_ids if pool_ids is not None else np.arange(len(pool['images']))
     if method.kind == 'oracle':
-        subset = np.flatnonzero(pool['clean'])
-    elif method.kind == 'offline':
-        subset = keep_indices(emb['scores'], keep=method.keep).numpy()
+        subset = subset[pool['clean'][subset] > 0]
+    elif method.kind == 'offline':  # the pool's top fraction by the reference's CLIP score
+        subset = subset[keep_indices(emb['scores'][torch.as_tensor(subset)], keep=method.keep).numpy()]
     steps = s.steps
-    if method.kind == 'jest':
-        uniform = mean_step_flops(net, pool, METHODS['uniform'], b, patch)
-        ratio = mean_step_flops(net, pool, method, b, patch) / uniform
-        steps = int(math.ceil(s.steps * max(1.0, 1.08 / ratio) / s.eval_every) * s.eval_every)
+    if method.kind != 'uniform':  # cheaper steps (scoring at low resolution, shorter kept captions): train longer
+        uniform = mean_step_flops(net, pool['text'][pool_ids] if pool_ids is not None else pool['text'],
+                                  METHODS['uniform'], b, patch)
+        ratio = mean_step_flops(net, pool['text'][subset], method, b, patch) / uniform
+        if ratio < 1.05:
+            steps = int(math.ceil(s.steps * 1.05 / ratio / s.eval_every) * s.eval_every)
     algorithms, n = [], b
     if method.kind == 'jest':
         n = int(round(b / (1.0 - method.filter_ratio)))
@@ -249,7 +286,7 @@ def run_one(model: str, method: Method, seed: int, s: le.Settings, data: dict[st
                                learner_patch_size=2 * patch if method.flexi else None,
                                track_keys=le.CurveRecorder.TRACK, seed=seed))
     dataset = le.TensorPool(pool, subset, emb['cached'] if method.kind == 'jest' else None)
-    recorder = CPURecorder(data, s.eval_every, steps, le.uniform_step_flops(net, b), b)
+    recorder = CPURecorder(eval_subset(data, EVAL_SIZE), s.eval_every, steps, le.uniform_step_flops(net, b), b)
     t0 = time.time()
     le._fit(net, le.make_loader(dataset, n, seed=seed), s, steps, seed, algorithms, recorder)
     return {
@@ -280,12 +317,14 @@ def best_jest(runs: dict[str, list[dict]]) -> str:
 
 def plan(phase: str, seeds: Sequence[int], best: Optional[str]) -> list[tuple[str, str, str, int]]:
     """``(model, pool, method, seed)`` in priority order for ``phase``."""
-    dev = [('proportional', 'dev', m, sd) for sd in seeds for m in METHODS]
+    dev = [('proportional', 'dev', m, sd) for sd in seeds for m in METHODS if m not in LADDER]
+    core = [('proportional', 'dev', m, sd) for sd in seeds for m in CORE]
+    ladder = [('proportional', 'dev', m, sd) for sd in seeds for m in LADDER]
     bench = [('benchmark', 'dev', m, sd) for sd in seeds for m in BENCHMARK_METHODS]
-    noise_methods = NOISE_METHODS + ((best,) if best else ())
-    noise = [('proportional', pool, m, sd) for sd in seeds for pool in ('bad10', 'bad70', 'dups40')
+    noise_methods = NOISE_METHODS[:2] + ((best,) if best else ()) + NOISE_METHODS[2:]
+    noise = [('proportional', pool, m, sd) for sd in seeds for pool in ('bad10', 'bad70', 'dups')
              for m in noise_methods]
-    return {'dev': dev, 'noise': noise, 'benchmark': bench}[phase]
+    return {'core': core, 'dev': dev, 'noise': noise, 'benchmark': bench, 'ladder': ladder}[phase]
 
 
 class Study:
@@ -293,33 +332,37 @@ class Study:
 
     def __init__(self, s: le.Settings, out: Path, cache: Path, analyse_only: bool = False):
         self.s, self.out, self.cache, self.analyse_only = s, out, cache, analyse_only
-        self._pools: dict[tuple[str, str], tuple] = {}
+        self._base: dict[str, tuple] = {}
         self.t0 = time.time()
 
     def settings(self, pool: str) -> le.Settings:
-        return dataclasses.replace(self.s, noise=POOLS[pool])
+        return self.s
 
     def tag(self, model: str, pool: str) -> str:
-        text = json.dumps([dataclasses.asdict(self.settings(pool)), model_config(model, self.s)], sort_keys=True,
-                          default=list)
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
+        spec = [dataclasses.asdict(self.s), model_config(model, self.s), EVAL_SIZE]
+        if POOLS[pool] is not None:
+            spec.append([POOLS[pool], SUBPOOL_SIZE])
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
-    def pool(self, model: str, pool: str) -> tuple[le.Settings, dict, dict, dict]:
-        if (model, pool) not in self._pools:
-            s = self.settings(pool)
-            data = le.build_data(s, self.cache)
-            ref = train_reference(model, s, data, self.cache)
-            emb = embed_pool(ref, data['pool'])
-            summary = {k: ref[k] for k in ('final', 'curve', 'train_cpu', 'train_flops', 'train_examples')}
-            summary.update(embed_cpu=emb['embed_cpu'], embed_flops=emb['embed_flops'], tag=self.tag(model, pool),
-                           pool_size=len(data['pool']['images']),
-                           pool_clean_fraction=float(np.mean(data['pool']['clean'])))
-            path = self.out / 'references' / f'{model}_{pool}.json'
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(summary))
-            self._pools[(model, pool)] = (s, data, ref, emb)
-            log.info('%s/%s ready: reference %s (elapsed %.0fs)', model, pool, ref['final'], time.time() - self.t0)
-        return self._pools[(model, pool)]
+    def pool(self, model: str, pool: str) -> tuple[le.Settings, dict, dict, Optional[np.ndarray]]:
+        """``(settings, data, embeddings, sub-pool indices)``; the one-off costs are saved to references/."""
+        if model not in self._base:
+            data = le.build_data(self.s, self.cache)
+            ref = train_reference(model, self.s, data, self.cache)
+            self._base[model] = (data, ref, embed_pool(ref, data['pool']))
+            log.info('%s ready: reference %s (elapsed %.0fs)', model, ref['final'], time.time() - self.t0)
+        data, ref, emb = self._base[model]
+        subset = subpool(data, POOLS[pool], SUBPOOL_SIZE)
+        n, total = (len(subset) if subset is not None else len(data['pool']['images'])), len(data['pool']['images'])
+        clean = data['pool']['clean'] if subset is None else data['pool']['clean'][subset]
+        summary = {k: ref[k] for k in ('final', 'curve', 'train_cpu', 'train_flops', 'train_examples')}
+        # the one-off embedding pass covers the pool trained on: the sub-pool's share of the measured pass
+        summary.update(embed_cpu=emb['embed_cpu'] * n / total, embed_flops=emb['embed_flops'] * n / total,
+                       tag=self.tag(model, pool), pool_size=n, pool_clean_fraction=float(np.mean(clean)))
+        path = self.out / 'references' / f'{model}_{pool}.json'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary))
+        return self.s, data, emb, subset
 
     def path(self, model: str, pool: str, method: str, seed: int) -> Path:
         return self.out / 'runs' / model / pool / f'{method}_seed{seed}.json'
@@ -332,8 +375,8 @@ class Study:
                 return saved
         if self.analyse_only:
             return None
-        s, data, _, emb = self.pool(model, pool)
-        result = run_one(model, METHODS[method], seed, s, data, emb)
+        s, data, emb, subset = self.pool(model, pool)
+        result = run_one(model, METHODS[method], seed, s, data, emb, subset)
         result['settings_tag'] = self.tag(model, pool)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
@@ -359,7 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--out', default=None, help=f'results folder (default {RESULTS.relative_to(ROOT)})')
     p.add_argument('--cache', default='/tmp/composer_jest_bench')
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--phases', nargs='*', default=['dev', 'noise', 'benchmark'], choices=['dev', 'noise', 'benchmark'])
+    p.add_argument('--phases', nargs='*', default=['dev', 'noise', 'benchmark', 'ladder'],
+                   choices=['dev', 'noise', 'benchmark', 'ladder'])
     p.add_argument('--seeds', type=int, nargs='*', default=None, help='seeds (default 0 1 2; seed 0 of every '
                    'phase runs before seeds 1 and 2)')
     p.add_argument('--analyse-only', action='store_true', help='tables and plots from the saved runs')
@@ -373,12 +417,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.quick:
         jobs = [('proportional', 'dev', m, 0) for m in ('uniform', 'offline-0.5', 'jest-0.8-all')]
     else:
-        # priority: dev seed 0, dev other seeds, noise pools seed 0, benchmark model seed 0, then the other seeds
-        order = [('dev', seeds[:1]), ('dev', seeds[1:]), ('noise', seeds[:1]), ('benchmark', seeds[:1]),
-                 ('noise', seeds[1:]), ('benchmark', seeds[1:])]
+        # priority (a shared 2-core machine may stop the study anywhere): the dev pool's core rows, seed 0; the noise
+        # pools, seed 0; the other dev rows and seed 1; then more seeds, today's model and the savings one at a time
+        order = [('core', seeds[:1]), ('noise', seeds[:1]), ('dev', seeds[:2]), ('noise', seeds[1:2]),
+                 ('dev', seeds[2:]), ('benchmark', seeds[:1]), ('ladder', seeds[:1]), ('noise', seeds[2:]),
+                 ('benchmark', seeds[1:]), ('ladder', seeds[1:])]
         jobs = []
         for phase, group in order:
-            if phase in args.phases:
+            if phase in args.phases or (phase == 'core' and 'dev' in args.phases):
                 jobs += [('best', phase, group)] if phase == 'noise' else plan(phase, group, None)
     for job in jobs:
         if job[0] == 'best':  # the noise pools use the best JEST configuration on the dev pool so far

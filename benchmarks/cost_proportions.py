@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -67,10 +68,9 @@ def ratios(clip: Any, image_size: int, patch: int, text_tokens: Optional[int] = 
 
 def compute(pool_text: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Proportions of ViT-B/16, the proportional tiny model and today's benchmark model."""
-    import open_clip
-
     import compute_study as cs
     import learning_efficiency as le
+    import open_clip
 
     with torch.device('meta'):  # shapes only: the FLOP counter reads module attributes, never weights
         b16 = open_clip.CLIP(**open_clip.get_model_config('ViT-B-16'))
@@ -98,7 +98,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines.append('| text fwd GFLOPs | ' + ' | '.join(f"{r['text_forward'] / 1e9:.4g}" for r in res.values()) + ' |')
     for key, label in keys:
         cells = []
-        for name, r in res.items():
+        for r in res.values():
             rel = '' if r is ref else f' ({r[key] / ref[key] - 1:+.0%})'
             cells.append(f'{r[key]:.3f}{rel}')
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')

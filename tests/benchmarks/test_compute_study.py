@@ -1,0 +1,113 @@
+"""The compute study (issue 26): its analysis arithmetic on hand-made curves, and ``--quick`` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / 'benchmarks' / 'compute_study.py'
+sys.path.insert(0, str(REPO / 'benchmarks'))
+
+
+def _run(kind: str, flops_per_step: float, accs: list[float], cpu_per_step: float = 1.0, base_steps: int = 4) -> dict:
+    """A saved run: evaluations every step, ``examples_trained`` = 10 per step."""
+    curve = [{'step': i, 'examples_trained': 10 * i, 'examples_seen': 10 * i, 'flops': flops_per_step * i,
+              'cpu': cpu_per_step * i, 'zero_shot': a, 'i2t_r1': a / 2, 't2i_r1': a / 2} for i, a in enumerate(accs)]
+    return {'spec': {'kind': kind}, 'seed': 0, 'superbatch': 10, 'steps': len(accs) - 1, 'base_steps': base_steps,
+            'curve': curve, 'selection': {}, 'pool_clean_fraction': 0.5}
+
+
+def test_analysis_to_match_and_equal_flops_with_and_without_one_off_costs():
+    from compute_study_analysis import analyse
+
+    # smooth() is a centred 3-point mean: flat stretches stay flat, so the numbers below are exact.
+    uniform = _run('uniform', 1.0, [0.0, 0.1, 0.2, 0.4, 0.4, 0.4, 0.4], base_steps=6)  # smoothed final 0.4 at 6 FLOPs
+    jest = _run('jest', 1.5, [0.0, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4], base_steps=6)
+    offline = _run('offline', 1.0, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], base_steps=6)
+    ref = {'train_flops': 1.2, 'embed_flops': 0.3, 'train_cpu': 0.6, 'embed_cpu': 0.0, 'final': {'zero_shot': 0.3}}
+    res = analyse({'uniform': [uniform], 'jest-x': [jest], 'offline-x': [offline]}, ref)
+    assert res['target'] == pytest.approx(0.4) and res['budget']['flops'] == pytest.approx(6.0)
+    row = res['rows']['jest-x']['agg']
+    # smoothed jest curve: [0.2, 0.267, 0.4, ...] reaches 0.4 at step 2 = 3 FLOPs = 0.5x uniform's 6
+    assert row['flops_to_match']['mean'] == pytest.approx(0.5)
+    assert row['flops_to_match_all']['mean'] == pytest.approx((3.0 + 1.5) / 6.0)  # + reference + embedding
+    assert row['cpu_to_match']['mean'] == pytest.approx(2.0 / 6.0)  # cpu 1/step, budget 6
+    assert row['cpu_to_match_all']['mean'] == pytest.approx(2.6 / 6.0)
+    assert row['examples_trained_to_match']['mean'] == pytest.approx(20 / 60)
+    assert row['at_flops']['mean'] == pytest.approx(0.4)  # read at 6 FLOPs (step 4), inside the curve
+    assert row['at_flops_all']['mean'] == pytest.approx(0.4)  # at 6 - 1.5 = 4.5 FLOPs (step 3)
+    assert row['final']['mean'] == pytest.approx(0.4)
+    off = res['rows']['offline-x']['agg']
+    assert off['flops_to_match']['mean'] is None and off['flops_to_match']['of'] == 1  # never reached
+    uni = res['rows']['uniform']['agg']  # uniform pays no one-off cost
+    assert uni['flops_to_match_all']['mean'] == uni['flops_to_match']['mean']
+    assert res['one_off_vs_budget']['flops'] == pytest.approx(1.5 / 6.0)
+
+
+def test_analysis_reads_final_at_the_base_step_of_a_longer_run():
+    from compute_study_analysis import analyse
+
+    uniform = _run('uniform', 1.0, [0.0, 0.2, 0.2, 0.2, 0.2], base_steps=4)
+    longer = _run('jest', 0.5, [0.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9], base_steps=4)  # 8 steps = 4 FLOPs
+    ref = {'train_flops': 0.0, 'embed_flops': 0.0, 'train_cpu': 0.0, 'embed_cpu': 0.0, 'final': {'zero_shot': 0.}}
+    row = analyse({'uniform': [uniform], 'jest-x': [longer]}, ref)['rows']['jest-x']['agg']
+    assert row['final']['mean'] == pytest.approx(0.1)  # step 4, not the jump at step 8
+    assert row['at_flops']['mean'] == pytest.approx(0.5)  # at 4 FLOPs = step 8: mean(0.1, 0.9)
+
+
+@pytest.fixture(scope='module')
+def quick(tmp_path_factory):
+    """``compute_study.py --quick`` as a user runs it (a subprocess), then ``--analyse-only`` on its runs."""
+    out, cache = tmp_path_factory.mktemp('cs_out'), tmp_path_factory.mktemp('cs_cache')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, str(SCRIPT), '--quick', '--out', str(out), '--cache', str(cache)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f'--quick exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}'
+    first = (out / 'compute_study.json').read_text()
+    again = subprocess.run(cmd + ['--analyse-only'], cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-4000:]
+    return out, json.loads(first), json.loads((out / 'compute_study.json').read_text())
+
+
+def test_quick_runs_every_kind_and_analyse_only_reproduces_the_tables(quick):
+    out, first, again = quick
+    assert first == again  # --analyse-only regenerated the same numbers from the saved runs, without training
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / 'runs' / 'proportional' / 'dev').glob('*.json')}
+    assert set(runs) == {'uniform_seed0', 'offline-0.5_seed0', 'jest-0.8-all_seed0'}
+    pool = runs['uniform_seed0']['pool_size']
+    assert runs['offline-0.5_seed0']['pool_size'] == pool // 2  # the top half by the reference's CLIP score
+    jest = runs['jest-0.8-all_seed0']
+    assert jest['superbatch'] == 5 * jest['subbatch']  # N = b / (1 - 0.8)
+    for run in runs.values():
+        xs = [[p[k] for p in run['curve']] for k in ('flops', 'cpu', 'examples_trained')]
+        assert all(x == sorted(x) and x[-1] > 0 for x in xs)
+    res = first['proportional/dev']
+    # every curve reaches uniform's FLOP budget, so accuracy at equal FLOPs is read, never extrapolated
+    assert all(r['agg']['at_flops']['n'] == 1 for r in res['rows'].values())
+    assert (out / 'curves_proportional_dev.png').stat().st_size > 0
+    assert '| jest-0.8-all |' in (out / 'compute_study.md').read_text()
+
+
+def test_subpool_has_the_requested_noise_and_size():
+    import numpy as np
+    from compute_study import subpool
+    from learning_efficiency import KIND_CODES
+
+    kind = np.array([KIND_CODES['clean']] * 60 + [KIND_CODES['near_duplicate']] * 20 + [KIND_CODES['mismatched']] * 25
+                    + [KIND_CODES['junk']] * 15)
+    data = {'pool': {'kind': kind}}
+    assert subpool(data, None, 10) is None  # the dev pool itself
+    for bad, size in ((0.1, 50), (0.7, 50), (0.0, 80)):
+        ids = subpool(data, bad, size)
+        assert len(ids) == size and len(set(ids.tolist())) == size and list(ids) == sorted(ids)
+        k = kind[ids]
+        assert ((k == KIND_CODES['mismatched']) | (k == KIND_CODES['junk'])).sum() == round(bad * size)
+    assert list(subpool(data, 0.1, 50, seed=3)) == list(subpool(data, 0.1, 50, seed=3))
+    with pytest.raises(ValueError, match='needs 49 bad'):
+        subpool(data, 0.7, 70)  # 40 bad pairs only
