@@ -361,9 +361,22 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """An option's help ends with its default when it has one, with ``(required)`` when it is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required and action.option_strings:
+            return f'{action.help} (required)'
+        if action.default in (None, False, '') or action.default is argparse.SUPPRESS:
+            return action.help or ''
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='composer-jest filter', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog='composer-jest filter', formatter_class=_HelpFormatter,
+        description='Score a converted pool with a reference (CLIP score), keep the top fraction or everything at '
+                    'or above a threshold, and write the kept rows (+ filter_score) as a new MDS dataset.')
     parser.add_argument('--data', required=True, help='the pool: MDS dataset directory or s3://bucket/prefix')
     parser.add_argument('--out', required=True, help='the filtered dataset: directory or s3://bucket/prefix')
     rule = parser.add_mutually_exclusive_group(required=True)
@@ -384,7 +397,8 @@ def _parser() -> argparse.ArgumentParser:
                         help='where filter_report.json and filter_scores.png go (default: into --out)')
     parser.add_argument('--cache', default=None, help='local cache directory of an s3:// pool (default: temporary)')
     parser.add_argument('--batch-size', type=int, default=256, help='examples scored at a time')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='where the reference runs')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing dataset at --out')
     parser.add_argument('--compression', default='zstd', help="shard compression ('none' to disable)")
     parser.add_argument('--size-limit', default='64mb', help='shard size limit before compression')

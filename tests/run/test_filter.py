@@ -83,7 +83,7 @@ def test_cached_keeps_the_top_fraction_with_every_column(pool, tmp_path):
     assert summary['written'] == 36 and summary['filter']['kept'] == 36
 
 
-def test_threshold_keeps_every_score_at_or_above_it(pool, tmp_path):
+def test_threshold_keeps_every_score_at_or_above_it(pool, tmp_path, capsys):
     scores = _cosines(_read(str(pool / 'pool-ref')))
     ranked = np.sort(scores)
     cut = 40 + int(np.argmax(np.diff(ranked[40:81])))  # the widest gap between two middle scores
@@ -91,7 +91,10 @@ def test_threshold_keeps_every_score_at_or_above_it(pool, tmp_path):
     assert ranked[cut + 1] - ranked[cut] > 1e-4  # far above float32 rounding of the same float16 features
     report_dir = tmp_path / 'report'
     assert _filter('--data', str(pool / 'pool-ref'), '--cached', '--threshold', repr(threshold),
-                   '--out', str(tmp_path / 'above'), '--report', str(report_dir)) == 0
+                   '--out', str(tmp_path / 'above'), '--report', str(report_dir), '--progress') == 0
+    captured = capsys.readouterr()
+    assert 'filter: scoring' in captured.err and f'filter -> {tmp_path / "above"}' in captured.err  # both passes
+    assert captured.out.startswith(f'kept {N - 1 - cut} of {N} (')
     kept = [r['index'] for r in _read(str(tmp_path / 'above'))]
     assert kept == [i for i in range(N) if scores[i] >= threshold] and len(kept) == N - 1 - cut
     assert json.loads((report_dir / filter_cmd.REPORT_FILE).read_text())['kept'] == len(kept)
