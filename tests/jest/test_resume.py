@@ -7,6 +7,7 @@ folder; the data order, the JEST draws, the losses and the final weights must eq
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,3 +137,15 @@ def test_selection_log_keeps_each_step_once(boundary):
     assert [r['step'] for r in resumed] == list(range(8))
     assert [r['index'] for r in resumed] == [r['index'] for r in full]
     assert [r['global_indices'] for r in resumed] == [r['global_indices'] for r in full]
+
+
+def test_resume_with_another_filter_ratio_is_refused():
+    """Checked at fit start, against the loader's super-batch: the error names both ratios (a warning named the
+    change, and the run went on with the new ratio, before)."""
+    saved = JEST(score='hard_learner', filter_ratio=0.5, n_chunks=2).state_dict()
+    jest = JEST(score='hard_learner', filter_ratio=0.75, n_chunks=2)
+    with pytest.warns(UserWarning, match=r'filter_ratio: 0\.5 -> 0\.75'):
+        jest.load_state_dict(saved)
+    loader = SimpleNamespace(batch_size=32)
+    with pytest.raises(ValueError, match=r'filter_ratio 0\.5, this run has filter_ratio 0\.75'):
+        jest._resume.fit_start(loader, jest.subbatch_size, jest.filter_ratio)
