@@ -12,6 +12,9 @@ The reference is one of
 - ``--model NAME --checkpoint ref.pt``: a reference trained with this package (or an open_clip state_dict);
 - ``--model NAME --pretrained TAG|FILE``: open_clip's pretrained weights.
 
+A model's features are scored in float32; the cached columns hold float16 features, so the two references agree to
+~1e-3 in score and may order near-ties differently.
+
 The pool is read twice: the first pass scores every example (a top fraction needs all scores), the second copies
 the kept rows in pool order. The report -- pool size, kept count and fraction, the lowest kept score, score
 quantiles and histogram, and for each ``--track-keys`` column its sum and mean over the pool and over the kept
