@@ -2,8 +2,8 @@
 
 Each command of the section's bash block runs in this process through the entry point it names
 (``composer-jest ...`` -> :func:`composer_jest.run.cli.main`, ``python -m composer_jest.train ...`` ->
-:func:`composer_jest.run.train.main`), from a folder holding the ``mydata/`` the section describes. Training commands get
-size overrides appended (a later ``key=value`` wins), nothing else is changed.
+:func:`composer_jest.run.train.main`), from a folder holding the ``mydata/`` the section describes. Training commands
+get size overrides appended (a later ``key=value`` wins), nothing else is changed.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_bring_your_own_data_walkthrough_runs(tmp_path, monkeypatch, capsys, str
         if argv[0] == '.venv/bin/composer-jest':
             assert cli.main(argv[1:]) == 0, command
         else:
-            assert argv[:3] == ['.venv/bin/python', '-m', 'composer_jest.run.train'], command
+            assert argv[:3] == ['.venv/bin/python', '-m', 'composer_jest.train'], command
             assert train.main(argv[3:] + SIZE_OVERRIDES) == 0, command
     out = capsys.readouterr().out
     # step 1: bad rows skipped and counted; the parquet pool replaced the folder's, with the same samples
