@@ -95,14 +95,16 @@ def runs(tmp_path_factory, streaming_shm) -> dict:  # noqa: F811
 def test_two_to_two_local_scope_keeps_every_rank_stream(runs):
     """Each rank draws as in the uninterrupted run after the resume (rank 1 drew with rank 0's stream before)."""
     tmp = runs['tmp']
+    full = [selections(tmp, 'two', rank)[2:] for rank in (0, 1)]
+    resumed = [selections(tmp, 'two-two', rank) for rank in (0, 1)]
     for rank in (0, 1):
-        full, resumed = selections(tmp, 'two', rank), selections(tmp, 'two-two', rank)
-        assert [r['step'] for r in resumed] == [2, 3]
-        for got, expected in zip(resumed, full[2:], strict=True):
+        assert [r['step'] for r in resumed[rank]] == [2, 3]
+        for got, expected in zip(resumed[rank], full[rank], strict=True):
             assert got['superbatch'] == expected['superbatch']
             assert got['global_indices'] == expected['global_indices'], f'rank {rank} step {got["step"]}'
             assert got['index'] == expected['index']
-            assert got['loss'] == pytest.approx(expected['loss'], rel=1e-5)
+    for got, expected in zip(resumed[0] + resumed[1], full[0] + full[1], strict=True):  # the loss sees both ranks
+        assert got['loss'] == pytest.approx(expected['loss'], rel=1e-5)
     assert selections(tmp, 'two', 0)[0]['global_indices'] != selections(tmp, 'two', 1)[0]['global_indices']
 
 
