@@ -364,7 +364,7 @@ def summary(cost: list[tuple[str, float]], full: float, stage1: float, stage2: f
         f'({H100_B} / (8 x {stage2:.0f}/s)); `decode_device: cuda` (`torchvision.io.decode_jpeg` on the GPU) moves '
         'it off the CPU, but no GPU was available to this session, so its speed is not measured. Scores from the '
         'low-resolution path: within 1.7% of FlexiViT\'s features (2.5% from stored thumbnails; relative to the '
-        'spread between examples; FlexiViT itself is 11% from native-patch features), `tests/test_two_stage.py`.')
+        'spread between examples; FlexiViT itself is 11% from native-patch features), `tests/data/test_two_stage.py`.')
 
 
 def jpeg_suite(args) -> str:

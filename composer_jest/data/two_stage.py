@@ -22,7 +22,7 @@ of the full image as ``<x, ŵ>`` with ``ŵ = pinv(B)ᵀ w`` (``B``: resize ``p_n
 applies the native filter to a ``k``-fold smaller image made by DCT scaling + bicubic resizing instead; both
 are low-pass downsamples of the same pixels on the same token grid with the same interpolated position
 embeddings, so the features agree up to the difference of the two filters (measured in
-``tests/test_two_stage.py``).
+``tests/data/test_two_stage.py``).
 
 Example:
     >>> scoring_image_size(224, native_patch_size=16, learner_patch_size=32)
@@ -91,7 +91,7 @@ class ScoringTransform:
     transform's bicubic, then to float and normalised.
 
     On the scoring images the filter matters little: the learner's features differ from FlexiViT's by 1.6% of the
-    between-example spread with ``bilinear`` or ``bicubic``, 2.1% with ``box`` (``tests/test_two_stage.py``); it
+    between-example spread with ``bilinear`` or ``bicubic``, 2.1% with ``box`` (``tests/data/test_two_stage.py``); it
     is the larger part of stage 1's cost after the draft decode (``benchmarks/streaming_throughput.py``).
 
     Example:
@@ -240,7 +240,7 @@ class FullResDecoder:
 
     def _tensor_decode(self, encoded: Sequence[bytes], device: str) -> torch.Tensor:
         """``torchvision.io.decode_jpeg`` on ``device`` (``cuda``: nvJPEG), then resize (shortest side, bicubic,
-        antialiased), crop or augment, and normalise there (``tests/test_two_stage.py`` runs it on the CPU too)."""
+        antialiased), crop or augment, and normalise there (``tests/data/test_two_stage.py`` runs it on the CPU too)."""
         import torch.nn.functional as F  # noqa: PLC0415
         from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
 
