@@ -77,7 +77,16 @@ def _registry_name(algorithm: Algorithm) -> str:
 
 
 def conflicts(jest: Any, algorithms: list) -> list[str]:
-    """One line per algorithm in ``algorithms`` that cannot run beside ``jest``: its yaml name, class and why."""
+    """One line per algorithm in ``algorithms`` that cannot run beside ``jest``: its yaml name, class and why.
+
+    Example:
+        >>> from composer.algorithms import EMA, MixUp
+        >>> from composer_jest import JEST
+        >>> jest = JEST(score='hard_learner')
+        >>> found = conflicts(jest, [jest, EMA(), MixUp()])  # EMA combines; MixUp does not
+        >>> len(found), found[0].split(': it ')[0]
+        (1, 'MixUp (yaml: algorithms.mixup)')
+    """
     out = []
     for algorithm in algorithms:
         if algorithm is jest:
@@ -125,6 +134,7 @@ class InteropChecks:
 
     def fit_start(self, jest: Any, state: State, model: Any) -> None:
         """Keys of JEST and the model, declared loader keys, and the loader's super-batch size."""
+        self._batch_checked = self._sized = False  # each fit() may bring another loader
         model_keys = (getattr(model, 'image_key', None), getattr(model, 'text_key', None))
         if any(k is not None for k in model_keys) and model_keys != (jest.image_key, jest.text_key):
             raise ValueError(f'JEST and the model read different batch keys: {_settings(jest, model)}. Give both '
