@@ -67,10 +67,40 @@ def embed_reference(
     Returns:
         The metadata written to ``reference.json``.
     """
+    towers = load_reference({'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained}).to(device)
+    dataset, columns = _open_input(towers, tokenizer_for(model, towers.clip), remote, local)
+    scale, bias = _scale_and_bias(towers.clip)
+    writer, written, dim = None, 0, None
+    for raw, image, text in _embedded_batches(dataset, towers, batch_size, device, progress):
+        if writer is None:
+            dim = image.shape[1]
+            encodings = (f'ndarray:float16:{dim}', f'ndarray:float16:{dim}', 'float32', 'float32')
+            writer = MDSWriter(out=out, columns={**columns, **dict(zip(CACHED_REFERENCE_KEYS, encodings))},
+                               compression=compression, hashes=list(hashes))
+        for k, sample in enumerate(raw):
+            values = (image[k], text[k], np.float32(scale), np.float32(bias))
+            writer.write({**{c: sample[c] for c in columns}, **dict(zip(CACHED_REFERENCE_KEYS, values))})
+            written += 1
+    if writer is None:
+        raise ValueError(f'the input dataset {remote or local} has no samples')
+    writer.finish()
+    if written != dataset.num_samples:
+        raise RuntimeError(f'wrote {written} of {dataset.num_samples} samples')
+    meta = {
+        'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained,
+        'weights_sha256_16': _weights_digest(towers),
+        'logit_scale': scale, 'logit_bias': bias, 'embedding_dim': dim, 'num_samples': written,
+        'source': remote or local, 'columns': list(CACHED_REFERENCE_KEYS),
+    }
+    _write_json(out, 'reference.json', meta)
+    return meta
+
+
+def _open_input(towers: Any, tokenizer: Any, remote: Optional[str], local: Optional[str]) -> tuple[Any, dict]:
+    """The input MDS dataset (decoded as the reference expects) and its columns ``{name: encoding}``; refuses an
+    input that already carries reference columns."""
     from composer_jest.data.streaming import ImageTextStreamingDataset
 
-    towers = load_reference({'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained}).to(device)
-    tokenizer = tokenizer_for(model, towers.clip)
     cache = local or tempfile.mkdtemp(prefix='embed-reference-')
     dataset = ImageTextStreamingDataset(remote=remote, local=cache, tokenizer=tokenizer,
                                         transform=eval_image_transform(towers.clip), shuffle=False, extra_columns=[])
@@ -79,52 +109,34 @@ def embed_reference(
     clash = [k for k in CACHED_REFERENCE_KEYS if k in columns]
     if clash:
         raise ValueError(f'the input already has reference columns {clash}; embed the original dataset instead')
+    return dataset, columns
+
+
+def _scale_and_bias(clip: torch.nn.Module) -> tuple[float, float]:
+    """The reference's logit scale ``t = exp(logit_scale)`` and bias ``b`` (0 without one), as floats."""
     with torch.no_grad():
-        out_scale = towers.clip.logit_scale.exp().float().reshape(-1)[0].item()
-        bias = getattr(towers.clip, 'logit_bias', None)
-        out_bias = bias.float().reshape(-1)[0].item() if bias is not None else 0.0
-    dim = towers.clip.text_projection.shape[-1] if getattr(towers.clip, 'text_projection', None) is not None \
-        else None
+        scale = clip.logit_scale.exp().float().reshape(-1)[0].item()
+        bias = getattr(clip, 'logit_bias', None)
+        return scale, (bias.float().reshape(-1)[0].item() if bias is not None else 0.0)
+
+
+def _embedded_batches(dataset: Any, towers: Any, batch_size: int, device: str, progress: Optional[bool]):
+    """``(raw samples, image features, text features)`` per batch of ``batch_size``, in dataset order; the
+    features L2-normalised float16 numpy arrays (what the cached columns hold)."""
     n = dataset.num_samples
-    written = 0
-    iterator = range(0, n, batch_size)
+    starts = range(0, n, batch_size)
     if show_progress(progress):
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, desc='embed-reference', unit='batch')
-    writer = None
-    for start in iterator:
-        ids = range(start, min(start + batch_size, n))
-        raw = [StreamingDataset.get_item(dataset, i) for i in ids]
+        starts = tqdm(starts, desc='embed-reference', unit='batch')
+    for start in starts:
+        raw = [StreamingDataset.get_item(dataset, i) for i in range(start, min(start + batch_size, n))]
         decoded = [dataset.decode_sample(dict(r)) for r in raw]
         image = torch.stack([d['image'] for d in decoded]).to(device)
         text = torch.stack([d['text'] for d in decoded]).to(device)
         with torch.no_grad():
             feats = towers(image, text)
-        img = feats['image_features'].half().cpu().numpy()
-        txt = feats['text_features'].half().cpu().numpy()
-        if writer is None:
-            dim = img.shape[1]
-            encodings = (f'ndarray:float16:{dim}', f'ndarray:float16:{dim}', 'float32', 'float32')
-            new_columns = {**columns, **dict(zip(CACHED_REFERENCE_KEYS, encodings))}
-            writer = MDSWriter(out=out, columns=new_columns, compression=compression, hashes=list(hashes))
-        for k, sample in enumerate(raw):
-            values = (img[k], txt[k], np.float32(out_scale), np.float32(out_bias))
-            writer.write({**{c: sample[c] for c in columns}, **dict(zip(CACHED_REFERENCE_KEYS, values))})
-            written += 1
-    if writer is None:
-        raise ValueError(f'the input dataset {remote or local} has no samples')
-    writer.finish()
-    if written != n:
-        raise RuntimeError(f'wrote {written} of {n} samples')
-    meta = {
-        'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained,
-        'weights_sha256_16': _weights_digest(towers),
-        'logit_scale': out_scale, 'logit_bias': out_bias, 'embedding_dim': dim, 'num_samples': written,
-        'source': remote or local, 'columns': list(CACHED_REFERENCE_KEYS),
-    }
-    _write_json(out, 'reference.json', meta)
-    return meta
+        yield raw, feats['image_features'].half().cpu().numpy(), feats['text_features'].half().cpu().numpy()
 
 
 def _write_json(out: str, name: str, payload: dict) -> None:
