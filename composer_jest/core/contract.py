@@ -57,7 +57,8 @@ def scoring_model(model: Any) -> ScoringModel:
                if not hasattr(inner, name)]
     if missing:
         raise TypeError(
-            f'JEST needs the learner to implement composer_jest.core.contract.ScoringModel; {type(inner).__name__} lacks '
-            f'{missing}. Use composer_jest.CLIPModel, or add them to your ComposerModel (see ScoringModel).',
+            'JEST needs the learner to implement composer_jest.core.contract.ScoringModel; '
+            f'{type(inner).__name__} lacks {missing}. Use composer_jest.CLIPModel, or add them to your ComposerModel '
+            '(see ScoringModel).',
         )
     return inner
