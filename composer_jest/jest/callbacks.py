@@ -6,6 +6,7 @@ import json
 import os
 from typing import Optional
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -53,7 +54,7 @@ class SelectionLog(Callback):
         if jest is not None and getattr(jest, 'last_global_indices', None) is not None:
             record['global_indices'] = [int(i) for i in jest.last_global_indices.tolist()]
         if self.superbatch and getattr(jest, 'last_superbatch_index', None) is not None:
-            record['superbatch'] = [int(i) for i in jest.last_superbatch_index.tolist()]
+            record['superbatch'] = [int(i) for i in torch.as_tensor(jest.last_superbatch_index).tolist()]
         self._pending = record
 
     def batch_end(self, state: State, logger: Logger) -> None:
