@@ -33,6 +33,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -93,7 +94,7 @@ def filter_pool(
         score: ``'clip'`` (cosine) or ``'sigmoid'`` (:data:`~composer_jest.core.filtering.SCORES`).
         track_keys: numeric columns to count over the pool and the kept rows (e.g. ``('clean',)``).
         report_dir: where ``filter_report.json`` / ``filter_scores.png`` go (default: into ``out``).
-        cache: local cache directory of an ``s3://`` pool (default: a new temporary one).
+        cache: local cache directory of an ``s3://`` pool (default: a temporary one, removed at the end).
         batch_size: examples scored at a time; device: where the reference runs.
         options: output shards (:class:`~composer_jest.data.convert.MDSOptions`: compression, overwrite...).
         progress: progress bars on stderr; ``None``: only when stderr is a terminal.
@@ -103,20 +104,25 @@ def filter_pool(
     _check_locations(data, out, options.overwrite)
     towers = None if cached else load_reference(
         {'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained}).to(device)
-    dataset = _open_pool(data, cache, towers, model)
-    _check_columns(dataset, data, cached, track_keys)
-    start = time.perf_counter()
-    scores, tracked, logits = _score_pool(dataset, towers, score, track_keys, batch_size, device, progress)
-    kept = keep_indices(scores, keep=keep, threshold=threshold)
-    if kept.numel() == 0:
-        raise ValueError(f'threshold={threshold} keeps no example of {data}: its scores range from '
-                         f'{scores.min().item():.4g} to {scores.max().item():.4g} (score={score!r})')
-    reference = {'cached': cached, 'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained, **logits}
-    report = _report(scores, kept, tracked, data=data, out=out, reference=reference, score=score, keep=keep,
-                     threshold=threshold, score_seconds=time.perf_counter() - start)
-    columns = {**dataset.column_encodings, SCORE_COLUMN: dataset.column_encodings.get(SCORE_COLUMN, 'float64')}
-    summary = write_rows(_kept_rows(dataset, kept, scores), out, columns, options=options, total=kept.numel(),
-                         summary_extra={'filter': report}, label='filter')
+    own_cache = tempfile.mkdtemp(prefix='composer-jest-filter-') if is_remote(data) and cache is None else None
+    try:
+        dataset = _open_pool(data, cache or own_cache, towers, model)
+        _check_columns(dataset, data, cached, track_keys)
+        start = time.perf_counter()
+        scores, tracked, logits = _score_pool(dataset, towers, score, track_keys, batch_size, device, progress)
+        kept = keep_indices(scores, keep=keep, threshold=threshold)
+        if kept.numel() == 0:
+            raise ValueError(f'threshold={threshold} keeps no example of {data}: its scores range from '
+                             f'{scores.min().item():.4g} to {scores.max().item():.4g} (score={score!r})')
+        reference = {'cached': cached, 'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained, **logits}
+        report = _report(scores, kept, tracked, data=data, out=out, reference=reference, score=score, keep=keep,
+                         threshold=threshold, score_seconds=time.perf_counter() - start)
+        columns = {**dataset.column_encodings, SCORE_COLUMN: dataset.column_encodings.get(SCORE_COLUMN, 'float64')}
+        summary = write_rows(_kept_rows(dataset, kept, scores), out, columns, options=options, total=kept.numel(),
+                             summary_extra={'filter': report}, label='filter')
+    finally:  # the downloaded shards of an s3:// pool, unless --cache keeps them
+        if own_cache is not None:
+            shutil.rmtree(own_cache, ignore_errors=True)
     report['written'] = summary.written
     _write_report(report, scores, kept, report_dir or out)
     return report
@@ -191,11 +197,10 @@ def _no_tokenizer(texts: Any) -> Any:
     raise RuntimeError('--cached scoring decodes no caption')
 
 
-def _open_pool(data: str, cache: Optional[str], towers: Optional[torch.nn.Module],
+def _open_pool(data: str, cache: str, towers: Optional[torch.nn.Module],
                model: Optional[str]) -> ImageTextStreamingDataset:
     """The pool, read in order; it decodes samples with the reference's preprocessing when a model scores."""
-    remote, local = (data, cache or tempfile.mkdtemp(prefix='composer-jest-filter-')) if is_remote(data) \
-        else (None, data)
+    remote, local = (data, cache) if is_remote(data) else (None, data)
     if towers is None:
         return ImageTextStreamingDataset(remote=remote, local=local, tokenizer=_no_tokenizer,
                                          transform=lambda image: image, shuffle=False, extra_columns=[])
@@ -398,7 +403,8 @@ def _parser() -> argparse.ArgumentParser:
                         help='numeric columns to count over the pool and the kept rows (e.g. clean)')
     parser.add_argument('--report', default=None, metavar='DIR',
                         help='where filter_report.json and filter_scores.png go (default: into --out)')
-    parser.add_argument('--cache', default=None, help='local cache directory of an s3:// pool (default: temporary)')
+    parser.add_argument('--cache', default=None,
+                        help='local cache directory of an s3:// pool (default: a temporary one, removed at the end)')
     parser.add_argument('--batch-size', type=int, default=256, help='examples scored at a time')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='where the reference runs')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -138,13 +139,16 @@ def test_jpeg_columns_are_copied_byte_for_byte(pool, tmp_path):
         assert np.array_equal(np.asarray(row['image']), np.asarray(source[row['index']]['image']))
 
 
-def test_s3_round_trip(pool, tmp_path, s3_endpoint):  # noqa: F811
+def test_s3_round_trip(pool, tmp_path, s3_endpoint, monkeypatch):  # noqa: F811
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))  # where the pool's shards are downloaded
     client = s3_endpoint.client()
     for name in os.listdir(pool / 'pool-ref'):
         client.upload_file(str(pool / 'pool-ref' / name), s3_endpoint.bucket, f'pool/{name}')
     data, out = f's3://{s3_endpoint.bucket}/pool', f's3://{s3_endpoint.bucket}/top'
     report = filter_cmd.filter_pool(data, out, keep=0.5, cached=True, track_keys=['clean'],
-                                    options=MDSOptions(progress=False), cache=str(tmp_path / 'cache'))
+                                    options=MDSOptions(progress=False))
+    assert not [p for p in os.listdir(tmp_path / 'tmp') if 'filter' in p]  # the temporary cache is removed
     ds = StreamingDataset(remote=out, local=str(tmp_path / 'read'), shuffle=False, batch_size=1)
     kept = [ds[i] for i in range(ds.num_samples)]
     del ds
