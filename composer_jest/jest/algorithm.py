@@ -64,29 +64,24 @@ class _Setting:
 class JEST(Algorithm):
     """Joint Example Selection (Evans et al. 2024) for contrastive image–text training.
 
-    At ``AFTER_DATALOADER`` (once per super-batch of ``N``, before microbatching) the learner (no grad, optionally
-    at a coarser patch size) and a frozen reference score the super-batch, and ``b = round(N (1 - filter_ratio))``
-    examples are drawn with the joint sampler (:func:`~composer_jest.core.step.select_step`); ``state.batch``
-    becomes them, in the loader's order. Size the loader's batch as ``N = b / (1 - f)``.
+    At ``AFTER_DATALOADER`` (once per super-batch of ``N = b / (1 - f)``, before microbatching) the learner and a
+    frozen reference score the super-batch and ``b = round(N (1 - filter_ratio))`` examples are drawn jointly
+    (:func:`~composer_jest.core.step.select_step`); ``state.batch`` becomes them, in the loader's order.
 
     Args:
-        reference: the frozen reference: an open_clip model / ``CLIPModel``, a checkpoint path (the learner's
-            architecture), ``{'model': ..., 'checkpoint': path}``, ``{'model': ..., 'pretrained': tag-or-file}``, or
-            ``'cached'`` (the ``CACHED_REFERENCE_KEYS`` columns of ``composer-jest embed-reference``; a batch that
-            carries them never runs a live reference). Not needed for ``hard_learner``/``uniform``.
-        filter_ratio, n_chunks, score, selection, loss, scope, temperature: see
+        reference: an open_clip model / ``CLIPModel``, a checkpoint path (the learner's architecture), ``{'model':
+            ..., 'checkpoint' or 'pretrained': ...}``, or ``'cached'`` (the ``CACHED_REFERENCE_KEYS`` columns of
+            ``composer-jest embed-reference``, used whenever a batch has them). Not needed by ``hard_learner``/
+            ``uniform``. filter_ratio, n_chunks, score, selection, loss, scope, temperature: see
             :class:`~composer_jest.core.step.SelectionSettings` (``loss=None``: the model's ``loss_name``).
-        learner_patch_size: score the learner at this patch size (FlexiViT); ``None`` = native.
-        image_key, text_key: batch keys. track_keys: numeric batch keys whose mean over the super-batch and the
-            selection is logged. seed: the sampler's seed (offset per rank in ``local`` scope).
-        fast_scoring, compile_scoring: see :class:`~composer_jest.jest.score_inputs.ScoreInputs`.
-        compile_selection: ``torch.compile`` the draw (``True`` or compile kwargs; same selection as eager).
-        full_res: two-stage decoding's :class:`~composer_jest.data.two_stage.FullResDecoder`
-            (:mod:`composer_jest.jest.full_res`), checkpointed with the algorithm.
+        learner_patch_size: score the learner at this patch size (FlexiViT); ``None`` = native. image_key,
+            text_key: batch keys. track_keys: numeric batch keys whose mean over the super-batch and the selection
+            is logged. seed: the sampler's seed (offset per rank in ``local`` scope). fast_scoring,
+            compile_scoring: :class:`~composer_jest.jest.score_inputs.ScoreInputs`. compile_selection: compile the
+            draw (same selection). full_res: two-stage decoding (:mod:`~composer_jest.jest.full_res`).
 
-    Logs ``jest/examples_seen``/``_trained`` (cumulative, all ranks), ``jest/learnability_superbatch``/``_selected``,
-    ``jest/scoring_time`` (s), ``jest/flops_scoring``/``_train`` (analytic, per rank), and
-    ``jest/superbatch/<key>``/``jest/selected/<key>`` per track key.
+    Logs ``jest/examples_seen``/``_trained``, ``jest/learnability_superbatch``/``_selected``, ``jest/scoring_time``,
+    ``jest/flops_scoring``/``_train`` and ``jest/superbatch/<key>``/``jest/selected/<key>`` per track key.
 
     Example:
         >>> from composer_jest import JEST, CLIPModel
@@ -111,8 +106,7 @@ class JEST(Algorithm):
         self.track_keys = (track_keys,) if isinstance(track_keys, str) else tuple(track_keys)  # not its characters
         self.full_res = check_full_res(full_res)
         self.generator: Optional[torch.Generator] = None
-        self._pending_rng: Optional[torch.Tensor] = None
-        self._carry_reference = False
+        self._pending_rng, self._carry_reference = None, False  # a loaded generator state until fit start
         self.examples_seen = self.examples_trained = 0  # global totals (summed over ranks)
         self._resume = ResumeState()  # the layout checkpoints record (composer_jest.jest.resume_state)
         self._flops = StepFlopMeter()
@@ -145,11 +139,8 @@ class JEST(Algorithm):
             self._select(state, logger)
 
     def _fit_start(self, state: State) -> None:
-        if self.generator is None:  # every rank draws the same global selection; local scope: one stream per rank
-            self.generator = torch.Generator().manual_seed(_rank_seed(self.seed, self.scope == 'global'))
-            if self._pending_rng is not None:
-                self.generator.set_state(self._pending_rng)
-                self._pending_rng = None
+        if self.generator is None:
+            self.generator, self._pending_rng = _generator(self.seed, self.scope == 'global', self._pending_rng), None
         if state.dataloader is not None:
             check_train_batches(state.dataloader, 'the train dataloader')
         self._resume.fit_start(state.dataloader, self.subbatch_size, self.filter_ratio)  # refuses another batch
@@ -159,9 +150,7 @@ class JEST(Algorithm):
         objective = build_objective(self.loss, 'JEST loss')
         if self.scope == 'global':
             check_scope(objective, dist.get_world_size())
-        # the training loss's similarity mask reads the reference's embeddings of the trained examples
-        trained = build_objective(model.loss_name, 'model loss').false_negatives
-        self._carry_reference = trained is not None and trained.threshold is not None
+        self._carry_reference = _masks_by_reference(model.loss_name)
         _cap_microbatch(state, self.subbatch_size)
 
     def _select(self, state: State, logger: Logger) -> None:
@@ -224,11 +213,24 @@ class JEST(Algorithm):
             self._pending_rng = stream['rng']
 
 
+def _generator(seed: int, global_scope: bool, state: Optional[torch.Tensor]) -> torch.Generator:
+    """The sampler's CPU generator: in ``state`` (a loaded checkpoint's) if given, else freshly seeded."""
+    generator = torch.Generator().manual_seed(_rank_seed(seed, global_scope))
+    return generator if state is None else generator.set_state(state)
+
+
 def _rank_seed(seed: int, global_scope: bool) -> int:
     """The generator seed: ``seed`` itself at global scope (one draw for all ranks), else mixed with the rank."""
     if global_scope:
         return seed
     return int(np.random.SeedSequence([seed, dist.get_global_rank()]).generate_state(1)[0])
+
+
+def _masks_by_reference(loss: Any) -> bool:
+    """Whether the training loss masks false negatives by reference similarity (it then reads the reference's
+    embeddings of the trained examples, :func:`_carry_reference`)."""
+    trained = build_objective(loss, 'model loss').false_negatives
+    return trained is not None and trained.threshold is not None
 
 
 def _carry_reference(batch: dict, reference: Optional[dict]) -> None:
