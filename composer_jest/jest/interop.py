@@ -184,7 +184,9 @@ class InteropChecks:
         raise ValueError(
             f'{what} is {n} examples, but device_train_microbatch_size={b} with filter_ratio={f} needs a super-batch '
             f'of N = b / (1 - f) = {b / (1 - f):g}: JEST would train {subbatch_size(n, f)} examples a step, not {b}. '
-            f'Size the loader\'s batch with composer_jest.core.batch.superbatch_size (b={b}, f={f}): {fix}.')
+            f'Size the loader\'s batch with composer_jest.core.batch.superbatch_size (b={b}, f={f}): {fix}. If {n} is '
+            f'the super-batch you meant, set device_train_microbatch_size to at most {subbatch_size(n, f)}, or leave '
+            'it unset.')
 
 
 def _settings(jest: Any, model: Any) -> str:

@@ -317,7 +317,8 @@ def test_a_loader_sized_at_b_fails_with_n_b_f_and_the_fix(sized, tokenizer):
         _trainer([_jest()], loader=loader if sized else list(loader)), ValueError,
         rf'{what} is 8 examples, but device_train_microbatch_size=8 with filter_ratio=0.5 needs a super-batch of '
         r'N = b / \(1 - f\) = 16: JEST would train 4 examples a step, not 8. Size the loader.s batch with '
-        r'composer_jest.core.batch.superbatch_size \(b=8, f=0.5\): N = superbatch_size\(8, 0.5\) = 16')
+        r'composer_jest.core.batch.superbatch_size \(b=8, f=0.5\): N = superbatch_size\(8, 0.5\) = 16. If 8 is the '
+        r'super-batch you meant, set device_train_microbatch_size to at most 4, or leave it unset.')
 
 
 @pytest.mark.parametrize('sized', [True, False])
