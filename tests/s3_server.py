@@ -1,4 +1,4 @@
-"""A real HTTP S3 endpoint for tests: ``moto_server`` (from ``moto[server]``) on 127.0.0.1.
+"""A real HTTP S3 endpoint for tests: moto's S3 server (``moto[server]``) in its own process on 127.0.0.1.
 
 The server enforces credentials (IAM auth on, like a real object store): the first three actions create
 an IAM user with an S3 policy and an access key, which the fixtures then export as the environment's
@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import queue
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
+import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -74,37 +73,43 @@ class S3Endpoint:
         return boto3.session.Session().client('s3', endpoint_url=self.url)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+# The server binds port 0 itself (no window between choosing a free port and binding it, where another process
+# of a parallel test could take it) and prints the port it got.
+_SERVE = (
+    'import sys, threading\n'
+    'from moto.server import ThreadedMotoServer\n'
+    "server = ThreadedMotoServer('127.0.0.1', 0, verbose=False)\n"
+    'server.start()\n'
+    'print(server.get_host_and_port()[1], flush=True)\n'
+    "sys.stdout = open('/dev/null', 'w')\n"
+    'threading.Event().wait()\n'
+)
 
 
-def _moto_executable() -> str:
-    # The venv's console script sits next to the interpreter even when the venv is not activated.
-    candidate = Path(sys.executable).parent / 'moto_server'
-    return str(candidate) if candidate.exists() else (shutil.which('moto_server') or 'moto_server')
+def start_moto_server(timeout: float = 120.0) -> MotoServer:
+    """Start a moto S3 server on a port it binds itself (port 0) with auth on; make credentials.
 
-
-def start_moto_server(timeout: float = 30.0) -> MotoServer:
-    """Start ``moto_server -H 127.0.0.1 -p <free port>`` with auth on, wait until it answers, make credentials."""
+    The process prints its port once it listens; ``timeout`` bounds only the wait for that line (a broken
+    install fails with the server's output instead of hanging).
+    """
     import boto3
 
-    port = _free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT='3')  # 3 unauthenticated IAM calls, then auth enforced
-    process = subprocess.Popen([_moto_executable(), '-H', '127.0.0.1', '-p', str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f'http://127.0.0.1:{port}'
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f'{url}/moto-api/', timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f'moto_server did not start on {url} (exit code {process.poll()})') from None
-            time.sleep(0.1)
+    log = tempfile.TemporaryFile()  # the request log (a pipe nobody reads would fill up and block the server)
+    process = subprocess.Popen([sys.executable, '-c', _SERVE], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    ready = queue.Queue()
+    threading.Thread(target=lambda: ready.put(process.stdout.readline()), daemon=True).start()
+    try:
+        line = ready.get(timeout=timeout)
+    except queue.Empty:
+        line = ''
+    if not line.strip().isdigit():
+        process.kill()
+        process.wait(timeout=10)
+        log.seek(0)
+        err = log.read()[-2000:].decode(errors='replace')
+        raise RuntimeError(f'the moto S3 server did not start (exit code {process.poll()}): {err}')
+    url = f'http://127.0.0.1:{int(line)}'
     try:
         iam = boto3.session.Session().client('iam', endpoint_url=url, region_name=REGION,
                                              aws_access_key_id='bootstrap', aws_secret_access_key='bootstrap')
@@ -151,7 +156,14 @@ def s3_endpoint(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield endpoint
 
 
-def unreachable_url() -> str:
-    """A URL on 127.0.0.1 where nothing listens."""
-    return f'http://127.0.0.1:{_free_port()}'
+_NOT_LISTENING: list[socket.socket] = []
 
+
+def unreachable_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: a port held bound (never listening) for the whole session, so no
+    other process can take it; connecting to it is refused at once."""
+    if not _NOT_LISTENING:
+        sock = socket.socket()
+        sock.bind(('127.0.0.1', 0))
+        _NOT_LISTENING.append(sock)
+    return f'http://127.0.0.1:{_NOT_LISTENING[0].getsockname()[1]}'

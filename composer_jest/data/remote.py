@@ -55,8 +55,9 @@ def s3_client(connect_timeout: float = 10.0, max_attempts: int = 3, read_timeout
     import boto3
     from botocore.config import Config
 
+    # total_max_attempts counts the first try (botocore's max_attempts counts retries only: 1 would be 2 tries)
     config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
-                    retries={'max_attempts': max_attempts, 'mode': 'standard'})
+                    retries={'total_max_attempts': max_attempts, 'mode': 'standard'})
     return boto3.session.Session().client('s3', config=config, endpoint_url=os.environ.get('S3_ENDPOINT_URL'))
 
 

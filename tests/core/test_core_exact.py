@@ -228,3 +228,46 @@ def test_blockwise_sample_given_noise_uses_it_and_checks_its_shape():
     assert got.tolist() == loop_draw(pair_gain(scores), 12, [2, 2], noise, 1.0, joint=True)
     with pytest.raises(ValueError, match=r'noise must have shape \(chunks, N\) = \(2, 12\)'):
         blockwise_sample(Pair(), 4, 2, None, noise=noise[:1])
+
+
+class RecordingPairScorer:
+    """A :class:`BlockScorer` over one group's rows of a global pair matrix; records every ``add``."""
+
+    def __init__(self, scores: torch.Tensor, group: int, groups: int):
+        n = scores.shape[0] // groups
+        self.scores, self.rows, self.num_items = scores, slice(group * n, (group + 1) * n), n
+        self.offset, self.calls = group * n, []
+        self.cond = torch.diagonal(scores)[self.rows].clone()
+
+    def initial(self):
+        return self.cond
+
+    def add(self, new, need_cond):
+        self.calls.append((new.tolist(), need_cond))
+        return self.cond if need_cond else None
+
+
+@pytest.mark.parametrize('joint', [True, False])
+def test_blockwise_sample_draws_its_groups_share_of_the_dense_draw(joint):
+    """Independent draws (and the first chunk of joint ones) depend only on the diagonal: each group's
+    ``blockwise_sample`` with the shared generator gives exactly its part of the dense draw over all groups."""
+    groups, n_local, quota = 3, 7, 2
+    scores = torch.diag(torch.randn(groups * n_local, generator=gen(8)) * 2)  # no pair terms: chunks independent
+    dense = (joint_sample(scores, quota * groups, 2, gen(4), n_groups=groups) if joint
+             else independent_sample(scores, quota * groups, gen(4), n_groups=groups))
+    for g in range(groups):
+        scorer = RecordingPairScorer(scores, g, groups)
+        got = blockwise_sample(scorer, quota, 2, gen(4), group=g, joint=joint)
+        mine = [int(i) - g * n_local for i in dense if g * n_local <= int(i) < (g + 1) * n_local]
+        assert got.tolist() == mine
+        # joint: the chunk before the last is added with its conditional; the last is not (add_all=False)
+        assert [c[1] for c in scorer.calls] == ([True] if joint else [])
+    # add_all: the scorer sees the last chunk (joint) or the whole draw (independent), statistics only
+    scorer = RecordingPairScorer(scores, 0, groups)
+    got = blockwise_sample(scorer, quota, 2, gen(4), joint=joint, add_all=True)
+    assert [c[1] for c in scorer.calls] == ([True, False] if joint else [False])
+    assert sum((c[0] for c in scorer.calls), []) == got.tolist()
+    with pytest.raises(ValueError, match='n_select must be an int'):
+        blockwise_sample(RecordingPairScorer(scores, 0, groups), n_local + 1, 2, gen(4))
+    with pytest.raises(ValueError, match='temperature'):
+        blockwise_sample(RecordingPairScorer(scores, 0, groups), quota, 2, gen(4), temperature=0.0)

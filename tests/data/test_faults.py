@@ -3,7 +3,9 @@
 Checkpoints (unsafe pickles, non-checkpoints, other architectures, a truncated latest checkpoint), conversion
 (a failed ``--overwrite`` keeps the old dataset, locally and on S3; encodings; caption counts), shards (corrupted
 or truncated in a local dir or the cache; a corrupt cached index), a flaky or frozen S3 endpoint, and
-non-finite scores named by their source. Everything runs on local files or the moto endpoint, bounded in time.
+non-finite scores named by their source. Everything runs on local files or the moto endpoint; no test reads
+the wall clock: a frozen store is bounded by the clients' timeouts (checked in their config) and faults are
+injected on events (a logged retry, a requested shard), not after a delay.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import csv
 import fractions
 import json
+import logging
 import os
+import re
 import signal
-import threading
-import time
 import warnings
 
 import pytest
@@ -25,6 +27,7 @@ from model_helpers import fit, make_model
 from s3_server import S3Endpoint, moto_server, s3_endpoint, start_moto_server, streaming_shm, unreachable_url  # noqa: F401
 from streaming import StreamingDataset
 
+import composer_jest.data.streaming as streaming_module
 from composer_jest import JEST
 from composer_jest.data import shapes_dataloader
 from composer_jest.data.convert import (
@@ -38,7 +41,7 @@ from composer_jest.data.convert import (
     main,
 )
 from composer_jest.data.demo.shapes import ShapesDataset
-from composer_jest.data.remote import RemoteAccessError, download_s3_file
+from composer_jest.data.remote import RemoteAccessError, _download_client, download_s3_file
 from composer_jest.data.streaming import ImageTextStreamingDataset, ShardError, build_streaming_dataloader
 from composer_jest.models.checkpoint import CheckpointError, check_resumable
 from composer_jest.models.clip import checkpoint_state_dict
@@ -295,7 +298,7 @@ def test_damaged_cache_is_fetched_again_from_the_remote(s3_endpoint, tmp_path): 
 # -- 4. a flaky or frozen object store -----------------------------------------------------------------------
 @pytest.fixture
 def own_store(monkeypatch, streaming_shm):  # noqa: F811
-    """A moto endpoint of this test's own (it gets frozen), holding 48 shapes in 8 shards at s3://faults/mds."""
+    """A moto endpoint of this test's own (it gets frozen), holding 48 shapes at s3://faults/mds (one per shard)."""
     server = start_moto_server()
     try:
         for name, value in server.env().items():
@@ -312,13 +315,16 @@ def test_frozen_store_fails_within_the_timeout_naming_what_it_waits_for(own_stor
     ds = ImageTextStreamingDataset(remote='s3://faults/mds', local=str(tmp_path / 'cache'), tokenizer=lambda c: c,
                                    shuffle=False, batch_size=1, download_timeout=1, download_retry=2)
     os.kill(own_store.pid, signal.SIGSTOP)  # the endpoint accepts connections and never answers
-    start = time.monotonic()
     with pytest.raises(ShardError, match=r'cannot download s3://faults/mds/.*shard\.00000.*did not answer in 2 '
                                          r'attempts.*timeout 1s'):
         ds[0]
-    assert time.monotonic() - start < 8, 'two 1 s attempts and a 1 s backoff, not minutes'
-    assert any('waiting for s3://faults/mds/' in r.message and 'attempt 1/2 failed' in r.message
-               for r in caplog.records)
+    # what bounds the wait (no wall clock): each attempt's client gives up after 1 s per connect and per read, with
+    # no retries of its own; two attempts; one backoff of 1 s (+ up to 10% jitter) between them, announced
+    config = _download_client(1.0).meta.config
+    assert (config.connect_timeout, config.read_timeout, config.retries['total_max_attempts']) == (1.0, 1.0, 1)
+    waits = [r.message for r in caplog.records if r.message.startswith('waiting for s3://faults/mds/')]
+    assert len(waits) == 1 and 'attempt 1/2 failed' in waits[0], waits
+    assert re.search(r'retrying in 1\.[01]s$', waits[0]), waits
     del ds
 
 
@@ -334,16 +340,37 @@ def test_frozen_store_with_loader_workers_is_one_error(own_store, tmp_path, capf
     del loader
 
 
+class _OnFirstWait(logging.Handler):
+    """Calls ``action`` once, when the first 'waiting for' warning is logged (an attempt failed, backoff begins)."""
+
+    def __init__(self, action):
+        super().__init__(logging.WARNING)
+        self.action, self.fired = action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fired and record.getMessage().startswith('waiting for '):
+            self.fired = True
+            self.action()
+
+
 def test_store_back_within_the_retry_window_is_waited_for(own_store, tmp_path, caplog):
     ds = ImageTextStreamingDataset(remote='s3://faults/mds', local=str(tmp_path / 'cache'), tokenizer=lambda c: c,
-                                   shuffle=False, batch_size=1, keep_caption=True, download_timeout=1,
+                                   shuffle=False, batch_size=1, keep_caption=True, download_timeout=2,
                                    download_retry=4)
     os.kill(own_store.pid, signal.SIGSTOP)
-    threading.Timer(4.0, os.kill, (own_store.pid, signal.SIGCONT)).start()  # back after 4 s: attempt 2 gets through
-    captions = [ds[i]['caption'] for i in range(ds.num_samples)]
+    # the store comes back when the first attempt has failed (an event, not a timer): a later attempt gets through
+    back = _OnFirstWait(lambda: os.kill(own_store.pid, signal.SIGCONT))
+    logging.getLogger('composer_jest.data.remote').addHandler(back)
+    try:
+        captions = [ds[i]['caption'] for i in range(ds.num_samples)]
+    finally:
+        logging.getLogger('composer_jest.data.remote').removeHandler(back)
+    assert back.fired, 'the first download met the frozen store'
     assert captions == [ShapesDataset(48, seed=4).example(i)['caption'] for i in range(48)]
     waits = [r.message for r in caplog.records if r.message.startswith('waiting for s3://faults/mds/')]
     assert waits and all('from the S3 endpoint http://127.0.0.1:' in m for m in waits), 'it says what it waits for'
+    assert any(r.message.startswith('downloaded s3://faults/mds/') and 'after 2 attempts' in r.message
+               for r in caplog.records) or len(waits) > 1, 'a retry, not the first attempt, got the shard'
     del ds
 
 
@@ -357,26 +384,41 @@ def test_unreachable_store_is_retried_then_one_error(tmp_path, monkeypatch):
 
 
 class _Record(Callback):
-    """Trained indices per batch; freezes the store (SIGSTOP) after batch ``freeze_after``."""
+    """Trained indices and losses per batch."""
 
-    def __init__(self, store_pid: int, freeze_after: int = 0):
+    def __init__(self):
         self.batches: list[list[int]] = []
         self.losses: list[torch.Tensor] = []
-        self.store_pid, self.freeze_after = store_pid, freeze_after
 
     def after_dataloader(self, state, logger) -> None:
         self.batches.append(state.batch['index'].tolist())
 
     def batch_end(self, state, logger) -> None:
         self.losses.append(state.loss.detach().clone())
-        if int(state.timestamp.batch) == self.freeze_after:
-            os.kill(self.store_pid, signal.SIGSTOP)
+
+
+def _freeze_at_shard(monkeypatch, store_pid: int, first: int) -> None:
+    """Freeze the store (SIGSTOP) when the shard holding sample ``first`` is first requested, whatever the timing.
+
+    With ``predownload=0`` (and no shuffle, no workers) streaming's download thread requests the shard of sample
+    ``p`` only once the reader has asked for sample ``p``: every sample before ``first`` was read from a shard
+    fetched before the freeze, and the reader stops (one ShardError) at ``first`` itself, never before.
+    """
+    real = streaming_module.download_s3_file
+
+    def download(url, local, **kwargs):
+        shard = re.search(r'shard\.(\d+)\.mds', url)  # one sample per shard: shard.00024.mds(.zstd) holds sample 24
+        if shard and int(shard.group(1)) >= first:
+            os.kill(store_pid, signal.SIGSTOP)
+        return real(url, local, **kwargs)
+
+    monkeypatch.setattr(streaming_module, 'download_s3_file', download)
 
 
 def _store_run(record: _Record, tmp_path, cache: str, **kwargs) -> _Record:
     model = make_model(seed=1)
     loader = build_streaming_dataloader('s3://faults/mds', str(tmp_path / cache), model.tokenizer, batch_size=8,
-                                        shuffle=False, predownload=8, download_timeout=1,
+                                        shuffle=False, predownload=0, download_timeout=1,
                                         download_retry=2)
     trainer = Trainer(model=model, train_dataloader=loader, max_duration='6ba', seed=0, device='cpu',
                       optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), callbacks=[record],
@@ -389,21 +431,23 @@ def _store_run(record: _Record, tmp_path, cache: str, **kwargs) -> _Record:
     return record
 
 
-def test_store_dying_mid_run_then_autoresume_is_bit_exact(own_store, tmp_path):
-    """The store freezes after step 3 (shards of steps 4-6 not cached yet): the run fails with one ShardError;
-    with the store back, ``autoresume`` from save_folder continues exactly as a run that never failed."""
-    uninterrupted = _store_run(_Record(own_store.pid), tmp_path, 'cache-a')
+def test_store_dying_mid_run_then_autoresume_is_bit_exact(own_store, tmp_path, monkeypatch):
+    """The store freezes when sample 24 is first needed (48 samples, one per shard; 8 per step: step 4 reads
+    samples 24-31): the run fails with one ShardError after 3 saved steps; with the store back, ``autoresume``
+    from save_folder continues exactly as a run that never failed."""
+    uninterrupted = _store_run(_Record(), tmp_path, 'cache-a')
     save = dict(save_folder=str(tmp_path / 'ckpt'), save_interval='1ba', save_num_checkpoints_to_keep=1,
                 run_name='flaky', autoresume=True)
-    failed = _Record(own_store.pid, freeze_after=3)
-    with pytest.raises(ShardError, match=r'cannot download .*shard\.\d+.*did not answer in 2 attempts'):
-        _store_run(failed, tmp_path, 'cache-b', **save)
-    done = len(failed.losses)  # steps trained (and saved) before the shards ran out
-    assert 3 <= done < 6 and failed.batches[:done] == uninterrupted.batches[:done]
+    failed = _Record()
+    with monkeypatch.context() as frozen:
+        _freeze_at_shard(frozen, own_store.pid, first=24)
+        with pytest.raises(ShardError, match=r'cannot download .*shard\.00024.*did not answer in 2 attempts'):
+            _store_run(failed, tmp_path, 'cache-b', **save)
+    assert len(failed.losses) == 3 and failed.batches[:3] == uninterrupted.batches[:3]
     os.kill(own_store.pid, signal.SIGCONT)
-    resumed = _store_run(_Record(own_store.pid), tmp_path, 'cache-c', **save)
-    assert resumed.batches == uninterrupted.batches[done:], 'the same selections from the same super-batches'
-    assert all(torch.equal(a, b) for a, b in zip(resumed.losses, uninterrupted.losses[done:], strict=True))
+    resumed = _store_run(_Record(), tmp_path, 'cache-c', **save)
+    assert resumed.batches == uninterrupted.batches[3:], 'the same selections from the same super-batches'
+    assert all(torch.equal(a, b) for a, b in zip(resumed.losses, uninterrupted.losses[3:], strict=True))
 
 
 def test_yaml_load_path_and_model_checkpoint_are_loaded_safely(composer_checkpoint, tmp_path):
