@@ -48,7 +48,14 @@ from composer_jest.core.batch import CACHED_REFERENCE_KEYS
 from composer_jest.core.filtering import SCORE_COLUMN, SCORES, keep_count, keep_indices, reference_scores
 from composer_jest.data.convert import ConversionError, MDSOptions, write_rows
 from composer_jest.data.progress import show_progress
-from composer_jest.data.remote import RemoteAccessError, check_s3_prefix, is_remote, s3_client, split_s3_url
+from composer_jest.data.remote import (
+    RemoteAccessError,
+    check_s3_prefix,
+    is_remote,
+    remote_errors,
+    s3_client,
+    split_s3_url,
+)
 from composer_jest.data.streaming import ImageTextStreamingDataset
 from composer_jest.jest.reference import load_reference
 from composer_jest.models.clip import eval_image_transform, tokenizer_for
@@ -102,12 +109,12 @@ def filter_pool(
     options = options or MDSOptions(progress=show_progress(progress))
     _check_arguments(keep, threshold, score, cached, model, checkpoint, pretrained, batch_size)
     _check_locations(data, out, options.overwrite)
+    _check_columns(_pool_columns(data), data, cached, track_keys)
     towers = None if cached else load_reference(
         {'model': model, 'checkpoint': checkpoint, 'pretrained': pretrained}).to(device)
     own_cache = tempfile.mkdtemp(prefix='composer-jest-filter-') if is_remote(data) and cache is None else None
     try:
         dataset = _open_pool(data, cache or own_cache, towers, model)
-        _check_columns(dataset, data, cached, track_keys)
         start = time.perf_counter()
         scores, tracked, logits = _score_pool(dataset, towers, score, track_keys, batch_size, device, progress)
         kept = keep_indices(scores, keep=keep, threshold=threshold)
@@ -179,8 +186,23 @@ def _check_locations(data: str, out: str, overwrite: bool) -> None:
         raise FileExistsError(f'{out} exists and is not empty; {hint}')
 
 
-def _check_columns(dataset: ImageTextStreamingDataset, data: str, cached: bool, track_keys: Sequence[str]) -> None:
-    encodings = dataset.column_encodings
+def _pool_columns(data: str) -> dict[str, str]:
+    """``{column: MDS encoding}`` of the pool, from its ``index.json`` (read before any shard or model)."""
+    if data.startswith('s3://'):
+        bucket, prefix = split_s3_url(data)
+        with remote_errors(data, 'read'):
+            body = s3_client().get_object(Bucket=bucket, Key=f'{prefix.rstrip("/")}/index.json'.lstrip('/'))['Body']
+            index = json.loads(body.read())
+    else:
+        with open(os.path.join(data, 'index.json'), encoding='utf-8') as f:
+            index = json.load(f)
+    shard = index['shards'][0] if index.get('shards') else None
+    if shard is None:
+        raise ValueError(f'{data}: its index.json lists no shards (an empty dataset)')
+    return dict(zip(shard['column_names'], shard['column_encodings']))
+
+
+def _check_columns(encodings: dict[str, str], data: str, cached: bool, track_keys: Sequence[str]) -> None:
     missing = [k for k in CACHED_REFERENCE_KEYS if k not in encodings]
     if cached and missing:
         raise ValueError(f'--cached: {data} has no cached reference columns {missing} (columns: {sorted(encodings)}); '

@@ -176,6 +176,8 @@ def _no_model(*args, **kwargs):
      r"no cached reference columns \['ref_image_features', .*embed-reference` writes them"),
     (['--data', '{pool}/pool-ref', '--keep', '0.3', '--cached', '--track-keys', 'nope'],
      "--track-keys 'nope': not a numeric column .*'clean'"),
+    (['--data', '{pool}/pool', '--keep', '0.3', '--model', 'jest-tiny', '--checkpoint', '{pool}/ref.pt',
+      '--track-keys', 'clean,nope'], "--track-keys 'nope': not a numeric column"),
     (['--data', '{pool}/pool-ref', '--threshold', '2', '--cached'], 'keeps no example'),
     (['--data', '{pool}/pool', '--keep', '0.3', '--model', 'jest-tiny', '--checkpoint', '{pool}/none.pt'],
      'none.pt: no such file'),
