@@ -10,6 +10,7 @@ of the draws is intended (``python tests/jest/test_algorithm_golden.py OUT.json`
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -67,11 +68,17 @@ def _cache_reference(batch: dict, reference) -> None:
                                              f['logit_bias'].reshape(1).expand(N))))
 
 
+@functools.lru_cache(maxsize=None)
+def _model(seed: int):
+    """The learner (seed 0) and the reference (seed 1), built once: scoring leaves their weights as they are."""
+    return make_model(seed=seed)
+
+
 def run_case(name: str) -> list[dict]:
     """Two steps of JEST with the settings ``CASES[name]``: what each kept and logged, then the next draw."""
     torch.set_num_threads(1)
     kwargs = dict(CASES[name])
-    model, reference = make_model(seed=0), make_model(seed=1)
+    model, reference = _model(0), _model(1)
     kwargs.setdefault('reference', reference)
     jest = JEST(**kwargs)
     state = SimpleNamespace(model=model, device=DeviceCPU(), precision='fp32', precision_config=None,
