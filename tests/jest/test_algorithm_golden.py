@@ -68,7 +68,7 @@ def _cache_reference(batch: dict, reference) -> None:
                                              f['logit_bias'].reshape(1).expand(N))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(seed: int):
     """The learner (seed 0) and the reference (seed 1), built once: scoring leaves their weights as they are."""
     return make_model(seed=seed)
