@@ -264,7 +264,8 @@ def test_blockwise_sample_draws_its_groups_share_of_the_dense_draw(joint):
         assert [c[1] for c in scorer.calls] == ([True] if joint else [])
     # add_all: the scorer sees the last chunk (joint) or the whole draw (independent), statistics only
     scorer = RecordingPairScorer(scores, 0, groups)
-    got = blockwise_sample(scorer, quota, 2, gen(4), joint=joint, add_all=True)
+    got = blockwise_sample(scorer, quota, 2, gen(4), joint=joint, add_all=True)  # group 0 by default
+    assert got.tolist() == [int(i) for i in dense if int(i) < n_local]
     assert [c[1] for c in scorer.calls] == ([True, False] if joint else [False])
     assert sum((c[0] for c in scorer.calls), []) == got.tolist()
     with pytest.raises(ValueError, match='n_select must be an int'):
