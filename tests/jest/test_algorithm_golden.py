@@ -5,7 +5,7 @@ false negatives, temperature and track keys, global scope at rank 1 of 2, cached
 ``AFTER_DATALOADER`` steps of a JEST driven on a minimal state: the kept positions, the global draw order, the
 kept ``index`` column, every logged metric but the wall time, and the generator's next value. The refactored
 adapter must reproduce them: the same seed gives the same indices and statistics. Regenerate only when a change
-of the draws is intended (``python tests/jest/test_algorithm_golden.py OUT.json``).
+of the draws is intended (``PYTHONPATH=tests python tests/jest/test_algorithm_golden.py OUT.json``).
 """
 
 from __future__ import annotations
@@ -121,8 +121,7 @@ def test_jest_draws_match_the_golden_draws(name, monkeypatch):
             assert mine['metrics'][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
-if __name__ == '__main__':  # regenerate: python tests/jest/test_algorithm_golden.py OUT.json
-    sys.path.insert(0, str(Path(__file__).parents[1]))
+if __name__ == '__main__':  # regenerate: PYTHONPATH=tests python tests/jest/test_algorithm_golden.py OUT.json
     with pytest.MonkeyPatch.context() as mp:
         results = {}
         for case in CASES:
