@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = REPO / 'composer_jest' / 'yamls'
+RECIPES = REPO / 'composer_jest' / 'run' / 'yamls'
 QUIET = ['log_to_console=false', 'print_metrics=false', 'progress_bar=false']
 
 
