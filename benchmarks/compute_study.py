@@ -128,8 +128,7 @@ METHODS = {m.name: m for m in (
 )}
 CORE = ('uniform', 'offline-0.5', 'jest-0.8-all', 'offline-0.2', 'jest-0.9-all')  # the dev pool's first rows
 LADDER = ('jest-0.8-cached', 'jest-0.8-cached-flexi')  # the savings one at a time: run after everything else
-NOISE_METHODS = ('uniform', 'offline-0.5', 'offline-0.2')  # + the best JEST configuration on the dev pool
-# noise pools, seed 0 first: uniform, offline-0.5, the best JEST, then offline-0.2 (dropped first when time runs out)
+# noise pools: uniform, the best JEST configuration on the dev pool and offline-0.5 on each pool, then offline-0.2
 BENCHMARK_METHODS = ('uniform', 'offline-0.5', 'offline-0.2', 'jest-0.8-all', 'jest-0.9-all', 'oracle')
 
 
@@ -321,9 +320,9 @@ def plan(phase: str, seeds: Sequence[int], best: Optional[str]) -> list[tuple[st
     core = [('proportional', 'dev', m, sd) for sd in seeds for m in CORE]
     ladder = [('proportional', 'dev', m, sd) for sd in seeds for m in LADDER]
     bench = [('benchmark', 'dev', m, sd) for sd in seeds for m in BENCHMARK_METHODS]
-    noise_methods = NOISE_METHODS[:2] + ((best,) if best else ()) + NOISE_METHODS[2:]
-    noise = [('proportional', pool, m, sd) for sd in seeds for pool in ('bad10', 'bad70', 'dups')
-             for m in noise_methods]
+    pools, first = ('bad10', 'bad70', 'dups'), ('uniform',) + ((best,) if best else ()) + ('offline-0.5',)
+    noise = [('proportional', pool, m, sd) for sd in seeds for pool in pools for m in first]
+    noise += [('proportional', pool, 'offline-0.2', sd) for sd in seeds for pool in pools]
     return {'core': core, 'dev': dev, 'noise': noise, 'benchmark': bench, 'ladder': ladder}[phase]
 
 

@@ -150,13 +150,20 @@ def goals(res: dict[str, Any], best: str) -> str:
             j, js = _m(res, best, key)
             o, os_ = _m(res, off, key)
             if j is None or o is None:
-                lines.append(f'- equal FLOPs ({label}) vs {off}: not comparable (a curve does not reach the budget).')
+                why = ('the one-off costs alone exceed the budget' if key == 'at_flops_all'
+                       and res['one_off']['flops'] >= res['budget']['flops'] else 'a curve does not reach the budget')
+                lines.append(f'- equal FLOPs ({label}) vs {off}: not comparable ({why}).')
+                continue
+            seeds = f'{len(jest["seeds"])} vs {len(res["rows"][off]["seeds"])} seeds'
+            if js is None and os_ is None:
+                lines.append(f'- equal FLOPs ({label}): {best} {j:.1%} vs {off} {o:.1%} ({j - o:+.1%}; {seeds}: no '
+                             'seed spread to compare with, undecided).')
                 continue
             spread = max(js or 0.0, os_ or 0.0)
             verdict = 'ahead by more than' if j - o > spread else ('behind by more than' if o - j > spread
                                                                    else 'within')
             lines.append(f'- equal FLOPs ({label}): {best} {j:.1%} vs {off} {o:.1%} ({j - o:+.1%}; {verdict} the '
-                         f'seed spread {spread:.1%}, {len(jest["seeds"])} vs {len(res["rows"][off]["seeds"])} seeds).')
+                         f'seed spread {spread:.1%}, {seeds}).')
     return '\n'.join(lines)
 
 
