@@ -3,6 +3,7 @@
 from composer_jest.core.losses import SoftmaxScorer, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.core.scoring import Features, Selection, jest_select
 from composer_jest.core.selection import independent_sample, joint_sample, score_matrix
+from composer_jest.core.step import SelectionSettings, select_step
 from composer_jest.jest.algorithm import JEST, jest_first
 from composer_jest.jest.reference import load_reference
 from composer_jest.models.clip import CLIPModel, CLIPTowers, build_clip
@@ -15,6 +16,7 @@ __all__ = [
     'CLIPTowers',
     'Features',
     'Selection',
+    'SelectionSettings',
     'SoftmaxScorer',
     'build_clip',
     'independent_sample',
@@ -23,6 +25,7 @@ __all__ = [
     'joint_sample',
     'load_reference',
     'score_matrix',
+    'select_step',
     'sigmoid_pair_loss',
     'softmax_set_loss',
 ]
