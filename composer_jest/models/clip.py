@@ -246,6 +246,10 @@ class CLIPModel(ComposerModel):
         loss: a loss spec (:mod:`composer_jest.core.objectives`): a registered name (``'sigmoid'``: SigLIP, needs a
             model with ``init_logit_bias``; ``'softmax'``: CLIP; ``'dcl'``, ``'hcl'``, ``'triplet'``, ``'npair'``)
             or ``{'name': ..., <parameters>, 'false_negatives': {...}}``. ``loss_name`` holds its canonical spec.
+            The reference in the loss (:mod:`composer_jest.core.steering`): ``{'name': 'drrho', 'form': 'sigmoid',
+            'tau': 1.0, 'distill': λ}`` (DRRho steering) or ``{'name': 'distill', 'form': 'sigmoid', 'distill': λ}``
+            (SigLIP/CLIP plus reference distillation); both read the batch's cached ``ref_*`` columns
+            (``composer-jest embed-reference``) and fail on the first batch that lacks them.
         classnames: zero-shot class names; enables the ``ZeroShotAccuracy`` eval metric (batches then
             need a ``label`` key).
         class_templates: prompt templates with ``{name}``; embeddings averaged over templates.
@@ -368,6 +372,7 @@ class CLIPModel(ComposerModel):
         open_clip's ``ClipLoss(local_loss=False, gather_with_grad=True)``), false negatives masked."""
         rank, world = dist.get_global_rank(), dist.get_world_size()
         features = dict(outputs)
+        features.update(self._reference_columns(batch, world))  # steered losses (core/steering): cached ref_* columns
         fn = self.objective.false_negatives
         signature = fn.signature(batch) if fn is not None else None
         if world > 1:
@@ -382,6 +387,17 @@ class CLIPModel(ComposerModel):
         loss = self.objective.training_loss({**features, **self.negatives.features()}, mask)
         self.negatives.update(self.towers, batch[self.image_key], batch[self.text_key])  # for the next steps
         return loss
+
+    def _reference_columns(self, batch: Any, world: int) -> dict[str, torch.Tensor]:
+        """The cached reference columns a steered loss reads (``reference_keys``), of every rank's batch."""
+        keys = getattr(self.objective, 'reference_keys', ())
+        if not keys:
+            return {}
+        from composer_jest.core.steering import check_reference_columns  # noqa: PLC0415
+
+        check_reference_columns(batch, self.objective.family)
+        cols = {k: torch.as_tensor(batch[k]).to(batch[self.image_key].device) for k in keys}
+        return {k: torch.cat(dist.all_gather(v)) for k, v in cols.items()} if world > 1 else cols
 
     # -- the scoring contract (composer_jest.core.contract.ScoringModel): what JEST calls -----------------------
     def score_features(self, batch: dict, patch_size: Optional[int] = None) -> dict[str, Any]:
