@@ -162,6 +162,41 @@ def micro(reps: int, b: int = 64) -> dict[str, Any]:
             'extra_flops_per_step': loss_flops(b, dim)}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the table: the study's saved rows and these, through compute_study_analysis.analyse
+# ---------------------------------------------------------------------------------------------------------------
+def load_runs(folder: Path, tag: str, seeds: Sequence[int]) -> dict[str, list[dict]]:
+    """Saved runs of the dev pool in ``folder`` with the study's settings tag, by row name."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted((folder / 'runs' / 'proportional' / 'dev').glob('*_seed*.json')):
+        name, seed = path.stem.rsplit('_seed', 1)
+        run = json.loads(path.read_text())
+        if run.get('settings_tag') == tag and int(seed) in seeds:
+            out.setdefault(name, []).append(run)
+    return out
+
+
+def analyse_rows(out: Path, seeds: Sequence[int] = (0, 1, 2)) -> str:
+    """The equal-compute table of the study's dev-pool rows plus these rows (``steering.md`` / ``.json``)."""
+    import compute_study_analysis as csa  # noqa: PLC0415
+
+    study = cs.Study(cs.study_settings(), cs.RESULTS, Path('/tmp'), analyse_only=True)
+    tag = study.tag('proportional', 'dev')
+    runs = load_runs(cs.RESULTS, tag, seeds)
+    mine = load_runs(out, tag, seeds)
+    for name, rs in mine.items():
+        # analyse() adds the one-off reference costs (its training + the pool embedding pass) for the kinds 'offline'
+        # and 'jest'; the steered rows read the same cached embeddings, so they are counted as such (in memory only)
+        runs[name] = [dict(r, spec={**r['spec'], 'kind': 'offline' if r['spec']['kind'] == 'uniform' else
+                                    r['spec']['kind']}) for r in rs]
+    ref = json.loads((cs.RESULTS / 'references' / 'proportional_dev.json').read_text())
+    res = csa.analyse(runs, ref)
+    text = csa.table(res)
+    (out / 'steering.json').write_text(json.dumps(res, indent=1, default=str))
+    (out / 'steering.md').write_text(text + '\n')
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--rows', nargs='*', default=list(ROWS), choices=list(ROWS))
@@ -171,10 +206,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--micro', action='store_true', help='time a step with each steered loss beside uniform')
     p.add_argument('--reps', type=int, default=30)
+    p.add_argument('--analyse', action='store_true', help='the table of the saved runs (study rows and these)')
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.analyse:
+        print(analyse_rows(out))
+        return
     if args.micro:
         result = micro(args.reps)
         out.mkdir(parents=True, exist_ok=True)
