@@ -147,8 +147,19 @@ def remote_errors(remote: str, action: str = 'read', *,
     the input whose chain holds a botocore error) leave the block unchanged.
 
     Example:
-        >>> with remote_errors('s3://bucket/data', 'list'):
-        ...     keys = [o['Key'] for o in client.list_objects_v2(Bucket='bucket')['Contents']]  # doctest: +SKIP
+        >>> from botocore.exceptions import EndpointConnectionError
+        >>> try:
+        ...     with remote_errors('s3://bucket/data', 'list'):
+        ...         raise EndpointConnectionError(endpoint_url='http://127.0.0.1:1')
+        ... except RemoteAccessError as e:
+        ...     print(type(e).__name__, 's3://bucket/data' in str(e))
+        RemoteAccessError True
+        >>> try:
+        ...     with remote_errors('s3://bucket/data', 'list'):
+        ...         raise KeyError('not an object-store failure')
+        ... except KeyError as e:
+        ...     print('unchanged', e)
+        unchanged 'not an object-store failure'
     """
     try:
         yield
