@@ -82,7 +82,7 @@ def test_low_res_scores_match_flexi(model_name, jpegs):
         native = model.score_features({'image': full, 'text': text}, None)['image_features']
     a, b = flexi['image_features'], two['image_features']
     spread = (a - a.mean(0)).norm()
-    assert float((b - a).norm() / spread) < 0.05
+    assert float((b - a).norm() / spread) < 0.02  # README: "features within 2% of the FlexiViT ones"
     assert float((native - a).norm() / spread) > 0.05  # the tolerance separates different encodings
     assert float((a * b).sum(1).min()) > 0.999
     scores = [f['logit_scale'] * f['image_features'] @ f['text_features'].T + f['logit_bias'] for f in (flexi, two)]
