@@ -12,8 +12,8 @@ Checked by counting, not timing: a ``TorchDispatchMode`` sees every tensor any t
 
 So every joint selection stays at or below ``max(N x b_g, STAT_BLOCK²)`` = 65 536 = N² / 16 (measured: sigmoid
 65 536, the 256 x 256 statistic block; softmax, dcl, triplet 57 344, N x 56 chosen), and the sigmoid draw alone
-(learner only, no statistics) at or below ``2 N max(d, chunk_g)`` (measured 16 384, the features). The dense path (``mask``, the N x N logits
-scored at one rank) is the positive control: the same hook sees its ``N x N``.
+(learner only, no statistics) at or below ``2 N max(d, chunk_g)`` (measured 16 384, the features). The dense
+path (``mask``, the N x N logits scored at one rank) is the positive control: the same hook sees its ``N x N``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def largest(loss: str, score: str = 'learnability', world: int = WORLD, mask=Non
         reference = None
     with LargestTensor() as hook:
         sel = jest_select(learner, reference, B, score=score, loss=loss, n_chunks=CHUNKS, rank=0, world_size=world,
-                          all_gather=gather if world > 1 else None, mask=mask, generator=torch.Generator().manual_seed(0))
+                          all_gather=gather if world > 1 else None, mask=mask,
+                          generator=torch.Generator().manual_seed(0))
     assert sel.indices.numel() == B
     return hook
 

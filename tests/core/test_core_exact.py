@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composer_jest.core.losses import SoftmaxScorer, sigmoid_pair_loss, softmax_set_loss
+from composer_jest.core.losses import SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.core.scoring import jest_select
 from composer_jest.core.selection import (
     batch_score,
@@ -84,8 +84,8 @@ def test_groups_draw_their_quota_with_their_own_noise():
     for t, s in enumerate(sizes):
         new = []
         for g in range(groups):
-            logits = torch.tensor([-math.inf if g * size + k in chosen else gain(chosen, g * size + k) + float(noise[t, g, k])
-                                   for k in range(size)])
+            logits = torch.tensor([-math.inf if g * size + k in chosen
+                                   else gain(chosen, g * size + k) + float(noise[t, g, k]) for k in range(size)])
             new += (torch.topk(logits, s).indices + g * size).tolist()
         chosen += new
     assert got.tolist() == chosen
@@ -272,3 +272,34 @@ def test_blockwise_sample_draws_its_groups_share_of_the_dense_draw(joint):
         blockwise_sample(RecordingPairScorer(scores, 0, groups), n_local + 1, 2, gen(4))
     with pytest.raises(ValueError, match='temperature'):
         blockwise_sample(RecordingPairScorer(scores, 0, groups), quota, 2, gen(4), temperature=0.0)
+
+
+def test_pair_logits_is_scale_times_dot_plus_bias():
+    x, y = features(5, 4, 1)['image_features'], features(5, 4, 2)['text_features']
+    torch.testing.assert_close(pair_logits(x, y, 7.0), 7.0 * x @ y.T)
+    torch.testing.assert_close(pair_logits(x, y, torch.tensor(7.0), torch.tensor(-2.5)), 7.0 * x @ y.T - 2.5)
+
+
+def test_uniform_takes_its_size_from_either_loss():
+    loss = torch.rand(4, 4)
+    assert torch.equal(score_matrix('uniform', loss, None), torch.zeros(4, 4))
+    assert torch.equal(score_matrix('uniform', None, loss), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match='at least one loss matrix'):
+        score_matrix('uniform')
+
+
+def test_independent_sample_checks_its_sizes():
+    scores = torch.zeros(6, 6)
+    with pytest.raises(ValueError, match=r'n_select must be an int in \[1, N=6\]'):
+        independent_sample(scores, 7, gen(0))
+    with pytest.raises(ValueError, match='n_groups must be an int >= 1 dividing both N=6 and n_select=2'):
+        independent_sample(scores, 2, gen(0), n_groups=4)
+    assert independent_sample(scores, 4, gen(0), n_groups=2).numel() == 4
+
+
+def test_softmax_scorer_with_one_term():
+    a = logits_of(features(9, 8, 3))
+    scorer = SoftmaxScorer([(a, 1.0)])
+    assert scorer.num_items == 9 and torch.equal(scorer.initial(), torch.zeros(9))
+    got = scorer.add(torch.tensor([4]))
+    assert abs(float(got[0]) - softmax_gain([(a, 1.0)])([4], 0)) < 1e-4

@@ -52,6 +52,9 @@ def launch(workdir: Path, yaml: Path, *overrides: str, env: dict | None = None) 
         if proc.returncode == 0 or 'DistNetworkError' not in logs or 'init_process_group' not in logs:
             break
     if proc.returncode != 0:
+        if 'DistNetworkError' in logs and 'init_process_group' in logs:
+            pytest.fail(f'composer -n 2 could not connect its ranks twice (the launcher\'s free port was taken by '
+                        f'another process before the ranks bound it; rerun on a less busy machine):\n{logs}')
         pytest.fail(f'composer -n 2 failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{logs}')
 
 
@@ -104,12 +107,17 @@ def test_global_selection_from_s3_is_identical_on_all_ranks_and_resumes_exactly(
 def test_local_selection_draws_independently_per_rank(tmp_path, reference_checkpoint):
     yaml = tmp_path / 'run.yaml'
     yaml.write_text(yaml_text(tmp_path, reference_checkpoint, 'local', TRAIN_SHAPES).replace('4ba', '2ba'))
-    # Flexi scoring and multi-resolution training through the FSDP2-wrapped towers.
-    launch(tmp_path, yaml, 'algorithms.jest.learner_patch_size=16', 'model.low_res_patch_size=16')
+    # Flexi scoring and multi-resolution training through the FSDP2-wrapped towers. At temperature 1e6 the scores
+    # (O(10)) move the logits by ~1e-5, far less than the Gumbel noise between neighbours: the picks are the noise's
+    # top 8 of 16. One seed shared by the ranks would then draw the same positions on both at every step (the data
+    # differ, the noise would not); rank-aware seeds draw the same 8 positions with probability 1 / C(16, 8) ~ 8e-5.
+    launch(tmp_path, yaml, 'algorithms.jest.learner_patch_size=16', 'model.low_res_patch_size=16',
+           'algorithms.jest.temperature=1e6')
     ranks = [selections(tmp_path / 'selections', r) for r in (0, 1)]
+    assert [s['step'] for s in ranks[0]] == [s['step'] for s in ranks[1]] == [0, 1]
     for step0, step1 in zip(*ranks):
         assert len(step0['global_indices']) == len(step1['global_indices']) == 8  # local draw: 8 of 16
         assert len(step0['index']) == 8
         assert 0 < step0['loss'] < 100 and 0 < step1['loss'] < 100
-    # rank-aware seeds: the two ranks do not draw the same positions every step
-    assert [s['global_indices'] for s in ranks[0]] != [s['global_indices'] for s in ranks[1]]
+        # rank-aware seeds: the two ranks' noise differs, so their positions differ at every step
+        assert sorted(step0['global_indices']) != sorted(step1['global_indices']), (step0, step1)
