@@ -127,7 +127,8 @@ def loss_flops(n: int, d: int) -> float:
 
 
 def micro(reps: int, b: int = 64) -> dict[str, Any]:
-    """Median seconds of a training step per loss, interleaved (each rep runs every loss once, on the same batch)."""
+    """Median CPU seconds of a training step per loss, interleaved (each rep runs every loss once, in a random order,
+    on the same batch), and of the loss alone (forward + backward on fixed features)."""
     s = cs.study_settings()
     cfg = cs.model_config('proportional', s)
     g = torch.Generator().manual_seed(0)
@@ -147,17 +148,20 @@ def micro(reps: int, b: int = 64) -> dict[str, Any]:
         model = CLIPModel(cfg, loss=loss, tokenizer=lambda t: t)
         models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     times: dict[str, list[float]] = {k: [] for k in losses}
+    names = list(models)
     for rep in range(reps + 3):
-        for name, (model, opt) in models.items():
-            t0 = time.perf_counter()
+        for k in torch.randperm(len(names), generator=g).tolist():  # a fresh order every rep
+            model, opt = models[names[k]]
+            t0 = time.process_time()  # CPU seconds of this process: robust to a shared machine (one torch thread)
             opt.zero_grad(set_to_none=True)
             model.loss(model(batch), batch).backward()
             opt.step()
             if rep >= 3:  # warm-up reps dropped
-                times[name].append(time.perf_counter() - t0)
+                times[names[k]].append(time.process_time() - t0)
     base = statistics.median(times['uniform (sigmoid)'])
-    return {'batch': b, 'reps': reps, 'threads': torch.get_num_threads(), 'embed_dim': dim,
+    return {'batch': b, 'reps': reps, 'threads': torch.get_num_threads(), 'embed_dim': dim, 'clock': 'process CPU',
             'median_s': {k: statistics.median(v) for k, v in times.items()},
+            'loss_only_median_s': loss_only(models, batch, reps * 5, g),
             'ratio_to_uniform': {k: statistics.median(v) / base for k, v in times.items()},
             'extra_flops_per_step': loss_flops(b, dim)}
 
@@ -195,6 +199,22 @@ def analyse_rows(out: Path, seeds: Sequence[int] = (0, 1, 2)) -> str:
     (out / 'steering.json').write_text(json.dumps(res, indent=1, default=str))
     (out / 'steering.md').write_text(text + '\n')
     return text
+
+
+def loss_only(models: dict, batch: dict, reps: int, g: torch.Generator) -> dict[str, float]:
+    """Median CPU seconds of each model's loss + its backward on fixed random features (no towers)."""
+    b, dim = batch['ref_image_features'].shape
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(reps):
+        for name, (model, _opt) in models.items():
+            x, y = (torch.nn.functional.normalize(torch.randn(b, dim, generator=g), dim=-1).requires_grad_()
+                    for _ in range(2))
+            out = {'image_features': x, 'text_features': y, 'logit_scale': torch.tensor(10.0, requires_grad=True),
+                   'logit_bias': torch.tensor(-10.0, requires_grad=True)}
+            t0 = time.process_time()
+            model.loss(out, batch).backward()
+            times[name].append(time.process_time() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
