@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from composer_jest.core.losses import SoftmaxScorer, pair_logits, sigmoid_pair_loss, softmax_set_loss
 from composer_jest.core.scoring import jest_select
 from composer_jest.core.selection import (
+    PairScorer,
     batch_score,
     blockwise_sample,
     chunk_sizes,
@@ -303,3 +304,11 @@ def test_softmax_scorer_with_one_term():
     assert scorer.num_items == 9 and torch.equal(scorer.initial(), torch.zeros(9))
     got = scorer.add(torch.tensor([4]))
     assert abs(float(got[0]) - softmax_gain([(a, 1.0)])([4], 0)) < 1e-4
+
+
+def test_independent_sample_takes_a_conditional_scorer():
+    scores = torch.randn(12, 12, generator=gen(6))
+    want = independent_sample(scores, 4, gen(2), n_groups=2)
+    assert torch.equal(independent_sample(PairScorer(scores), 4, gen(2), n_groups=2), want)
+    with pytest.raises(ValueError, match=r'n_select must be an int in \[1, N=12\]'):
+        independent_sample(PairScorer(scores), 13, gen(2))
