@@ -41,9 +41,9 @@ def _softplus(v):
     return torch.log1p(torch.exp(-v.abs())) + v.clamp(min=0)
 
 
-def loop_drrho_softmax(l, s_ref, tau, mask=None):
-    n, total = l.shape[0], 0.0
-    for view, ref in ((l, s_ref), (l.T, s_ref.T)):
+def loop_drrho_softmax(lg, s_ref, tau, mask=None):
+    n, total = lg.shape[0], 0.0
+    for view, ref in ((lg, s_ref), (lg.T, s_ref.T)):
         for i in range(n):
             terms = [(view[i, j] - view[i, i]) - (ref[i, j] - ref[i, i]) / tau
                      for j in range(n) if j != i and (mask is None or not mask[i, j])]
@@ -52,13 +52,13 @@ def loop_drrho_softmax(l, s_ref, tau, mask=None):
     return total
 
 
-def loop_drrho_sigmoid(l, r, tau, mask=None):
-    n, total = l.shape[0], 0.0
+def loop_drrho_sigmoid(lg, r, tau, mask=None):
+    n, total = lg.shape[0], 0.0
 
     def pair(lg, i, j):
         return _softplus(-lg[i, j]) if i == j else _softplus(lg[i, j])
 
-    for view, ref in ((l, r), (l.T, r.T)):
+    for view, ref in ((lg, r), (lg.T, r.T)):
         for i in range(n):
             total = total + 0.5 * (pair(view, i, i) - pair(ref, i, i))
             deltas = [pair(view, i, j) - pair(ref, i, j) for j in range(n)
@@ -69,9 +69,9 @@ def loop_drrho_sigmoid(l, r, tau, mask=None):
     return total
 
 
-def loop_distill_softmax(l, r):
-    n, total = l.shape[0], 0.0
-    for view, ref in ((l, r), (l.T, r.T)):
+def loop_distill_softmax(lg, r):
+    n, total = lg.shape[0], 0.0
+    for view, ref in ((lg, r), (lg.T, r.T)):
         for i in range(n):
             zq = sum(torch.exp(view[i, k]) for k in range(n))
             zp = sum(torch.exp(ref[i, k]) for k in range(n))
@@ -81,12 +81,12 @@ def loop_distill_softmax(l, r):
     return total
 
 
-def loop_distill_sigmoid(l, r):
+def loop_distill_sigmoid(lg, r):
     total = 0.0
-    for i in range(l.shape[0]):
-        for j in range(l.shape[0]):
+    for i in range(lg.shape[0]):
+        for j in range(lg.shape[0]):
             p = 1 / (1 + torch.exp(-r[i, j]))
-            total = total - (p * torch.log(torch.sigmoid(l[i, j])) + (1 - p) * torch.log(torch.sigmoid(-l[i, j])))
+            total = total - (p * torch.log(torch.sigmoid(lg[i, j])) + (1 - p) * torch.log(torch.sigmoid(-lg[i, j])))
     return total
 
 
@@ -120,17 +120,17 @@ def test_drrho_softmax_matches_loop(n, d, masked):
 @pytest.mark.parametrize('masked', [False, True])
 def test_drrho_sigmoid_matches_loop(n, d, tau, masked):
     g = torch.Generator().manual_seed(n * 10 + d)
-    l, r = 10 * _cos(n, d, g) - 5, 8 * _cos(n, d, g) - 4
+    lg, r = 10 * _cos(n, d, g) - 5, 8 * _cos(n, d, g) - 4
     mask = _mask(n, g) if masked else None
-    _parity(lambda lg: drrho_sigmoid_loss(lg, r, tau, mask), lambda lg: loop_drrho_sigmoid(lg, r, tau, mask), l)
+    _parity(lambda lg: drrho_sigmoid_loss(lg, r, tau, mask), lambda lg: loop_drrho_sigmoid(lg, r, tau, mask), lg)
 
 
 @pytest.mark.parametrize('n,d', SHAPES)
 def test_distill_matches_loops(n, d):
     g = torch.Generator().manual_seed(n * 10 + d)
-    l, r = 10 * _cos(n, d, g), 12 * _cos(n, d, g) - 3
-    _parity(lambda lg: distill_softmax(lg, r), lambda lg: loop_distill_softmax(lg, r), l)
-    _parity(lambda lg: distill_sigmoid(lg, r), lambda lg: loop_distill_sigmoid(lg, r), l)
+    lg, r = 10 * _cos(n, d, g), 12 * _cos(n, d, g) - 3
+    _parity(lambda lg: distill_softmax(lg, r), lambda lg: loop_distill_softmax(lg, r), lg)
+    _parity(lambda lg: distill_sigmoid(lg, r), lambda lg: loop_distill_sigmoid(lg, r), lg)
 
 
 def test_reference_term_is_subtracted():
@@ -162,12 +162,12 @@ def test_reference_steers_the_gradient():
 def test_sigmoid_form_tends_to_siglip_minus_reference():
     """τ → ∞: the DRO average becomes the plain mean, so L = SigLIP(learner) - SigLIP(reference) summed."""
     g = torch.Generator().manual_seed(5)
-    l, r = 10 * _cos(6, 4, g) - 5, 10 * _cos(6, 4, g) - 5
+    lg, r = 10 * _cos(6, 4, g) - 5, 10 * _cos(6, 4, g) - 5
     eye = torch.eye(6, dtype=torch.bool)
     siglip = lambda z: torch.where(eye, F.softplus(-z), F.softplus(z)).sum()  # noqa: E731
-    torch.testing.assert_close(drrho_sigmoid_loss(l, r, 1e6), siglip(l) - siglip(r), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(drrho_sigmoid_loss(lg, r, 1e6), siglip(lg) - siglip(r), rtol=1e-5, atol=1e-6)
     # small τ: the worst negative dominates, the loss exceeds the plain difference
-    assert float(drrho_sigmoid_loss(l, r, 0.05)) > float(siglip(l) - siglip(r))
+    assert float(drrho_sigmoid_loss(lg, r, 0.05)) > float(siglip(lg) - siglip(r))
 
 
 def _features(n=6, d=4, seed=0):
@@ -215,6 +215,6 @@ def test_registry_and_errors():
 
 
 def test_singleton_softmax_is_zero_and_sigmoid_is_the_positive():
-    l, r = torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64)
-    assert float(drrho_softmax_loss(l, r, 0.1)) == 0.0
-    assert math.isclose(float(drrho_sigmoid_loss(l, r, 1.0)), float(F.softplus(-l) - F.softplus(-r)), rel_tol=1e-12)
+    lg, r = torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64)
+    assert float(drrho_softmax_loss(lg, r, 0.1)) == 0.0
+    assert math.isclose(float(drrho_sigmoid_loss(lg, r, 1.0)), float(F.softplus(-lg) - F.softplus(-r)), rel_tol=1e-12)

@@ -54,9 +54,9 @@ def test_loss_reads_the_cached_columns():
     out = model(batch)
     loss = model.loss(out, batch)
     s = out['image_features'] @ out['text_features'].T
-    l = out['logit_scale'] * s + out['logit_bias']
+    lg = out['logit_scale'] * s + out['logit_bias']
     r = 10.0 * _ref_cos(batch) - 10.0
-    expected = (drrho_sigmoid_loss(l, r, 0.5) + 0.25 * distill_sigmoid(l, r)) / 8
+    expected = (drrho_sigmoid_loss(lg, r, 0.5) + 0.25 * distill_sigmoid(lg, r)) / 8
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert model.towers.clip.visual.conv1.weight.grad.abs().sum() > 0
