@@ -22,7 +22,7 @@ from typing import Any, Optional
 import learning_efficiency as le
 import numpy as np
 
-NOISE_X = {'bad10': 0.1, 'dev': 0.4, 'bad70': 0.7}  # fraction of bad captions; 'dups' (none bad) plotted apart
+NOISE_X = {'bad10': 0.1, 'dev': 0.4, 'bad70': 0.69}  # fraction of bad captions; 'dups' (none bad) plotted apart
 
 
 def _final(run: dict, metric: str) -> float:
