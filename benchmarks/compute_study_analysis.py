@@ -208,7 +208,7 @@ def plot_noise(results: dict[str, dict], methods: Sequence[str], path: Path) -> 
     fig, axs = plt.subplots(1, 3, figsize=(17, 4.8))
     panels = (('flops_to_match_all', "FLOPs to match uniform, all-in (x uniform)"),
               ('flops_to_match', 'FLOPs to match uniform, run cost only (x uniform)'),
-              ('at_flops_all', "zero-shot at uniform's FLOPs, all-in (minus uniform's)"))
+              ('at_flops', "zero-shot at uniform's FLOPs minus uniform's (run cost)"))
     for ax, (key, label) in zip(axs, panels):
         for i, name in enumerate(methods):
             xs, ys, es = [], [], []
@@ -217,20 +217,19 @@ def plot_noise(results: dict[str, dict], methods: Sequence[str], path: Path) -> 
                 m, sd = _m(res, name, key) if res else (None, None)
                 if m is None:
                     continue
-                if key == 'at_flops_all':
+                if key == 'at_flops':
                     m -= _m(res, 'uniform', 'at_flops')[0]
                 xs.append(x), ys.append(m), es.append(sd or 0.0)
             ax.errorbar(xs, ys, yerr=es, marker='o', color=f'C{i}', label=name, capsize=3)
             dup = results.get('dups')
             m, sd = _m(dup, name, key) if dup else (None, None)
             if m is not None:
-                if key == 'at_flops_all':
+                if key == 'at_flops':
                     m -= _m(dup, 'uniform', 'at_flops')[0]
                 ax.errorbar([0.0], [m], yerr=[sd or 0.0], marker='s', color=f'C{i}', capsize=3, ls='none')
-        if key != 'at_flops_all':
-            ax.axhline(1.0, color='k', lw=0.8, ls=':')
-        ax.set_xlabel('fraction of bad captions (0.4: the 30k dev pool; others 17k sub-pools of it; '
-                      'square: no bad captions, 25% near duplicates)')
+        ax.axhline(0.0 if key == 'at_flops' else 1.0, color='k', lw=0.8, ls=':')
+        ax.set_xlabel('bad captions (0.4: 30k dev pool; others: 17k sub-pools; square: 25% near dups only)',
+                      fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axs[0].legend(fontsize=8)
@@ -267,7 +266,8 @@ def analyse_all(study: Any, seeds: Sequence[int], quick: bool = False) -> dict[s
             best = min(jest, key=lambda k: (jest[k]['agg']['flops_to_match']['mean'] or math.inf))
             md += ['### goals (proportional model, dev pool)', '', goals(dev, best), '']
             noise = {p: results[f'proportional/{p}'] for p in cs.POOLS if f'proportional/{p}' in results}
-            methods = [m for m in ('uniform', 'offline-0.5', 'offline-0.2', best, 'oracle')
+            jests = sorted({m for p, r in noise.items() if p != 'dev' for m in r['rows'] if m.startswith('jest')})
+            methods = [m for m in ('uniform', 'offline-0.5', 'offline-0.2', *jests)
                        if any(m in r['rows'] for r in noise.values())]
             if len(noise) > 1:
                 plot_noise(noise, methods, out / 'noise.png')
