@@ -312,3 +312,27 @@ def test_independent_sample_takes_a_conditional_scorer():
     assert torch.equal(independent_sample(PairScorer(scores), 4, gen(2), n_groups=2), want)
     with pytest.raises(ValueError, match=r'n_select must be an int in \[1, N=12\]'):
         independent_sample(PairScorer(scores), 13, gen(2))
+
+
+def test_finite_scores_whose_sum_overflows_are_accepted():
+    """Only NaN/inf entries are refused: finite float32 scores may overflow in their sum (the fast check)."""
+    scores = torch.zeros(6, 6)
+    scores[0, 0] = scores[1, 1] = 3e38  # finite; their sum is inf in float32
+    assert not torch.isfinite(scores.sum())
+    assert sorted(independent_sample(scores, 2, gen(0)).tolist()) == [0, 1]
+
+
+def test_the_seed_and_the_noise_are_pinned():
+    """Replay across versions: a checkpointed generator state must give the same seed and the same noise (a change
+    here changes every resumed run's selections)."""
+    assert draw_seed(gen(0)) == 900450186894289455
+    assert gumbel_noise(7, 1, (3,), 'cpu').tolist() == pytest.approx([0.480752, 0.716538, 1.878239], abs=1e-6)
+
+
+def test_group_and_size_checks():
+    scores = torch.randn(8, 8, generator=gen(1))
+    assert sorted(joint_sample(scores, 8, 2, gen(0)).tolist()) == list(range(8))  # n_select = N is allowed
+    with pytest.raises(ValueError, match='n_groups must be an int >= 1 dividing both N=8 and n_select=2'):
+        joint_sample(scores, 2, 1, gen(0), n_groups=4)  # divides N, not n_select
+    with pytest.raises(ValueError, match='n_groups must be an int >= 1'):
+        joint_sample(scores, 2, 1, gen(0), n_groups=0)
