@@ -75,6 +75,7 @@ def quick(tmp_path_factory):
     return out, json.loads(first), json.loads((out / 'compute_study.json').read_text())
 
 
+@pytest.mark.slow  # ~75 s of CPU: run by .ci/run after the suite (`pytest -m slow`)
 def test_quick_runs_every_kind_and_analyse_only_reproduces_the_tables(quick):
     out, first, again = quick
     assert first == again  # --analyse-only regenerated the same numbers from the saved runs, without training

@@ -13,6 +13,9 @@ import pytest
 
 from composer_jest.data.demo.fashion_mnist import fashion_mnist_root
 
+# ~2 min of CPU: run by .ci/run after the suite (`pytest -m slow`), not by README's test command
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / 'benchmarks' / 'learning_efficiency.py'
 
