@@ -76,7 +76,8 @@ class SegmentedAttention(nn.MultiheadAttention):
         packed = query[0]  # [P, w]
         if query.shape[0] != 1 or packed.shape[0] != layout.positions():
             raise RuntimeError(f'packed attention got {tuple(query.shape)} tokens for a layout of {layout.positions()} '
-                               f'positions {layout.groups}: a packed call must go through composer_jest.models.packed.run')
+                               f'positions {layout.groups}: a packed call must go through '
+                               'composer_jest.models.packed.run')
         width, heads = self.embed_dim, self.num_heads
         qkv = F.linear(packed, self.in_proj_weight, self.in_proj_bias)  # [P, 3w], one matmul for every group
         out = qkv.new_empty(packed.shape[0], width)

@@ -6,8 +6,8 @@ Hugging Face hub or the tag's URL, then cached) or the path of a local weights f
 as ``.pt``/``.bin``/``.pth``, ``.safetensors``, or big_vision ``.npz``). open_clip's loader converts what it knows
 (third-party key layouts, a scalar ``logit_scale`` into this package's 1-element one, position-embedding sizes)
 and loads strictly. A torch file is read with ``weights_only=True`` under the allowlist of
-:mod:`composer_jest.models.checkpoint` (:func:`~composer_jest.models.checkpoint.read_checkpoint`): a file holding other Python
-objects is refused, naming it. ``.safetensors`` and ``.npz`` hold arrays only and are read as they are.
+:mod:`composer_jest.models.checkpoint` (:func:`~composer_jest.models.checkpoint.read_checkpoint`): a file holding
+other Python objects is refused, naming it. ``.safetensors`` and ``.npz`` hold arrays only and are read as they are.
 
 Offline, a tag fails with an error naming it and the local-file alternative (set ``HF_HUB_OFFLINE=1`` to fail at
 once rather than after the hub client's retries, ~45 s).

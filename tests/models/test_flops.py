@@ -1,4 +1,5 @@
-"""Analytic FLOP estimates (composer_jest.models.flops) against token scaling, a brute-force count, and the paper's setting."""
+"""Analytic FLOP estimates (composer_jest.models.flops) against token scaling, a brute-force count, and the paper's
+setting."""
 
 from __future__ import annotations
 
