@@ -17,7 +17,11 @@ Methods (same optimizer, constant-after-warmup schedule, batch ``b``):
   :func:`composer_jest.core.filtering.reference_scores`), keep the top 50% / 20%, train uniformly on them;
 - ``jest-<f>-all``: JEST at filter ratio ``f`` with every saving (cached reference embeddings, learner scored at
   twice the patch (flexi), half of each trained batch at twice the patch (multi-resolution));
-  ``jest-0.8-cached`` and ``jest-0.8-cached-flexi``: the savings one at a time.
+  ``jest-0.8-cached`` and ``jest-0.8-cached-flexi``: the savings one at a time;
+- the reference in the loss (issue 30; the pool's cached reference columns, no extra forward pass): ``drrho`` (uniform
+  batches, the DRRho steered loss), ``uniform-distill`` (SigLIP + λ = 1 distillation), ``jest-<f>-all-distill`` (JEST
+  selection, trained with distillation) and ``offline-0.5-then-jest-0.8-all`` (keep the top half of the pool by the
+  reference, then JEST on it); their best two also on the noise pools.
 
 Each run records zero-shot / retrieval against examples trained, analytic FLOPs (JEST's own ``jest/flops_*``
 accounting; uniform steps by :func:`composer_jest.models.flops.step_flops`) and **process CPU time** of training
@@ -29,7 +33,8 @@ and reported both ways. Analysis and plots: :mod:`benchmarks.compute_study_analy
 Examples::
 
     python benchmarks/compute_study.py                  # the whole study, resumable (saved runs are reused)
-    python benchmarks/compute_study.py --phase dev      # only the dev-pool table (seed 0 first, then 1, 2)
+    python benchmarks/compute_study.py --phases dev     # only the dev-pool table (seed 0 first, then 1, 2)
+    python benchmarks/compute_study.py --phases steering  # the steered rows, then their best two on the noise pools
     python benchmarks/compute_study.py --quick --out /tmp/cs   # smoke test (< 1 min)
     python benchmarks/compute_study.py --analyse-only   # tables and plots from the saved runs
 """
@@ -99,6 +104,11 @@ def subpool(data: dict[str, Any], bad: Optional[float], size: int, seed: int = 0
     return torch.sort(torch.cat(pick)).values.numpy()
 
 
+# losses of the rows that use the reference inside the loss (issue 30), read from the pool's cached reference columns
+DRRHO = {'name': 'drrho', 'form': 'sigmoid', 'tau': 1.0}
+DISTILL = {'name': 'distill', 'form': 'sigmoid', 'distill': 1.0}
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of the table."""
@@ -109,25 +119,47 @@ class Method:
     filter_ratio: float = 0.0  # jest
     flexi: bool = False
     multires: bool = False
+    loss: Any = 'sigmoid'  # the training loss spec (``model.loss``): a steered loss reads the cached reference
+    prefilter: Optional[float] = None  # jest: keep this top fraction of the pool by the reference first (offline)
+
+    @property
+    def reads_cached(self) -> bool:
+        """Batches carry the pool's cached reference columns (JEST scores with them; steered losses train on them)."""
+        return self.kind == 'jest' or self.loss != 'sigmoid'
 
     @property
     def uses_reference(self) -> bool:
-        return self.kind in ('offline', 'jest')
+        """The run needs the reference and its one-off pool embedding pass (counted in the all-in columns)."""
+        return self.kind in ('offline', 'jest') or self.reads_cached or self.prefilter is not None
+
+    @property
+    def plain_jest(self) -> bool:
+        """JEST as the paper runs it (SigLIP loss, the whole pool): the candidates for the noise pools' JEST row."""
+        return self.kind == 'jest' and self.loss == 'sigmoid' and self.prefilter is None
 
 
+_ALL = dict(flexi=True, multires=True)  # every saving: cached reference, flexi scoring, multi-resolution training
 METHODS = {m.name: m for m in (
     Method('uniform', 'uniform'),
     Method('offline-0.5', 'offline', keep=0.5),
     Method('offline-0.2', 'offline', keep=0.2),
-    Method('jest-0.8-all', 'jest', filter_ratio=0.8, flexi=True, multires=True),
-    Method('jest-0.5-all', 'jest', filter_ratio=0.5, flexi=True, multires=True),
-    Method('jest-0.9-all', 'jest', filter_ratio=0.9, flexi=True, multires=True),
+    Method('jest-0.8-all', 'jest', filter_ratio=0.8, **_ALL),
+    Method('jest-0.5-all', 'jest', filter_ratio=0.5, **_ALL),
+    Method('jest-0.9-all', 'jest', filter_ratio=0.9, **_ALL),
     Method('oracle', 'oracle'),
     Method('jest-0.8-cached', 'jest', filter_ratio=0.8),
     Method('jest-0.8-cached-flexi', 'jest', filter_ratio=0.8, flexi=True),
+    # the reference in the loss (issue 30): steering, distillation, and the combinations with selection
+    Method('drrho', 'uniform', loss=DRRHO),
+    Method('uniform-distill', 'uniform', loss=DISTILL),
+    Method('jest-0.8-all-distill', 'jest', filter_ratio=0.8, loss=DISTILL, **_ALL),
+    Method('jest-0.5-all-distill', 'jest', filter_ratio=0.5, loss=DISTILL, **_ALL),
+    Method('offline-0.5-then-jest-0.8-all', 'jest', filter_ratio=0.8, prefilter=0.5, **_ALL),
 )}
 CORE = ('uniform', 'offline-0.5', 'jest-0.8-all', 'offline-0.2', 'jest-0.9-all')  # the dev pool's first rows
 LADDER = ('jest-0.8-cached', 'jest-0.8-cached-flexi')  # the savings one at a time: run after everything else
+STEERING = ('drrho', 'uniform-distill', 'jest-0.8-all-distill', 'jest-0.5-all-distill',
+            'offline-0.5-then-jest-0.8-all')
 # noise pools: uniform, the best JEST configuration on the dev pool and offline-0.5 on each pool, then offline-0.2
 BENCHMARK_METHODS = ('uniform', 'offline-0.5', 'offline-0.2', 'jest-0.8-all', 'jest-0.9-all', 'oracle')
 
@@ -156,10 +188,11 @@ def native_patch(model: str, s: le.Settings) -> int:
     return int(model_config(model, s)['vision_cfg']['patch_size'])
 
 
-def make_model(model: str, s: le.Settings, tokenizer: Any, seed: int, multires: bool = False) -> CLIPModel:
+def make_model(model: str, s: le.Settings, tokenizer: Any, seed: int, multires: bool = False,
+               loss: Any = 'sigmoid') -> CLIPModel:
     torch.manual_seed(seed)  # benchmark script: the model init is the one global draw
     p = native_patch(model, s)
-    return CLIPModel(model_config(model, s), loss='sigmoid', classnames=zero_shot_classnames(),
+    return CLIPModel(model_config(model, s), loss=loss, classnames=zero_shot_classnames(),
                      class_templates=ZERO_SHOT_TEMPLATES, low_res_fraction=0.5 if multires else 0.0,
                      low_res_patch_size=2 * p if multires else None, tokenizer=tokenizer)
 
@@ -265,12 +298,13 @@ def run_one(model: str, method: Method, seed: int, s: le.Settings, data: dict[st
     """Train ``method`` for ``s.steps`` steps -- longer if its steps are cheaper than uniform's, so its curve reaches
     uniform's FLOP budget -- and return the curve (examples, FLOPs, CPU seconds, accuracy)."""
     b, pool, patch = s.batch_size, data['pool'], native_patch(model, s)
-    net = make_model(model, s, data['tokenizer'], seed=seed, multires=method.multires)
+    net = make_model(model, s, data['tokenizer'], seed=seed, multires=method.multires, loss=method.loss)
     subset = pool_ids if pool_ids is not None else np.arange(len(pool['images']))
     if method.kind == 'oracle':
         subset = subset[pool['clean'][subset] > 0]
-    elif method.kind == 'offline':  # the pool's top fraction by the reference's CLIP score
-        subset = subset[keep_indices(emb['scores'][torch.as_tensor(subset)], keep=method.keep).numpy()]
+    keep = method.keep if method.kind == 'offline' else method.prefilter
+    if keep is not None and keep < 1.0:  # the pool's top fraction by the reference's CLIP score
+        subset = subset[keep_indices(emb['scores'][torch.as_tensor(subset)], keep=keep).numpy()]
     steps = s.steps
     if method.kind != 'uniform':  # cheaper steps (scoring at low resolution, shorter kept captions): train longer
         uniform = mean_step_flops(net, pool['text'][pool_ids] if pool_ids is not None else pool['text'],
@@ -284,12 +318,13 @@ def run_one(model: str, method: Method, seed: int, s: le.Settings, data: dict[st
         algorithms.append(JEST(reference='cached', filter_ratio=method.filter_ratio, n_chunks=s.n_chunks,
                                learner_patch_size=2 * patch if method.flexi else None,
                                track_keys=le.CurveRecorder.TRACK, seed=seed))
-    dataset = le.TensorPool(pool, subset, emb['cached'] if method.kind == 'jest' else None)
+    dataset = le.TensorPool(pool, subset, emb['cached'] if method.reads_cached else None)
     recorder = CPURecorder(eval_subset(data, EVAL_SIZE), s.eval_every, steps, le.uniform_step_flops(net, b), b)
     t0 = time.time()
     le._fit(net, le.make_loader(dataset, n, seed=seed), s, steps, seed, algorithms, recorder)
     return {
-        'model': model, 'method': method.name, 'seed': seed, 'spec': dataclasses.asdict(method), 'superbatch': n,
+        'model': model, 'method': method.name, 'seed': seed, 'spec': dataclasses.asdict(method),
+        'uses_reference': method.uses_reference, 'superbatch': n,
         'subbatch': b, 'steps': steps, 'base_steps': s.steps, 'pool_size': len(dataset),
         'pool_clean_fraction': float(np.mean(pool['clean'][dataset.subset.numpy()])),
         'curve': recorder.curve, 'selection': recorder.selection_summary(), 'seconds': time.time() - t0,
@@ -306,24 +341,41 @@ def flops_to_match(run: dict[str, Any], target: float) -> Optional[float]:
 
 
 def best_jest(runs: dict[str, list[dict]]) -> str:
-    """The JEST configuration with the least mean FLOPs-to-match uniform's final zero-shot (never = infinite)."""
+    """The plain JEST configuration (:attr:`Method.plain_jest`) with the least mean FLOPs-to-match uniform's final
+    zero-shot (never = infinite)."""
     target = float(np.mean([le.smooth([p['zero_shot'] for p in r['curve'] if p['step'] <= r['base_steps']])[-1]
                             for r in runs['uniform']]))
     cost = {name: np.mean([flops_to_match(r, target) or math.inf for r in rs])
-            for name, rs in runs.items() if name.startswith('jest')}
+            for name, rs in runs.items() if name in METHODS and METHODS[name].plain_jest}
     return min(cost, key=cost.get)
 
 
-def plan(phase: str, seeds: Sequence[int], best: Optional[str]) -> list[tuple[str, str, str, int]]:
-    """``(model, pool, method, seed)`` in priority order for ``phase``."""
-    dev = [('proportional', 'dev', m, sd) for sd in seeds for m in METHODS if m not in LADDER]
-    core = [('proportional', 'dev', m, sd) for sd in seeds for m in CORE]
-    ladder = [('proportional', 'dev', m, sd) for sd in seeds for m in LADDER]
-    bench = [('benchmark', 'dev', m, sd) for sd in seeds for m in BENCHMARK_METHODS]
-    pools, first = ('bad10', 'bad70', 'dups'), ('uniform',) + ((best,) if best else ()) + ('offline-0.5',)
-    noise = [('proportional', pool, m, sd) for sd in seeds for pool in pools for m in first]
-    noise += [('proportional', pool, 'offline-0.2', sd) for sd in seeds for pool in pools]
-    return {'core': core, 'dev': dev, 'noise': noise, 'benchmark': bench, 'ladder': ladder}[phase]
+def best_steered(runs: dict[str, list[dict]], k: int = 2) -> list[str]:
+    """The ``k`` rows of :data:`STEERING` with the highest mean zero-shot at uniform's FLOP budget (run cost)."""
+    from compute_study_analysis import at_budget  # noqa: PLC0415
+
+    mean = {name: np.mean([v if v is not None else -1.0 for v in at_budget(runs, name)])
+            for name in STEERING if name in runs}
+    return sorted(mean, key=mean.get, reverse=True)[:k]
+
+
+def plan(phase: str, seeds: Sequence[int], best: Sequence[str] = ()) -> list[tuple[str, str, str, int]]:
+    """``(model, pool, method, seed)`` in priority order for ``phase`` (``best``: the dev pool's best rows, for the
+    noise pools)."""
+    pools = ('bad10', 'bad70', 'dups')
+    by_phase = {
+        'core': [('proportional', 'dev', m, sd) for sd in seeds for m in CORE],
+        'dev': [('proportional', 'dev', m, sd) for sd in seeds for m in METHODS
+                if m not in LADDER and m not in STEERING],
+        'ladder': [('proportional', 'dev', m, sd) for sd in seeds for m in LADDER],
+        'benchmark': [('benchmark', 'dev', m, sd) for sd in seeds for m in BENCHMARK_METHODS],
+        'noise': ([('proportional', pool, m, sd) for sd in seeds for pool in pools
+                   for m in ('uniform', *best, 'offline-0.5')]
+                  + [('proportional', pool, 'offline-0.2', sd) for sd in seeds for pool in pools]),
+        'steering': [('proportional', 'dev', m, sd) for sd in seeds for m in STEERING],
+        'steering-noise': [('proportional', pool, m, sd) for sd in seeds for pool in pools for m in best],
+    }
+    return by_phase[phase]
 
 
 class Study:
@@ -395,14 +447,28 @@ class Study:
         return out
 
 
+def _best_noise_jest(dev: dict[str, list[dict]]) -> list[str]:
+    return [best_jest(dev)] if 'uniform' in dev and any(m in METHODS and METHODS[m].plain_jest for m in dev) else []
+
+
+def _best_noise_steered(dev: dict[str, list[dict]]) -> list[str]:
+    return best_steered(dev) if 'uniform' in dev else []
+
+
+# the phase a user names (--phases) for each part of the plan; the noise parts take the dev pool's best rows
+PHASES = {'core': 'dev', 'dev': 'dev', 'noise': 'noise', 'benchmark': 'benchmark', 'ladder': 'ladder',
+          'steering': 'steering', 'steering-noise': 'steering'}
+BEST_OF = {'noise': _best_noise_jest, 'steering-noise': _best_noise_steered}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='tiny pool, few steps, one seed (smoke test)')
     p.add_argument('--out', default=None, help=f'results folder (default {RESULTS.relative_to(ROOT)})')
     p.add_argument('--cache', default='/tmp/composer_jest_bench')
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--phases', nargs='*', default=['dev', 'noise', 'benchmark', 'ladder'],
-                   choices=['dev', 'noise', 'benchmark', 'ladder'])
+    names = list(dict.fromkeys(PHASES.values()))
+    p.add_argument('--phases', nargs='*', default=names, choices=names)
     p.add_argument('--seeds', type=int, nargs='*', default=None, help='seeds (default 0 1 2; seed 0 of every '
                    'phase runs before seeds 1 and 2)')
     p.add_argument('--analyse-only', action='store_true', help='tables and plots from the saved runs')
@@ -414,22 +480,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = Path(args.out) if args.out else RESULTS
     study = Study(s, out, Path(args.cache), args.analyse_only)
     if args.quick:
-        jobs = [('proportional', 'dev', m, 0) for m in ('uniform', 'offline-0.5', 'jest-0.8-all')]
+        jobs = [('proportional', 'dev', m, 0) for m in ('uniform', 'offline-0.5', 'jest-0.8-all', 'uniform-distill')]
     else:
         # priority (a shared 2-core machine may stop the study anywhere): the dev pool's core rows, seed 0; the noise
-        # pools, seed 0; the other dev rows and seed 1; then more seeds, today's model and the savings one at a time
+        # pools, seed 0; the other dev rows and seed 1; then more seeds, today's model and the savings one at a time;
+        # the steered rows (issue 30) on the dev pool, then their best two on the noise pools
         order = [('core', seeds[:1]), ('noise', seeds[:1]), ('dev', seeds[:2]), ('noise', seeds[1:2]),
                  ('dev', seeds[2:]), ('benchmark', seeds[:1]), ('ladder', seeds[:1]), ('noise', seeds[2:]),
-                 ('benchmark', seeds[1:]), ('ladder', seeds[1:])]
-        jobs = []
-        for phase, group in order:
-            if phase in args.phases or (phase == 'core' and 'dev' in args.phases):
-                jobs += [('best', phase, group)] if phase == 'noise' else plan(phase, group, None)
+                 ('benchmark', seeds[1:]), ('ladder', seeds[1:]), ('steering', seeds), ('steering-noise', seeds)]
+        jobs = [job for phase, group in order if group and PHASES[phase] in args.phases
+                for job in ([('best', phase, group)] if phase in BEST_OF else plan(phase, group))]
     for job in jobs:
-        if job[0] == 'best':  # the noise pools use the best JEST configuration on the dev pool so far
-            dev = study.runs('proportional', 'dev', seeds)
-            best = best_jest(dev) if 'uniform' in dev and any(k.startswith('jest') for k in dev) else None
-            for sub in plan('noise', job[2], best):
+        if job[0] == 'best':  # the noise pools take the best rows on the dev pool so far
+            phase, group = job[1], job[2]
+            for sub in plan(phase, group, BEST_OF[phase](study.runs('proportional', 'dev', seeds))):
                 study.get(*sub)
         else:
             study.get(*job)

@@ -45,16 +45,27 @@ def _stat(values: Sequence[Optional[float]]) -> dict[str, Any]:
             'n': len(v), 'of': len(values)}
 
 
+def _budget(uniform: Sequence[dict]) -> dict[str, float]:
+    """Uniform's budget: its FLOPs, CPU seconds and examples at its last base step (mean over seeds)."""
+    return {k: float(np.mean([[p for p in r['curve'] if p['step'] == r['base_steps']][0][k] for r in uniform]))
+            for k in ('flops', 'cpu', 'examples_trained')}
+
+
+def at_budget(runs: dict[str, list[dict]], name: str) -> list[Optional[float]]:
+    """Each seed of ``name``: smoothed zero-shot at uniform's FLOP budget (run cost; ``None``: the curve ends short)."""
+    flops = _budget(runs['uniform'])['flops']
+    return [_at(r, 'flops', flops) for r in runs[name]]
+
+
 def analyse(runs: dict[str, list[dict]], ref: dict[str, Any]) -> dict[str, Any]:
     """Per-method statistics of one (model, pool) (see the module docstring)."""
     uniform = runs['uniform']
     target = float(np.mean([_final(r, 'zero_shot') for r in uniform]))
-    budget = {k: float(np.mean([[p for p in r['curve'] if p['step'] == r['base_steps']][0][k] for r in uniform]))
-              for k in ('flops', 'cpu', 'examples_trained')}
+    budget = _budget(uniform)
     one_off = {'flops': ref['train_flops'] + ref['embed_flops'], 'cpu': ref['train_cpu'] + ref['embed_cpu']}
     rows = {}
     for name, seeds in runs.items():
-        uses_ref = seeds[0]['spec']['kind'] in ('offline', 'jest')
+        uses_ref = seeds[0]['uses_reference']  # pays the reference's training and the embedding pass
         per: dict[str, list] = {}
         for r in seeds:
             c = r['curve']
@@ -167,6 +178,27 @@ def goals(res: dict[str, Any], best: str) -> str:
     return '\n'.join(lines)
 
 
+def best_row(res: dict[str, Any]) -> str:
+    """Issue 30's goal: the best row at uniform's FLOPs (run cost) against uniform and the best offline filter."""
+    rows = {k: v for k, v in res['rows'].items() if k != 'oracle' and v['agg']['at_flops']['mean'] is not None}
+    best = max(rows, key=lambda k: rows[k]['agg']['at_flops']['mean'])
+    m, sd = _m(res, best, 'at_flops')
+    u, usd = _m(res, 'uniform', 'at_flops')
+    spread = max(sd or 0.0, usd or 0.0)
+    lines = [f'- best row at uniform\'s FLOPs (run cost): {best} {m:.1%} (±{sd or 0:.1%}) vs uniform {u:.1%} '
+             f'(±{usd or 0:.1%}): {m - u:+.1%}, {(m - u) / spread if spread else math.inf:.1f}x the larger seed '
+             f'spread (goal > 3x: {"met" if m - u > 3 * spread else "NOT met"}).']
+    offline = [k for k in ('offline-0.5', 'offline-0.2') if k in rows and k != best]
+    if offline:
+        off = max(offline, key=lambda k: rows[k]['agg']['at_flops']['mean'])
+        o, osd = _m(res, off, 'at_flops')
+        spread = max(sd or 0.0, osd or 0.0)
+        verdict = 'ahead by more than' if m - o > spread else 'within'
+        lines.append(f'- {best} vs the better offline filter ({off}, {o:.1%}): {m - o:+.1%}, {verdict} the seed '
+                     f'spread {spread:.1%}.')
+    return '\n'.join(lines)
+
+
 def plot_curves(runs: dict[str, list[dict]], res: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
 
@@ -261,14 +293,14 @@ def analyse_all(study: Any, seeds: Sequence[int], quick: bool = False) -> dict[s
             md += [f'### {model} model, {pool} pool', '', table(res), '', f'Curves: `{name}`', '']
     dev = results.get('proportional/dev')
     if dev:
-        jest = {k: v for k, v in dev['rows'].items() if k.startswith('jest')}
+        jest = {k: v for k, v in dev['rows'].items() if cs.METHODS[k].plain_jest}
         if jest:
             best = min(jest, key=lambda k: (jest[k]['agg']['flops_to_match']['mean'] or math.inf))
-            md += ['### goals (proportional model, dev pool)', '', goals(dev, best), '']
+            md += ['### goals (proportional model, dev pool)', '', goals(dev, best), best_row(dev), '']
             noise = {p: results[f'proportional/{p}'] for p in cs.POOLS if f'proportional/{p}' in results}
-            jests = sorted({m for p, r in noise.items() if p != 'dev' for m in r['rows'] if m.startswith('jest')})
-            methods = [m for m in ('uniform', 'offline-0.5', 'offline-0.2', *jests)
-                       if any(m in r['rows'] for r in noise.values())]
+            base = ('uniform', 'offline-0.5', 'offline-0.2')
+            others = sorted({m for p, r in noise.items() if p != 'dev' for m in r['rows']} - set(base))
+            methods = [m for m in (*base, *others) if any(m in r['rows'] for r in noise.values())]
             if len(noise) > 1:
                 plot_noise(noise, methods, out / 'noise.png')
                 md += ['Noise sweep: `noise.png`', '']

@@ -19,7 +19,8 @@ def _run(kind: str, flops_per_step: float, accs: list[float], cpu_per_step: floa
     """A saved run: evaluations every step, ``examples_trained`` = 10 per step."""
     curve = [{'step': i, 'examples_trained': 10 * i, 'examples_seen': 10 * i, 'flops': flops_per_step * i,
               'cpu': cpu_per_step * i, 'zero_shot': a, 'i2t_r1': a / 2, 't2i_r1': a / 2} for i, a in enumerate(accs)]
-    return {'spec': {'kind': kind}, 'seed': 0, 'superbatch': 10, 'steps': len(accs) - 1, 'base_steps': base_steps,
+    return {'spec': {'kind': kind}, 'uses_reference': kind in ('offline', 'jest'), 'seed': 0, 'superbatch': 10,
+            'steps': len(accs) - 1, 'base_steps': base_steps,
             'curve': curve, 'selection': {}, 'pool_clean_fraction': 0.5}
 
 
@@ -80,7 +81,10 @@ def test_quick_runs_every_kind_and_analyse_only_reproduces_the_tables(quick):
     out, first, again = quick
     assert first == again  # --analyse-only regenerated the same numbers from the saved runs, without training
     runs = {p.stem: json.loads(p.read_text()) for p in (out / 'runs' / 'proportional' / 'dev').glob('*.json')}
-    assert set(runs) == {'uniform_seed0', 'offline-0.5_seed0', 'jest-0.8-all_seed0'}
+    assert set(runs) == {'uniform_seed0', 'offline-0.5_seed0', 'jest-0.8-all_seed0', 'uniform-distill_seed0'}
+    # the distilled row trains on the cached reference columns: it pays the one-off reference costs, uniform does not
+    assert [runs[f'{m}_seed0']['uses_reference'] for m in ('uniform', 'uniform-distill')] == [False, True]
+    assert runs['uniform-distill_seed0']['spec']['loss'] == {'name': 'distill', 'form': 'sigmoid', 'distill': 1.0}
     pool = runs['uniform_seed0']['pool_size']
     assert runs['offline-0.5_seed0']['pool_size'] == pool // 2  # the top half by the reference's CLIP score
     jest = runs['jest-0.8-all_seed0']
@@ -93,6 +97,28 @@ def test_quick_runs_every_kind_and_analyse_only_reproduces_the_tables(quick):
     assert all(r['agg']['at_flops']['n'] == 1 for r in res['rows'].values())
     assert (out / 'curves_proportional_dev.png').stat().st_size > 0
     assert '| jest-0.8-all |' in (out / 'compute_study.md').read_text()
+
+
+def test_noise_pools_take_the_dev_pools_best_rows():
+    from compute_study import METHODS, STEERING, best_jest, best_steered, plan
+
+    uniform = _run('uniform', 1.0, [0.0, 0.1, 0.2, 0.2, 0.2], base_steps=4)  # target 0.2, budget 4 FLOPs
+    runs = {'uniform': [uniform],
+            'jest-0.8-all': [_run('jest', 1.0, [0.0, 0.1, 0.2, 0.2, 0.2])],  # matches at 2.67 FLOPs (smoothed)
+            'jest-0.5-all': [_run('jest', 1.0, [0.0, 0.2, 0.2, 0.2, 0.2])],  # at 1.5: the best plain JEST
+            'jest-0.8-all-distill': [_run('jest', 1.0, [0.0, 0.3, 0.3, 0.3, 0.3])],  # better, but not plain JEST
+            'drrho': [_run('uniform', 1.0, [0.0, 0.1, 0.1, 0.1, 0.1])],
+            'uniform-distill': [_run('uniform', 1.0, [0.0, 0.2, 0.4, 0.4, 0.4])]}
+    assert best_jest(runs) == 'jest-0.5-all'
+    assert best_steered(runs) == ['uniform-distill', 'jest-0.8-all-distill']  # ranked at uniform's FLOPs
+    jobs = plan('steering-noise', [0, 1], best_steered(runs))
+    assert len(jobs) == 12 and {(pool, m) for _, pool, m, _ in jobs} == {
+        (pool, m) for pool in ('bad10', 'bad70', 'dups') for m in ('uniform-distill', 'jest-0.8-all-distill')}
+    noise = plan('noise', [0], [best_jest(runs)])
+    assert {m for _, _, m, _ in noise} == {'uniform', 'jest-0.5-all', 'offline-0.5', 'offline-0.2'}
+    # every steered row needs the reference; only the pure selection rows are plain JEST
+    assert all(METHODS[m].uses_reference and not METHODS[m].plain_jest for m in STEERING)
+    assert METHODS['jest-0.8-all'].plain_jest and not METHODS['uniform'].uses_reference
 
 
 def test_subpool_has_the_requested_noise_and_size():
