@@ -424,6 +424,9 @@ class Study:
             saved = json.loads(path.read_text())
             if saved.get('settings_tag') == self.tag(model, pool):
                 return saved
+            if not self.analyse_only:  # never overwrite a run made with other settings
+                raise ValueError(f'{path} was run with other settings (tag {saved.get("settings_tag")}, now '
+                                 f'{self.tag(model, pool)}): give these settings their own --out')
         if self.analyse_only:
             return None
         s, data, emb, subset = self.pool(model, pool)
@@ -471,13 +474,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--phases', nargs='*', default=names, choices=names)
     p.add_argument('--seeds', type=int, nargs='*', default=None, help='seeds (default 0 1 2; seed 0 of every '
                    'phase runs before seeds 1 and 2)')
+    p.add_argument('--methods', nargs='*', default=None, choices=list(METHODS),
+                   help='only these rows of the chosen phases (default: all)')
+    p.add_argument('--steps', type=int, default=None, help="uniform's budget in steps of b = 64 (default 240); "
+                   'another budget needs its own --out (default: results/compute_study_<steps>steps)')
     p.add_argument('--analyse-only', action='store_true', help='tables and plots from the saved runs')
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
     torch.set_num_threads(args.threads)
-    s = study_settings(args.quick)
+    longer = {} if args.steps is None else dict(steps=args.steps, eval_every=max(args.steps // 8, 1))
+    s = study_settings(args.quick, **longer)
     seeds = tuple(args.seeds) if args.seeds is not None else s.seeds
-    out = Path(args.out) if args.out else RESULTS
+    out = Path(args.out) if args.out else RESULTS if not longer else RESULTS.parent / f'compute_study_{s.steps}steps'
     study = Study(s, out, Path(args.cache), args.analyse_only)
     if args.quick:
         jobs = [('proportional', 'dev', m, 0) for m in ('uniform', 'offline-0.5', 'jest-0.8-all', 'uniform-distill')]
@@ -490,12 +498,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  ('benchmark', seeds[1:]), ('ladder', seeds[1:]), ('steering', seeds), ('steering-noise', seeds)]
         jobs = [job for phase, group in order if group and PHASES[phase] in args.phases
                 for job in ([('best', phase, group)] if phase in BEST_OF else plan(phase, group))]
+    wanted = lambda job: args.methods is None or job[2] in args.methods  # noqa: E731
     for job in jobs:
         if job[0] == 'best':  # the noise pools take the best rows on the dev pool so far
             phase, group = job[1], job[2]
-            for sub in plan(phase, group, BEST_OF[phase](study.runs('proportional', 'dev', seeds))):
+            for sub in filter(wanted, plan(phase, group, BEST_OF[phase](study.runs('proportional', 'dev', seeds)))):
                 study.get(*sub)
-        else:
+        elif wanted(job):
             study.get(*job)
     from compute_study_analysis import analyse_all  # noqa: PLC0415
 

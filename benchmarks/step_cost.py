@@ -582,7 +582,7 @@ def time_text_tower(model: str, n: int, captions: str, device: torch.device, rep
 def main(argv: Optional[list[str]] = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    parser.add_argument('--model', choices=('jest-tiny', 'jest-vit-b-16'), default='jest-tiny')
+    parser.add_argument('--model', choices=('jest-tiny', 'jest-tiny-b16prop', 'jest-vit-b-16'), default='jest-tiny')
     parser.add_argument('--precision', choices=('fp32', 'amp_bf16'), default='fp32')
     parser.add_argument('--batch-size', type=int, default=64, help='trained (sub-)batch size b')
     parser.add_argument('--steps', type=int, default=8, help='timed steps per configuration and repeat')
