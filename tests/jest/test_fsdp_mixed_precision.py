@@ -161,7 +161,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('scope', ['local', 'global'])
+# global scope: slow, run by CI's `-m slow` step (the suite draws global selections on gloo ranks in
+# tests/core/test_scoring.py and tests/core/test_objectives_distributed.py)
+@pytest.mark.parametrize('scope', ['local', pytest.param('global', marks=pytest.mark.slow)])
 def test_jest_steps_under_fsdp2_bf16_match_the_same_steps_without_fsdp(scope):
     with mp.Manager() as manager:
         out = manager.dict()

@@ -72,6 +72,7 @@ def reference_checkpoint(tmp_path_factory) -> Path:
 TRAIN_SHAPES = '{source: shapes, num_samples: 2048, noise: 0.5, seed: 2}'
 
 
+@pytest.mark.slow  # two `composer -n 2` launches from moto S3 (~2 min): run by .ci/run after the suite (`-m slow`)
 def test_global_selection_from_s3_is_identical_on_all_ranks_and_resumes_exactly(tmp_path, reference_checkpoint,
                                                                                 s3_endpoint):
     remote = f's3://{s3_endpoint.bucket}/shapes'
