@@ -173,8 +173,42 @@ def goals(res: dict[str, Any], best: str) -> str:
             spread = max(js or 0.0, os_ or 0.0)
             verdict = 'ahead by more than' if j - o > spread else ('behind by more than' if o - j > spread
                                                                    else 'within')
+            diff = paired(res, best, off) if key == 'at_flops' else _stat([])
+            by_seed = (f'; paired by seed {diff["mean"]:+.1%} ± {diff["std"] or 0:.1%} over {diff["n"]}'
+                       if diff['mean'] is not None else '')
             lines.append(f'- equal FLOPs ({label}): {best} {j:.1%} vs {off} {o:.1%} ({j - o:+.1%}; {verdict} the '
-                         f'seed spread {spread:.1%}, {seeds}).')
+                         f'seed spread {spread:.1%}, {seeds}{by_seed}).')
+    return '\n'.join(lines)
+
+
+def paired(res: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    """Per-seed difference of zero-shot at uniform's FLOPs (run cost), ``a`` minus ``b``, over the seeds both have
+    (the same seed is the same initialisation and data order): mean, sample std, seed count."""
+    if a not in res['rows'] or b not in res['rows']:
+        return _stat([])
+    at = {name: dict(zip(res['rows'][name]['seeds'], res['rows'][name]['per_seed_at_flops'])) for name in (a, b)}
+    both = sorted(set(at[a]) & set(at[b]))
+    return _stat([at[a][sd] - at[b][sd] if at[a][sd] is not None and at[b][sd] is not None else None for sd in both])
+
+
+def pool_summary(results: dict[str, dict], model: str = 'proportional') -> str:
+    """Every method against uniform and offline-0.5 on every pool: paired differences at uniform's FLOPs."""
+    import compute_study as cs  # noqa: PLC0415
+
+    lines = ["| pool | method | seeds | zero-shot % at uniform's FLOPs | Δ vs uniform (paired) "
+             '| Δ vs offline-0.5 (paired) | FLOPs to match |', '|---|---|---:|---:|---:|---:|---:|']
+    for pool in cs.POOLS:
+        res = results.get(f'{model}/{pool}')
+        if not res:
+            continue
+        for name, row in res['rows'].items():
+            if name == 'uniform':
+                continue
+            a = row['agg']
+            lines.append(f"| {pool} | {name} | {len(row['seeds'])} | {_f(a['at_flops'], 1, True)} | "
+                         f"{_f(paired(res, name, 'uniform'), 1, True)} | "
+                         f"{'–' if name == 'offline-0.5' else _f(paired(res, name, 'offline-0.5'), 1, True)} | "
+                         f"{_f(a['flops_to_match'])} |")
     return '\n'.join(lines)
 
 
@@ -303,7 +337,11 @@ def analyse_all(study: Any, seeds: Sequence[int], quick: bool = False) -> dict[s
             methods = [m for m in (*base, *others) if any(m in r['rows'] for r in noise.values())]
             if len(noise) > 1:
                 plot_noise(noise, methods, out / 'noise.png')
-                md += ['Noise sweep: `noise.png`', '']
+                md += ['Noise sweep: `noise.png`', '', '### every pool: paired differences at uniform\'s FLOPs', '',
+                       pool_summary(results), '']
+    if not results:
+        raise SystemExit(f'compute_study: no saved runs with a uniform row and a reference under {out} (run the '
+                         'study first, or give --out the folder it wrote)')
     (out / 'compute_study.json').write_text(json.dumps(results, indent=1, default=float))
     (out / 'compute_study.md').write_text('\n'.join(md) + '\n')
     print('\n'.join(md))

@@ -99,6 +99,22 @@ def test_quick_runs_every_kind_and_analyse_only_reproduces_the_tables(quick):
     assert '| jest-0.8-all |' in (out / 'compute_study.md').read_text()
 
 
+def test_paired_difference_matches_seeds_not_positions():
+    from compute_study_analysis import analyse, paired
+
+    def seeded(kind, seed, level):
+        return dict(_run(kind, 1.0, [level] * 5), seed=seed)
+
+    runs = {'uniform': [seeded('uniform', 0, 0.2), seeded('uniform', 1, 0.3)],
+            # saved in the other order, and with a seed uniform lacks: only seeds 0 and 1 pair up
+            'jest-x': [seeded('jest', 2, 0.9), seeded('jest', 1, 0.5), seeded('jest', 0, 0.3)]}
+    ref = {'train_flops': 0.0, 'embed_flops': 0.0, 'train_cpu': 0.0, 'embed_cpu': 0.0, 'final': {'zero_shot': 0.}}
+    d = paired(analyse(runs, ref), 'jest-x', 'uniform')
+    assert d['n'] == 2 and d['mean'] == pytest.approx(0.15)  # (0.3 - 0.2 + 0.5 - 0.3) / 2
+    assert d['std'] == pytest.approx(0.0707, abs=1e-4)
+    assert paired(analyse(runs, ref), 'jest-x', 'missing')['n'] == 0
+
+
 def test_noise_pools_take_the_dev_pools_best_rows():
     from compute_study import METHODS, STEERING, best_jest, best_steered, plan
 
