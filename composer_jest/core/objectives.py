@@ -96,6 +96,8 @@ class Objective:
     needs_bias: ClassVar[bool] = False
     false_negatives: Optional[FalseNegatives] = None
     negatives: Optional[Negatives] = None
+    #: batch columns ``training_loss`` reads besides the features (the steered losses: the cached reference's)
+    reference_keys: ClassVar[tuple[str, ...]] = ()
 
     def params(self) -> dict[str, Any]:
         return {}

@@ -390,7 +390,7 @@ class CLIPModel(ComposerModel):
 
     def _reference_columns(self, batch: Any, world: int) -> dict[str, torch.Tensor]:
         """The cached reference columns a steered loss reads (``reference_keys``), of every rank's batch."""
-        keys = getattr(self.objective, 'reference_keys', ())
+        keys = self.objective.reference_keys
         if not keys:
             return {}
         from composer_jest.core.steering import check_reference_columns  # noqa: PLC0415

@@ -257,11 +257,15 @@ _CACHED_HINT = 'write them with `composer-jest embed-reference`, or give algorit
 def check_batch_keys(model: CLIPModel, algorithms: list[Algorithm], train_loader: Any, eval_loader: Any) -> None:
     """Before training: the batch keys the run reads are among those the loaders declare.
 
-    JEST's ``track_keys`` (and the cached reference columns for ``reference: cached``) must be train batch keys;
+    JEST's ``track_keys`` (and the cached reference columns for ``reference: cached`` or a steered ``model.loss``)
+    must be train batch keys;
     zero-shot evaluation (``model.classnames``) needs ``label`` in the eval batches. Loaders whose dataset does
     not declare its keys (:func:`composer_jest.core.batch.loader_batch_keys`) are checked when the batch arrives.
     Raises a ValueError listing the available keys and the option that writes the missing column.
     """
+    if model.objective.reference_keys:  # a steered loss (drrho, distill) trains on the cached reference columns
+        _require_keys(train_loader, model.objective.reference_keys, f'model.loss {model.objective.spec()!r}',
+                      'train_loader', 'write them with `composer-jest embed-reference`')
     jest = next((a for a in algorithms if isinstance(a, JEST)), None)
     if jest is not None:
         _require_keys(train_loader, jest.track_keys, 'algorithms.jest.track_keys', 'train_loader', _KEEP_HINT)

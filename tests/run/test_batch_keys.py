@@ -27,6 +27,14 @@ def test_track_keys_and_cached_columns_are_checked_against_the_demo_batches_at_b
         build_trainer(_quickstart())
 
 
+def test_a_steered_loss_without_cached_columns_fails_at_build_naming_the_loss():
+    # uniform training (no JEST) with distillation: the loss itself reads the reference columns
+    with pytest.raises(ValueError, match=r"model.loss \{'name': 'distill'.*\} needs batch key\(s\) "
+                                         r"\['ref_image_features', .*\], but the train_loader batches carry only "
+                                         rf'{SHAPES_KEYS}: .*embed-reference'):
+        build_trainer(_quickstart('algorithms={}', 'model.loss={name: distill, form: sigmoid}'))
+
+
 def _folder_shards(tmp_path, name: str, **kwargs) -> str:
     root = tmp_path / name
     rows = _make_folder(root, n=4)
