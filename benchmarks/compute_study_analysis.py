@@ -247,10 +247,12 @@ def plot_curves(runs: dict[str, list[dict]], res: dict[str, Any], path: Path, ti
             n = min(len(r['curve']) for r in seeds)
             x = np.mean([[p[xkey] for p in r['curve'][:n]] for r in seeds], 0)
             ys = np.array([le.smooth([p[metric] for p in r['curve'][:n]]) for r in seeds])
-            ax.plot(x, ys.mean(0), color=f'C{i}', label=f'{name} ({len(seeds)} seeds)',
-                    ls='--' if name in ('oracle',) else '-')
+            color = plt.cm.tab20(i % 20)  # up to 20 rows, each its own colour
+            steered = seeds[0]['spec'].get('loss', 'sigmoid') != 'sigmoid' or seeds[0]['spec'].get('prefilter')
+            ax.plot(x, ys.mean(0), color=color, label=f'{name} ({len(seeds)} seeds)',
+                    ls=':' if name == 'oracle' else '--' if steered else '-')
             if len(seeds) > 1:
-                ax.fill_between(x, ys.min(0), ys.max(0), color=f'C{i}', alpha=0.15)
+                ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.12)
         ax.axvline(res['budget'][xkey], color='k', lw=0.8, ls=':', label="uniform's budget")
         if metric == 'zero_shot':
             ax.axhline(res['target'], color='grey', lw=0.8, ls=':', label="uniform's final")
