@@ -6,6 +6,7 @@ from composer_jest.core.selection import independent_sample, joint_sample, score
 from composer_jest.core.step import SelectionSettings, select_step
 from composer_jest.jest.algorithm import JEST, jest_first
 from composer_jest.jest.reference import load_reference
+from composer_jest.jest.reference_features import ReferenceFeatures
 from composer_jest.models.clip import CLIPModel, CLIPTowers, build_clip
 
 __version__ = '0.1.0'
@@ -13,6 +14,7 @@ __version__ = '0.1.0'
 __all__ = [
     'JEST',
     'CLIPModel',
+    'ReferenceFeatures',
     'CLIPTowers',
     'Features',
     'Selection',

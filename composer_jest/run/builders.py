@@ -23,6 +23,7 @@ from composer_jest.core.step import SelectionSettings
 from composer_jest.data.two_stage import FullResDecoder, RandomResizedCropFlip
 from composer_jest.jest.algorithm import JEST, jest_first
 from composer_jest.jest.reference import load_weights
+from composer_jest.jest.reference_features import ReferenceFeatures
 from composer_jest.models.checkpoint import check_resumable, load_checkpoint
 from composer_jest.models.clip import CLIPModel
 from composer_jest.run import registry
@@ -263,9 +264,11 @@ def check_batch_keys(model: CLIPModel, algorithms: list[Algorithm], train_loader
     not declare its keys (:func:`composer_jest.core.batch.loader_batch_keys`) are checked when the batch arrives.
     Raises a ValueError listing the available keys and the option that writes the missing column.
     """
-    if model.objective.reference_keys:  # a steered loss (drrho, distill) trains on the cached reference columns
+    live = any(isinstance(a, ReferenceFeatures) for a in algorithms)  # writes the columns into every batch
+    if model.objective.reference_keys and not live:  # a steered loss (drrho, distill) trains on them
         _require_keys(train_loader, model.objective.reference_keys, f'model.loss {model.objective.spec()!r}',
-                      'train_loader', 'write them with `composer-jest embed-reference`')
+                      'train_loader', 'write them with `composer-jest embed-reference`, or add '
+                      '`algorithms: reference_features: {reference: <checkpoint>}` to run the reference live')
     jest = next((a for a in algorithms if isinstance(a, JEST)), None)
     if jest is not None:
         _require_keys(train_loader, jest.track_keys, 'algorithms.jest.track_keys', 'train_loader', _KEEP_HINT)

@@ -57,9 +57,11 @@ def _register_builtins() -> None:
     from composer_jest.data.sources import mds_source, shapes_source
     from composer_jest.jest.algorithm import JEST
     from composer_jest.jest.callbacks import SelectionLog
+    from composer_jest.jest.reference_features import ReferenceFeatures
     from composer_jest.run.optim import FusedDecoupledAdamW
 
     algorithms.register('jest', func=JEST)
+    algorithms.register('reference_features', func=ReferenceFeatures)
     callbacks.register('selection_log', func=SelectionLog)
     data_sources.register('shapes', func=shapes_source)
     data_sources.register('mds', func=mds_source)

@@ -28,7 +28,7 @@ def test_track_keys_and_cached_columns_are_checked_against_the_demo_batches_at_b
 
 
 def test_a_steered_loss_without_cached_columns_fails_at_build_naming_the_loss():
-    # uniform training (no JEST) with distillation: the loss itself reads the reference columns
+    # distillation: the loss itself reads the reference columns (checked before JEST's cached-reference check)
     with pytest.raises(ValueError, match=r"model.loss \{'name': 'distill'.*\} needs batch key\(s\) "
                                          r"\['ref_image_features', .*\], but the train_loader batches carry only "
                                          rf'{SHAPES_KEYS}: .*embed-reference'):
