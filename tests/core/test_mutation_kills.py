@@ -4,13 +4,19 @@ columns, the selection cost model. Each test is exact against values written out
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import test_objectives
+import test_scoring
 import torch
 import torch.nn.functional as F
 
+from composer_jest.core import blockwise
+from composer_jest.core.losses import sigmoid_pair_loss
 from composer_jest.core.negatives import FalseNegatives, Negatives
 from composer_jest.core.objectives import build_objective
-from composer_jest.core.scoring import STAT_BLOCK, selection_flops
+from composer_jest.core.scoring import STAT_BLOCK, conditional_scorer, jest_select, selection_flops
 
 # -- loss specs: every parameter under its own name, nothing added ---------------------------------------------------
 
@@ -139,3 +145,184 @@ def test_selection_flops_by_hand():
     assert selection_flops('softmax', 10, 5, 3, n_chunks=3, world_size=2, models=1) == 1200 + 1440 + 300
     # sigmoid, n=300: 2 models x (4·300·50·6 + 2·300·256·6)
     assert selection_flops('sigmoid', 300, 50, 6) == 2 * (360000 + 921600)
+
+
+# -- several ranks in one process: threads whose all-gather meets at a barrier ---------------------------------------
+
+
+class ThreadRanks:
+    """``world`` ranks as threads; ``all_gather(rank)`` is a real collective (every rank waits for the others)."""
+
+    def __init__(self, world: int):
+        self.world, self.slots = world, [None] * world
+        self.barrier = threading.Barrier(world, timeout=60)
+
+    def all_gather(self, rank: int):
+        def gather(t: torch.Tensor) -> list[torch.Tensor]:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return out
+        return gather
+
+    def run(self, fn):
+        """``[fn(rank, all_gather) for every rank]``, run concurrently; a failing rank fails the call."""
+        results, errors = [None] * self.world, []
+
+        def target(rank):
+            try:
+                results[rank] = fn(rank, self.all_gather(rank))
+            except BaseException as e:  # noqa: BLE001  (re-raised below)
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+THREAD_CASES = test_scoring.CASES
+
+
+@pytest.mark.parametrize('world', [3])
+def test_thread_ranks_draw_the_dense_indices(world, monkeypatch):
+    """``test_scoring``'s gloo check (every rank draws the dense global selection, exact statistics) on threads."""
+    monkeypatch.setattr(blockwise, 'BLOCK_ELEMENTS', 3 * test_scoring.N_LOCAL)  # the multi-block paths too
+    seed = 21
+    learner, reference = test_scoring.global_features(world, seed)
+
+    def rank_cases(rank, all_gather):
+        out = []
+        for selection, loss, score in THREAD_CASES:
+            lf, rf = test_scoring.used(score, test_scoring.local(learner, rank), test_scoring.local(reference, rank))
+            sel = jest_select(lf, rf, test_scoring.B_LOCAL, score=score, selection=selection,
+                              loss=test_scoring.LOSS_SPECS.get(loss, loss), n_chunks=test_scoring.N_CHUNKS,
+                              generator=torch.Generator().manual_seed(seed), rank=rank, world_size=world,
+                              all_gather=all_gather)
+            out.append((sel.indices, sel.global_indices, {k: float(v) for k, v in sel.stats.items()}))
+        return out
+
+    per_rank = ThreadRanks(world).run(rank_cases)
+    n_local = test_scoring.N_LOCAL
+    for case, (selection, loss, score) in enumerate(THREAD_CASES):
+        lf, rf = test_scoring.used(score, learner, reference)
+        idx, stats = test_scoring.dense_select(lf, rf, world, selection, loss, score, seed)
+        for rank, results in enumerate(per_rank):
+            indices, global_indices, got = results[case]
+            assert torch.equal(global_indices, idx), (selection, loss, score, rank)
+            mine = idx[(idx >= rank * n_local) & (idx < (rank + 1) * n_local)] - rank * n_local
+            assert torch.equal(indices, mine), (selection, loss, score, rank)
+            assert got.keys() == stats.keys()
+            for key, value in stats.items():
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (selection, loss, score, rank, key)
+
+
+def test_thread_ranks_outnumbering_their_items_keep_distinct_ids():
+    """Five ranks of two items: every item's global id is its own (an anchor never skips another rank's item)."""
+    world, n, b = 5, 2, 1
+    learner, reference = (test_objectives.features(n * world, seed=s, scale=t) for s, t in ((30, 6.0), (31, 9.0)))
+    obj = build_objective('dcl')
+
+    def rows(f, rank):
+        return {**f, 'image_features': f['image_features'][rank * n:(rank + 1) * n],
+                'text_features': f['text_features'][rank * n:(rank + 1) * n]}
+
+    for seed in range(4):
+        def select(rank, all_gather, seed=seed):
+            return jest_select(rows(learner, rank), rows(reference, rank), b, loss='dcl', n_chunks=1, rank=rank,
+                               world_size=world, all_gather=all_gather, generator=torch.Generator().manual_seed(seed))
+
+        sels = ThreadRanks(world).run(select)
+        idx = sels[0].global_indices
+        assert sorted(int(i) // n for i in idx) == list(range(world))  # one pick per rank
+        want = float(sum(w * obj.set_loss(obj.logits(f), idx, scale=obj.scale(f))
+                         for f, w in ((learner, 1.0), (reference, -1.0)))) / (b * world)
+        for sel in sels:
+            assert torch.equal(sel.global_indices, idx)
+            assert float(sel.stats['learnability_selected']) == pytest.approx(want, rel=1e-5, abs=1e-6), seed
+
+
+def test_anchor_scorer_refuses_ids_float32_cannot_hold():
+    def scorer(n, world):
+        return blockwise.AnchorBlocks({}, 'uniform', False, blockwise.Comm(0, world, lambda t: [t] * world), n,
+                                      torch.device('cpu'), joint=True, quota=1, objective=build_objective('dcl'),
+                                      scales={})
+
+    with pytest.raises(ValueError, match='N x world_size must be < 2\\*\\*24'):
+        scorer(1 << 23, 2)  # exactly 2**24 items
+    assert scorer(1 << 10, 4).gid.tolist() == list(range(1 << 10))  # rank 0's ids
+
+
+# -- the sigmoid scorer: single-model conditionals, the statistics-only pass, STAT_BLOCK blocks ----------------------
+
+
+@pytest.mark.parametrize('loss', ['sigmoid', 'softmax', 'dcl', 'hcl', 'triplet'])
+@pytest.mark.parametrize('score', ['hard_learner', 'easy_reference'])
+def test_one_model_conditional_equals_brute_force_gain(loss, score):
+    """One model's conditional loss (no learner - reference cancellation): exactly L(C + k) - L(C), sign by score."""
+    learner, reference = test_scoring.global_features(1, 7)
+    obj = build_objective(loss)
+    (name, w), = test_scoring.SCORE_TERMS[score]
+    f = {'learner': learner, 'reference': reference}[name]
+    lf, rf = (learner, None) if name == 'learner' else (None, reference)
+    scorer = conditional_scorer(lf, rf, score=score, loss=loss, quota=6)
+
+    def value(idx):
+        return w * float(obj.set_loss(obj.logits(f), idx, scale=obj.scale(f))) if idx.numel() else 0.0
+
+    chosen, cond = torch.tensor([], dtype=torch.long), scorer.initial()
+    for new in (None, torch.tensor([3, 7]), torch.tensor([0]), torch.tensor([10, 2, 5])):
+        if new is not None:
+            cond = scorer.add(new, need_cond=True)
+            chosen = torch.cat([chosen, new])
+        for k in range(test_scoring.N_LOCAL):
+            if k not in chosen:
+                gain = value(torch.cat([chosen, torch.tensor([k])])) - value(chosen)
+                assert float(cond[k]) == pytest.approx(gain, rel=1e-4, abs=1e-4), (k, loss, score)
+
+
+@pytest.mark.parametrize('loss', ['sigmoid', 'softmax', 'dcl'])
+def test_statistics_only_pass_reads_only_the_chosen_rows(loss, monkeypatch):
+    """The last ``add`` (``need_cond=False``) updates the chosen items' statistics: products of |C| rows, not N."""
+    learner, reference = test_scoring.global_features(1, 8)
+    scorer = conditional_scorer(learner, reference, score='learnability', loss=loss, quota=5, track=True)
+    scorer.add(torch.tensor([4, 9]), need_cond=True)
+    cond = scorer.cond.clone()
+    widths = []
+    real = blockwise.ScaledFeatures.logits
+    monkeypatch.setattr(blockwise.ScaledFeatures, 'logits',
+                        lambda self, left, right: widths.append(left.shape[0]) or real(self, left, right))
+    assert scorer.add(torch.tensor([1, 12, 0]), need_cond=False) is None
+    assert widths and set(widths) == {5}, widths  # |C| = 5 rows of every product, per model and direction
+    assert torch.equal(scorer.cond, cond)  # the conditional scores are left alone
+
+
+def test_sigmoid_superbatch_estimate_over_several_stat_blocks():
+    """N > STAT_BLOCK: the uniform-batch figure pools the off-diagonal pairs of every block (counts included)."""
+    n, b = STAT_BLOCK + 44, 12
+    g = torch.Generator().manual_seed(3)
+
+    def model(scale, bias):
+        x = F.normalize(torch.randn(n, 4, generator=g), dim=-1)
+        return {'image_features': x, 'text_features': F.normalize(x + torch.randn(n, 4, generator=g), dim=-1),
+                'logit_scale': torch.tensor(scale), 'logit_bias': torch.tensor(bias)}
+
+    learner, reference = model(8.0, -3.0), model(12.0, -5.0)
+    sel = jest_select(learner, reference, b, n_chunks=3, generator=torch.Generator().manual_seed(0))
+    s = (sigmoid_pair_loss(**learner) - sigmoid_pair_loss(**reference)).double()
+    off, count = 0.0, 0
+    for start in range(0, n, STAT_BLOCK):
+        blk = slice(start, min(start + STAT_BLOCK, n))
+        sub = s[blk, blk]
+        off += float(sub.sum() - sub.diagonal().sum())
+        count += sub.shape[0] * (sub.shape[0] - 1)
+    uniform = float(s.diagonal().mean()) + (b - 1) * off / count
+    selected = float(s[sel.indices][:, sel.indices].sum()) / b
+    assert float(sel.stats['learnability_superbatch']) == pytest.approx(uniform, rel=1e-4)
+    assert float(sel.stats['learnability_selected']) == pytest.approx(selected, rel=1e-4)
