@@ -12,7 +12,7 @@ import test_scoring
 import torch
 import torch.nn.functional as F
 
-from composer_jest.core import blockwise
+from composer_jest.core import blockwise, scoring
 from composer_jest.core.losses import sigmoid_pair_loss
 from composer_jest.core.negatives import FalseNegatives, Negatives
 from composer_jest.core.objectives import build_objective
@@ -326,3 +326,24 @@ def test_sigmoid_superbatch_estimate_over_several_stat_blocks():
     selected = float(s[sel.indices][:, sel.indices].sum()) / b
     assert float(sel.stats['learnability_superbatch']) == pytest.approx(uniform, rel=1e-4)
     assert float(sel.stats['learnability_selected']) == pytest.approx(selected, rel=1e-4)
+
+
+# -- compile: one compiled selection per distinct options, static shapes unless asked --------------------------------
+
+
+def test_compiled_select_is_built_once_per_options_with_static_shapes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(scoring, '_COMPILED', {})
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: calls.append((fn, kw)) or (lambda *a, **k: fn(*a, **k)))
+    first = scoring._compiled_select({'backend': 'eager', 'fullgraph': True})
+    assert scoring._compiled_select({'fullgraph': True, 'backend': 'eager'}) is first  # same options, any order
+    other = scoring._compiled_select({'backend': 'eager', 'dynamic': True})
+    assert other is not first
+    assert calls == [(scoring._select, {'dynamic': False, 'backend': 'eager', 'fullgraph': True}),
+                     (scoring._select, {'dynamic': True, 'backend': 'eager'})]
+    assert list(scoring._COMPILED) == [repr([('backend', 'eager'), ('fullgraph', True)]),
+                                       repr([('backend', 'eager'), ('dynamic', True)])]
+    learner, reference = test_scoring.global_features(1, 2)
+    picks = [jest_select(learner, reference, 4, n_chunks=2, compile=options,
+                         generator=torch.Generator().manual_seed(5)).indices for options in (None, {'backend': 'x'})]
+    assert torch.equal(picks[0], picks[1]) and calls[-1] == (scoring._select, {'dynamic': False, 'backend': 'x'})
