@@ -161,7 +161,7 @@ LADDER = ('jest-0.8-cached', 'jest-0.8-cached-flexi')  # the savings one at a ti
 STEERING = ('drrho', 'uniform-distill', 'jest-0.8-all-distill', 'jest-0.5-all-distill',
             'offline-0.5-then-jest-0.8-all')
 # noise pools: uniform, the best JEST configuration on the dev pool and offline-0.5 on each pool, then offline-0.2
-BENCHMARK_METHODS = ('uniform', 'offline-0.5', 'offline-0.2', 'jest-0.8-all', 'jest-0.9-all', 'oracle')
+BENCHMARK_METHODS = ('uniform', 'offline-0.5', 'offline-0.2', 'jest-0.8-all', 'jest-0.5-all', 'jest-0.9-all', 'oracle')
 
 
 def study_settings(quick: bool = False, **overrides: Any) -> le.Settings:
