@@ -20,8 +20,9 @@ Methods (same optimizer, constant-after-warmup schedule, batch ``b``):
   ``jest-0.8-cached`` and ``jest-0.8-cached-flexi``: the savings one at a time;
 - the reference in the loss (issue 30; the pool's cached reference columns, no extra forward pass): ``drrho`` (uniform
   batches, the DRRho steered loss), ``uniform-distill`` (SigLIP + λ = 1 distillation), ``jest-<f>-all-distill`` (JEST
-  selection, trained with distillation) and ``offline-0.5-then-jest-0.8-all`` (keep the top half of the pool by the
-  reference, then JEST on it); their best two also on the noise pools.
+  selection, trained with distillation), ``offline-0.5-distill`` (the offline filter, trained with distillation) and
+  ``offline-0.5-then-jest-0.8-all`` (keep the top half of the pool by the reference, then JEST on it); their best
+  two also on the noise pools.
 
 Each run records zero-shot / retrieval against examples trained, analytic FLOPs (JEST's own ``jest/flops_*``
 accounting; uniform steps by :func:`composer_jest.models.flops.step_flops`) and **process CPU time** of training
@@ -155,11 +156,12 @@ METHODS = {m.name: m for m in (
     Method('jest-0.8-all-distill', 'jest', filter_ratio=0.8, loss=DISTILL, **_ALL),
     Method('jest-0.5-all-distill', 'jest', filter_ratio=0.5, loss=DISTILL, **_ALL),
     Method('offline-0.5-then-jest-0.8-all', 'jest', filter_ratio=0.8, prefilter=0.5, **_ALL),
+    Method('offline-0.5-distill', 'offline', keep=0.5, loss=DISTILL),  # distillation on the offline side too
 )}
 CORE = ('uniform', 'offline-0.5', 'jest-0.8-all', 'offline-0.2', 'jest-0.9-all')  # the dev pool's first rows
 LADDER = ('jest-0.8-cached', 'jest-0.8-cached-flexi')  # the savings one at a time: run after everything else
 STEERING = ('drrho', 'uniform-distill', 'jest-0.8-all-distill', 'jest-0.5-all-distill',
-            'offline-0.5-then-jest-0.8-all')
+            'offline-0.5-then-jest-0.8-all', 'offline-0.5-distill')
 # noise pools: uniform, the best JEST configuration on the dev pool and offline-0.5 on each pool, then offline-0.2
 BENCHMARK_METHODS = ('uniform', 'offline-0.5', 'offline-0.2', 'jest-0.8-all', 'jest-0.5-all', 'jest-0.9-all', 'oracle')
 
