@@ -17,6 +17,7 @@ from composer_jest.core.losses import sigmoid_pair_loss
 from composer_jest.core.negatives import FalseNegatives, Negatives
 from composer_jest.core.objectives import build_objective
 from composer_jest.core.scoring import STAT_BLOCK, conditional_scorer, jest_select, selection_flops
+from composer_jest.core.selection import SCORE_METHODS, SCORE_TERMS, PairScorer, independent_sample, joint_sample
 
 # -- loss specs: every parameter under its own name, nothing added ---------------------------------------------------
 
@@ -347,3 +348,112 @@ def test_compiled_select_is_built_once_per_options_with_static_shapes(monkeypatc
     picks = [jest_select(learner, reference, 4, n_chunks=2, compile=options,
                          generator=torch.Generator().manual_seed(5)).indices for options in (None, {'backend': 'x'})]
     assert torch.equal(picks[0], picks[1]) and calls[-1] == (scoring._select, {'dynamic': False, 'backend': 'x'})
+
+
+# -- the dense path (false negatives, a negatives queue): every score, both selections, against the objective -------
+
+
+@pytest.mark.parametrize('spec', ['dcl', 'hcl', {'name': 'triplet', 'mining': 'semi-hard'}], ids=str)
+@pytest.mark.parametrize('score', SCORE_METHODS)
+@pytest.mark.parametrize('selection', ['joint', 'independent'])
+def test_dense_path_draws_what_the_objective_draws(spec, score, selection):
+    """Masked, the learner carrying a queue: the draw is ``joint_sample`` of the objective's own scorer (or
+    ``independent_sample`` of its per-example loss), the statistics its ``set_loss`` queue included; one b-block."""
+    n, b, chunks = 10, 6, 3
+    obj = build_objective(spec)
+    learner = test_objectives.with_queue(test_objectives.features(n, seed=40, scale=2.0))
+    reference = test_objectives.features(n, seed=41, scale=5.0)
+    lf, rf = test_scoring.used(score, learner, reference)
+    mask = test_objectives.label_mask(n, 42)
+    sel = jest_select(lf, rf, b, loss=spec, score=score, selection=selection, n_chunks=chunks, mask=mask,
+                      generator=torch.Generator().manual_seed(3))
+    given = {'learner': learner, 'reference': reference}
+    terms = [(obj.logits(given[k]), w, obj.scale(given[k]), obj.queue_logits(given[k])) for k, w in SCORE_TERMS[score]]
+    gen = torch.Generator().manual_seed(3)
+    if selection == 'joint':
+        scorer = obj.scorer(terms, mask) if terms else PairScorer(torch.zeros(n, n))
+        expected = joint_sample(scorer, b, chunks, gen)
+    else:
+        per_example = sum((w * obj.per_example(lg, mask, s, q) for lg, w, s, q in terms), torch.zeros(n))
+        expected = independent_sample(torch.diag(per_example), b, gen)
+    assert torch.equal(sel.indices, expected)
+    if rf is None or lf is None:
+        assert sel.stats == {}
+        return
+    stat = [(obj.logits(f), w, obj.scale(f), obj.queue_logits(f)) for f, w in ((learner, 1.0), (reference, -1.0))]
+
+    def value(idx):
+        return float(sum(w * obj.set_loss(lg, idx, mask, s, q) for lg, w, s, q in stat))
+
+    assert float(sel.stats['learnability_selected']) == pytest.approx(value(expected) / b, rel=1e-5, abs=1e-5)
+    # N // b = 1 block: the uniform figure is that block's loss / b
+    assert float(sel.stats['learnability_superbatch']) == pytest.approx(value(torch.arange(b)) / b, rel=1e-5, abs=1e-5)
+
+
+def test_dense_path_checks_the_models_cover_one_super_batch():
+    learner, reference = test_objectives.features(10, seed=1), test_objectives.features(8, seed=2)
+    with pytest.raises(ValueError, match='must cover the same super-batch'):
+        jest_select(learner, reference, 4, loss='dcl', mask=torch.zeros(10, 10, dtype=torch.bool),
+                    generator=torch.Generator().manual_seed(0))
+
+
+# -- triplet: ties with the positive are not semi-hard; its arguments ------------------------------------------------
+
+
+def test_triplet_ties_with_the_positive_are_not_semi_hard():
+    """±1/2 features: every similarity is a multiple of 1/2, exact in float32, so negatives tie with positives."""
+    n, spec = 10, {'name': 'triplet', 'mining': 'semi-hard', 'margin': 0.3}
+    g = torch.Generator().manual_seed(5)
+
+    def halves():
+        return (torch.randint(0, 2, (n, 4), generator=g) * 2 - 1).float() / 2
+
+    f = {'image_features': halves(), 'text_features': halves(), 'logit_scale': torch.tensor(1.0)}
+    sims = f['image_features'] @ f['text_features'].T
+    assert ((sims == sims.diagonal()[:, None]).sum(1) > 1).any()  # ties present
+    obj = build_objective(spec)
+    assert float(obj.training_loss(f)) == pytest.approx(test_objectives.plain_loss(spec, f), abs=1e-6)
+    for path in ('dense', 'blockwise'):
+        scorer = (obj.scorer([(obj.logits(f), 1.0, obj.scale(f))]) if path == 'dense'
+                  else conditional_scorer(f, None, score='hard_learner', loss=spec, quota=8))
+        chosen = torch.tensor([], dtype=torch.long)
+        for new in (torch.tensor([0, 3]), torch.tensor([7]), torch.tensor([1, 9, 4])):
+            cond = scorer.add(new) if path == 'dense' else scorer.add(new, need_cond=True)
+            chosen = torch.cat([chosen, new])
+            for k in range(n):
+                if k not in chosen:
+                    gain = (float(obj.set_loss(sims, torch.cat([chosen, torch.tensor([k])])))
+                            - float(obj.set_loss(sims, chosen)))
+                    assert float(cond[k]) == pytest.approx(gain, abs=1e-6), (path, k)
+
+
+def test_triplet_takes_its_arguments():
+    fn, neg = {'key': 'label'}, {'queue_size': 4, 'momentum': 0.5}
+    obj = build_objective({'name': 'triplet', 'false_negatives': fn, 'negatives': neg})
+    assert obj.false_negatives == FalseNegatives(key='label') and obj.negatives == Negatives(4, 0.5)
+    assert obj.temperature is None and obj.margin == 0.2 and obj.mining == 'hardest'
+    assert build_objective({'name': 'triplet', 'margin': 0}).margin == 0.0
+    for margin in (-0.1, '0.2', None):
+        with pytest.raises(ValueError, match='triplet.margin must be a float >= 0'):
+            build_objective({'name': 'triplet', 'margin': margin})
+
+
+# -- FalseNegatives: the threshold is a cosine in (-1, 1), strictly exceeded ----------------------------------------
+
+
+def test_false_negative_threshold_range_and_strictness():
+    for threshold in (-0.999, 0, 0.999):
+        assert FalseNegatives(threshold=threshold).threshold == threshold
+    for threshold in (-1, -1.0, 1, 1.0, 1.5, -2.5, '0.5', None, float('nan')):
+        with pytest.raises(ValueError):
+            FalseNegatives(threshold=threshold) if threshold is not None else FalseNegatives()
+    # a pair exactly at the threshold is not marked (cosines in float32, the threshold compared as float32)
+    ref = {'image_features': torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]),
+           'text_features': torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])}
+    at = float(F.normalize(torch.tensor([1.0, 1.0]), dim=0)[0])  # cos 45° as float32
+    for modality, pairs in (('image', set()), ('text', set()), ('either', set())):
+        fn = FalseNegatives(threshold=at, modality=modality)
+        assert {tuple(p) for p in fn.mask(fn.signature({}, ref)).nonzero().tolist()} == pairs, modality
+    below = FalseNegatives(threshold=at - 1e-6, modality='either')
+    assert {tuple(p) for p in below.mask(below.signature({}, ref)).nonzero().tolist()} == {
+        (0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)}
