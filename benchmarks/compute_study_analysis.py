@@ -192,11 +192,14 @@ def paired(res: dict[str, Any], a: str, b: str) -> dict[str, Any]:
 
 
 def pool_summary(results: dict[str, dict], model: str = 'proportional') -> str:
-    """Every method against uniform and offline-0.5 on every pool: paired differences at uniform's FLOPs."""
+    """Every method against uniform and the offline filters (plain and distilled) on every pool: paired
+    differences at uniform's FLOPs."""
     import compute_study as cs  # noqa: PLC0415
 
-    lines = ["| pool | method | seeds | zero-shot % at uniform's FLOPs | Δ vs uniform (paired) "
-             '| Δ vs offline-0.5 (paired) | FLOPs to match |', '|---|---|---:|---:|---:|---:|---:|']
+    against = ('uniform', 'offline-0.5', 'offline-0.5-distill')
+    lines = ["| pool | method | seeds | zero-shot % at uniform's FLOPs | "
+             + ' | '.join(f'Δ vs {a} (paired)' for a in against) + ' | FLOPs to match |',
+             '|---|---|' + '---:|' * (3 + len(against))]
     for pool in cs.POOLS:
         res = results.get(f'{model}/{pool}')
         if not res:
@@ -204,32 +207,32 @@ def pool_summary(results: dict[str, dict], model: str = 'proportional') -> str:
         for name, row in res['rows'].items():
             if name == 'uniform':
                 continue
-            a = row['agg']
-            lines.append(f"| {pool} | {name} | {len(row['seeds'])} | {_f(a['at_flops'], 1, True)} | "
-                         f"{_f(paired(res, name, 'uniform'), 1, True)} | "
-                         f"{'–' if name == 'offline-0.5' else _f(paired(res, name, 'offline-0.5'), 1, True)} | "
-                         f"{_f(a['flops_to_match'])} |")
+            deltas = ['–' if name == a or a not in res['rows'] else _f(paired(res, name, a), 1, True) for a in against]
+            lines.append(f"| {pool} | {name} | {len(row['seeds'])} | {_f(row['agg']['at_flops'], 1, True)} | "
+                         + ' | '.join(deltas) + f" | {_f(row['agg']['flops_to_match'])} |")
     return '\n'.join(lines)
 
 
 def best_row(res: dict[str, Any]) -> str:
-    """Issue 30's goal: the best row at uniform's FLOPs (run cost) against uniform and the best offline filter."""
+    """Issue 30's goal: the best row at uniform's FLOPs (run cost) against uniform and every offline-filter row,
+    by the seed spread and paired by seed."""
     rows = {k: v for k, v in res['rows'].items() if k != 'oracle' and v['agg']['at_flops']['mean'] is not None}
     best = max(rows, key=lambda k: rows[k]['agg']['at_flops']['mean'])
     m, sd = _m(res, best, 'at_flops')
     u, usd = _m(res, 'uniform', 'at_flops')
     spread = max(sd or 0.0, usd or 0.0)
+    d = paired(res, best, 'uniform')
     lines = [f'- best row at uniform\'s FLOPs (run cost): {best} {m:.1%} (±{sd or 0:.1%}) vs uniform {u:.1%} '
              f'(±{usd or 0:.1%}): {m - u:+.1%}, {(m - u) / spread if spread else math.inf:.1f}x the larger seed '
-             f'spread (goal > 3x: {"met" if m - u > 3 * spread else "NOT met"}).']
-    offline = [k for k in ('offline-0.5', 'offline-0.2') if k in rows and k != best]
-    if offline:
-        off = max(offline, key=lambda k: rows[k]['agg']['at_flops']['mean'])
+             f'spread (goal > 3x: {"met" if m - u > 3 * spread else "NOT met"}); paired by seed '
+             f'{d["mean"]:+.1%} ± {d["std"] or 0:.1%}.']
+    for off in (k for k in rows if k != best and res['rows'][k]['uses_reference'] and k.startswith('offline')):
         o, osd = _m(res, off, 'at_flops')
         spread = max(sd or 0.0, osd or 0.0)
+        d = paired(res, best, off)
         verdict = 'ahead by more than' if m - o > spread else 'within'
-        lines.append(f'- {best} vs the better offline filter ({off}, {o:.1%}): {m - o:+.1%}, {verdict} the seed '
-                     f'spread {spread:.1%}.')
+        lines.append(f'- {best} vs {off} ({o:.1%} ± {osd or 0:.1%}): {m - o:+.1%}, {verdict} the seed spread '
+                     f'{spread:.1%}; paired by seed {d["mean"]:+.1%} ± {d["std"] or 0:.1%} over {d["n"]}.')
     return '\n'.join(lines)
 
 
