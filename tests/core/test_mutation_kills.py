@@ -457,3 +457,70 @@ def test_false_negative_threshold_range_and_strictness():
     below = FalseNegatives(threshold=at - 1e-6, modality='either')
     assert {tuple(p) for p in below.mask(below.signature({}, ref)).nonzero().tolist()} == {
         (0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)}
+
+
+# -- blockwise internals with a contract: bounded row blocks, no buffer without a joint draw, one b-block ------------
+
+
+def test_row_blocks_pack_consecutive_pieces_up_to_max_rows():
+    pieces = [torch.arange(0, 2)[:, None], torch.arange(2, 7)[:, None], torch.arange(7, 8)[:, None],
+              torch.arange(8, 9)[:, None]]
+    blocks = [b.flatten().tolist() for b in blockwise._row_blocks(pieces, 3)]
+    assert blocks == [[0, 1], [2, 3, 4], [5, 6, 7], [8]]  # in order, greedy, never above 3 rows
+    wide = [torch.zeros(2, 5), torch.ones(1, 5)]
+    assert [b.tolist() for b in blockwise._row_blocks(wide, 3)] == [[[0.0] * 5, [0.0] * 5, [1.0] * 5]]
+    assert [b.shape[0] for b in blockwise._row_blocks([torch.zeros(7, 2)], 7)] == [7]
+
+
+@pytest.mark.parametrize('loss', ['softmax', 'dcl'])
+def test_only_a_joint_draw_keeps_the_chosen_embeddings(loss):
+    learner, reference = test_scoring.global_features(1, 9)
+    for joint, rows in ((True, 5), (False, 0)):
+        scorer = conditional_scorer(learner, reference, loss=loss, joint=joint, quota=5)
+        assert scorer.buffer.shape[:2] == (rows, 1), (joint, scorer.buffer.shape)
+
+
+@pytest.mark.parametrize('loss', ['softmax', 'dcl', 'hcl'])
+def test_matrix_free_statistics_with_a_single_b_block(loss):
+    """N // b = 1: the uniform-batch figure is the loss of the first b items / b (no division by a clamped 2)."""
+    n, b = 13, 7
+    learner, reference = test_scoring.global_features(1, 10)
+    sel = jest_select(learner, reference, b, loss=loss, n_chunks=3, generator=torch.Generator().manual_seed(1))
+    obj = build_objective(loss)
+
+    def value(idx):
+        return float(sum(w * obj.set_loss(obj.logits(f), idx, scale=obj.scale(f))
+                         for f, w in ((learner, 1.0), (reference, -1.0))))
+
+    assert float(sel.stats['learnability_superbatch']) == pytest.approx(value(torch.arange(b)) / b, rel=1e-5)
+    assert float(sel.stats['learnability_selected']) == pytest.approx(value(sel.indices) / b, rel=1e-5)
+    assert n // b == 1
+
+
+# -- hcl: its arguments, one negative, the floor's gradient ----------------------------------------------------------
+
+
+def test_hcl_takes_its_arguments():
+    obj = build_objective({'name': 'hcl', 'temperature': 0.5, 'false_negatives': {'key': 'label'},
+                           'negatives': {'queue_size': 4, 'momentum': 0.5}})
+    assert (obj.beta, obj.tau_plus, obj.temperature) == (1.0, 0.1, 0.5)
+    assert obj.false_negatives == FalseNegatives(key='label') and obj.negatives == Negatives(4, 0.5)
+    assert build_objective({'name': 'hcl', 'beta': 0}).beta == 0.0
+    for beta in (-0.5, '1', None):
+        with pytest.raises(ValueError, match='hcl.beta must be a float >= 0'):
+            build_objective({'name': 'hcl', 'beta': beta})
+
+
+@pytest.mark.parametrize('spec', ['hcl', {'name': 'hcl', 'tau_plus': 0.5, 'beta': 0.5}], ids=str)
+def test_hcl_with_one_negative_and_a_dominant_positive(spec):
+    """Two examples (one negative each) and aligned pairs at a high scale (τ⁺ M e^{l_ii} exceeds the reweighted
+    negatives: the floor ``M e^{-t}`` applies): the plain formula, and finite gradients through the floor."""
+    g = torch.Generator().manual_seed(6)
+    for n, scale in ((2, 4.0), (6, 30.0)):
+        x = F.normalize(torch.randn(n, 8, generator=g), dim=-1)
+        f = {'image_features': x.clone().requires_grad_(True), 'text_features': x.clone(),
+             'logit_scale': torch.tensor(scale)}
+        loss = build_objective(spec).training_loss(f)
+        assert float(loss) == pytest.approx(test_objectives.plain_loss(spec, f), rel=1e-5, abs=1e-6), n
+        loss.backward()
+        assert torch.isfinite(f['image_features'].grad).all(), n
