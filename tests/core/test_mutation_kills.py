@@ -524,3 +524,51 @@ def test_hcl_with_one_negative_and_a_dominant_positive(spec):
         assert float(loss) == pytest.approx(test_objectives.plain_loss(spec, f), rel=1e-5, abs=1e-6), n
         loss.backward()
         assert torch.isfinite(f['image_features'].grad).all(), n
+
+
+# -- conditional_scorer: its defaults and checks ---------------------------------------------------------------------
+
+
+def test_conditional_scorer_defaults_and_checks():
+    learner, reference = test_scoring.global_features(1, 12)
+    default = conditional_scorer(learner, reference, quota=4)  # learnability, sigmoid, joint, no statistics
+    explicit = conditional_scorer(learner, reference, score='learnability', loss='sigmoid', quota=4)
+    assert isinstance(default, blockwise.SigmoidBlocks) and default.stat_w == {}
+    for scorer in (default, explicit):
+        scorer.add(torch.tensor([2, 5]), need_cond=True)
+    assert torch.equal(default.cond, explicit.cond)
+    alone = conditional_scorer(learner, None, score='hard_learner', quota=4)  # track defaults to False
+    assert alone.stat_w == {} and set(alone.models) == {'learner'}
+    with pytest.raises(ValueError, match='the learnability statistics need both learner and reference'):
+        conditional_scorer(learner, None, score='hard_learner', quota=4, track=True)
+    with pytest.raises(ValueError, match='the learnability statistics need both learner and reference'):
+        conditional_scorer(None, reference, score='easy_reference', quota=4, track=True)
+    short_text = {**learner, 'text_features': learner['text_features'][:, :5]}
+    with pytest.raises(ValueError, match=r'learner image_features and text_features must both be \[N, d\]'):
+        conditional_scorer(short_text, None, score='hard_learner', quota=4)
+
+
+@pytest.mark.parametrize('loss', ['sigmoid', 'softmax', 'dcl'])
+def test_every_update_product_stays_within_block_elements(loss, monkeypatch):
+    """BLOCK_ELEMENTS = N: one gathered row per product in the conditional updates and the statistics-only pass,
+    whose picks are also gathered one row per collective (two simulated ranks)."""
+    learner, reference = test_scoring.global_features(1, 13)
+    n = test_scoring.N_LOCAL
+    monkeypatch.setattr(blockwise, 'BLOCK_ELEMENTS', n)
+    gathered = []
+    scorer = conditional_scorer(learner, reference, loss=loss, quota=5, track=True, rank=0, world_size=2,
+                                all_gather=lambda t: gathered.append(t.shape[0]) or [t, t])
+    sizes = []
+    real = blockwise.ScaledFeatures.logits
+
+    def logits(self, left, right):
+        sizes.append(left.shape[0] * right.shape[0])
+        return real(self, left, right)
+
+    monkeypatch.setattr(blockwise.ScaledFeatures, 'logits', logits)
+    for new in (torch.tensor([0, 4]), torch.tensor([1, 11])):
+        scorer.add(new, need_cond=True)
+    del gathered[:]
+    scorer.add(torch.tensor([3, 5, 12]), need_cond=False)  # 5 chosen rows x 1 gathered row
+    assert sizes and max(sizes) <= n, sorted(set(sizes))
+    assert gathered == [1, 1, 1], gathered
