@@ -534,6 +534,9 @@ def test_conditional_scorer_defaults_and_checks():
     default = conditional_scorer(learner, reference, quota=4)  # learnability, sigmoid, joint, no statistics
     explicit = conditional_scorer(learner, reference, score='learnability', loss='sigmoid', quota=4)
     assert isinstance(default, blockwise.SigmoidBlocks) and default.stat_w == {}
+    # softmax has its own scorer (running normalisers, no id column in the payload); other anchor losses the generic
+    assert type(conditional_scorer(learner, reference, loss='softmax', quota=4)) is blockwise.SoftmaxBlocks
+    assert type(conditional_scorer(learner, reference, loss='npair', quota=4)) is blockwise.AnchorBlocks
     for scorer in (default, explicit):
         scorer.add(torch.tensor([2, 5]), need_cond=True)
     assert torch.equal(default.cond, explicit.cond)
