@@ -16,7 +16,7 @@ from composer_jest.core import blockwise, scoring
 from composer_jest.core.losses import sigmoid_pair_loss
 from composer_jest.core.negatives import FalseNegatives, Negatives
 from composer_jest.core.objectives import build_objective
-from composer_jest.core.scoring import STAT_BLOCK, conditional_scorer, jest_select, selection_flops
+from composer_jest.core.scoring import STAT_BLOCK, check_scope, conditional_scorer, jest_select, selection_flops
 from composer_jest.core.selection import SCORE_METHODS, SCORE_TERMS, PairScorer, independent_sample, joint_sample
 
 # -- loss specs: every parameter under its own name, nothing added ---------------------------------------------------
@@ -575,3 +575,15 @@ def test_every_update_product_stays_within_block_elements(loss, monkeypatch):
     scorer.add(torch.tensor([3, 5, 12]), need_cond=False)  # 5 chosen rows x 1 gathered row
     assert sizes and max(sizes) <= n, sorted(set(sizes))
     assert gathered == [1, 1, 1], gathered
+
+
+def test_jest_select_defaults_and_sizes():
+    learner, reference = test_scoring.global_features(2, 14)  # N = 26 items of dimension 8
+    draws = {c: jest_select(learner, reference, 20, generator=torch.Generator().manual_seed(2), **kw).indices
+             for c, kw in (('default', {}), (16, {'n_chunks': 16}), (17, {'n_chunks': 17}))}
+    assert torch.equal(draws['default'], draws[16]) and not torch.equal(draws['default'], draws[17])
+    # the super-batch size is the number of rows, not the feature dimension (b = 10 > d = 8)
+    assert jest_select(learner, reference, 10, n_chunks=3, generator=torch.Generator()).indices.numel() == 10
+    check_scope(build_objective('dcl'), 2)  # matrix-free at any world size unless told it is masked
+    with pytest.raises(ValueError, match='cannot be scored across ranks'):
+        check_scope(build_objective('dcl'), 2, masked=True)
