@@ -587,3 +587,12 @@ def test_jest_select_defaults_and_sizes():
     check_scope(build_objective('dcl'), 2)  # matrix-free at any world size unless told it is masked
     with pytest.raises(ValueError, match='cannot be scored across ranks'):
         check_scope(build_objective('dcl'), 2, masked=True)
+
+
+def test_unknown_negatives_keys_are_named_and_hcl_defaults_to_unit_scale():
+    with pytest.raises(ValueError, match=r"negatives: unknown key\(s\) \['size'\]; valid keys"):
+        build_objective({'name': 'dcl', 'negatives': {'queue_size': 3, 'size': 1}})
+    f = test_objectives.features(6, seed=15)
+    obj = build_objective('hcl')
+    logits = obj.logits(f)
+    assert torch.equal(obj.set_loss(logits), obj.set_loss(logits, scale=torch.tensor(1.0)))  # no scale: t = 1
