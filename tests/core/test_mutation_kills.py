@@ -596,3 +596,5 @@ def test_unknown_negatives_keys_are_named_and_hcl_defaults_to_unit_scale():
     obj = build_objective('hcl')
     logits = obj.logits(f)
     assert torch.equal(obj.set_loss(logits), obj.set_loss(logits, scale=torch.tensor(1.0)))  # no scale: t = 1
+    with pytest.raises(ValueError, match=r"^loss: unknown loss 'hinge'"):  # errors name the field, 'loss' by default
+        build_objective('hinge')
