@@ -36,7 +36,8 @@ Both live in :mod:`composer_jest.core.negatives`.
 
 Example:
     >>> import torch, torch.nn.functional as F
-    >>> x = F.normalize(torch.randn(6, 4), dim=-1)
+    >>> x = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    >>> x[1] = x[0]  # 1 is a near copy of 0: a false negative of it, the largest term of 0's negatives
     >>> f = {'image_features': x, 'text_features': x, 'logit_scale': 10.0, 'logit_bias': -5.0}
     >>> dcl = build_objective({'name': 'dcl', 'false_negatives': {'key': 'label'}})
     >>> mask = dcl.false_negatives.mask(torch.tensor([0, 0, 1, 2, 3, 4]))  # 0 and 1 share a label
