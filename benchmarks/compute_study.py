@@ -131,7 +131,7 @@ class Method:
     @property
     def uses_reference(self) -> bool:
         """The run needs the reference and its one-off pool embedding pass (counted in the all-in columns)."""
-        return self.kind in ('offline', 'jest') or self.reads_cached or self.prefilter is not None
+        return self.kind == 'offline' or self.reads_cached  # JEST (with or without a prefilter) reads the cache
 
     @property
     def plain_jest(self) -> bool:

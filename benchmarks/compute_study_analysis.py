@@ -226,7 +226,7 @@ def best_row(res: dict[str, Any]) -> str:
              f'(±{usd or 0:.1%}): {m - u:+.1%}, {(m - u) / spread if spread else math.inf:.1f}x the larger seed '
              f'spread (goal > 3x: {"met" if m - u > 3 * spread else "NOT met"}); paired by seed '
              f'{d["mean"]:+.1%} ± {d["std"] or 0:.1%}.']
-    for off in (k for k in rows if k != best and res['rows'][k]['uses_reference'] and k.startswith('offline')):
+    for off in (k for k in rows if k != best and k.startswith('offline')):
         o, osd = _m(res, off, 'at_flops')
         spread = max(sd or 0.0, osd or 0.0)
         d = paired(res, best, off)

@@ -35,7 +35,7 @@ def reference_columns(features: Features, n: int) -> dict[str, torch.Tensor]:
         >>> cols['ref_logit_scale'].tolist(), cols['ref_logit_bias'].tolist()
         ([10.0, 10.0], [0.0, 0.0])
     """
-    image, text = (features[k].detach().float().clone() for k in ('image_features', 'text_features'))
+    image, text = (features[k].detach().float() for k in ('image_features', 'text_features'))  # no copy per step
     scale = torch.as_tensor(features['logit_scale'], device=image.device).detach().float().reshape(-1)[0]
     bias = features.get('logit_bias')
     bias = (torch.as_tensor(bias, device=image.device).detach().float().reshape(-1)[0] if bias is not None
